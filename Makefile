@@ -1,0 +1,32 @@
+# Helio: `make demo` and `make test` are all a newcomer needs.
+PYTHON     ?= python3.11
+VENV       ?= .venv
+# CPU build by default; a GPU user overrides, e.g. TORCH_SPEC="torch==2.13.0 --index-url ..."
+TORCH_SPEC ?= torch==2.13.0
+STORAGE    ?= ./runs
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.helio-installed
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	# DeepSpeed's setup imports torch: build it against the torch above, ops just in time.
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m jobs.demo --set storage=$(STORAGE)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/prepare.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m jobs.demo --set storage=$(STORAGE)
+	$(PY) -m jobs.prepare jobs/configs/prepare_demo.yaml --set storage=$(STORAGE)
+	@echo "demo outputs are under $(STORAGE)/ (datasets/prepare_demo: tokenizer.json, train/ and val/ Parquet shards, helio.json)"
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

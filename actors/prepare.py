@@ -3,9 +3,11 @@
 Stages, each a `map_batches` or `map_groups` over plain column batches:
   read_records    raw file bytes -> one row per record (decoded, cleaned,
                   filtered, hashed, MinHash-signed); dropped rows keep their reason
-  exact_duplicates / lsh_edges   per hash bucket: ids to drop / verified pairs
-  Tokenize        (callable class, holds the tokenizer) kept text -> token ids
-  pack_shard      one (split, shard) group -> one Parquet shard of fixed blocks
+  count_reasons   per batch: records and bytes by drop reason
+  band_rows / duplicate_edges   LSH bands, grouped by bucket: exact and
+                  near-duplicate pairs (the driver resolves their components)
+  TokenizePack    (callable class, holds the tokenizer) one block of kept
+                  documents -> a train and a val Parquet shard of fixed blocks
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import pyarrow.parquet as pq
 import ray
 from tokenizers import Tokenizer
 
-from cluster.storage import write_parquet_file
-from models.minhash import MinHashConfig, MinHasher, candidate_edges
+from cluster.storage import resolve, write_parquet_file
+from models.minhash import MinHashConfig, MinHasher, band_bucket_edges
 from models.text import QualityConfig, content_hash, decode, normalize, quality_reason
 from models.tokenizer import EOT, pack
 
@@ -88,13 +90,25 @@ def _records(path: str, raw: bytes, text_field: str) -> Iterator[tuple[Any, str 
         yield (value, None) if isinstance(value, str) else (None, "missing_text_field")
 
 
+def _read_file(uri: str) -> bytes | None:
+    """A file's raw bytes (never decompressed here), or None if it cannot be read."""
+    try:
+        fs, path = resolve(uri)
+        with fs.open_input_stream(path, compression=None) as f:
+            return f.readall()
+    except OSError:
+        return None
+
+
 def read_records(batch: dict[str, np.ndarray], text_field: str, quality: dict, minhash: dict) -> dict[str, Any]:
-    """Raw files -> one row per record, with reason ('' when kept), text, hash and signature."""
+    """File paths -> one row per record, with reason ('' when kept), text, hash and signature."""
     qcfg, hasher = QualityConfig(**quality), MinHasher(MinHashConfig(**minhash))
     ids, reasons, texts, hashes, sigs, sizes = [], [], [], [], [], []
     empty_sig = np.zeros(hasher.cfg.num_perm, dtype=np.uint32)
-    for path, raw in zip(batch["path"], batch["bytes"]):
-        for index, (value, reason) in enumerate(_records(str(path), raw, text_field)):
+    for path in map(str, batch["path"]):
+        raw = _read_file(path)
+        records = _records(path, raw, text_field) if raw is not None else iter([(None, "unreadable_file")])
+        for index, (value, reason) in enumerate(records):
             text = ""
             size = len(value.encode("utf-8")) if isinstance(value, str) else len(value or b"")
             if reason is None and isinstance(value, bytes):
@@ -103,7 +117,7 @@ def read_records(batch: dict[str, np.ndarray], text_field: str, quality: dict, m
                 text, removed = normalize(value)
                 reason = quality_reason(text, removed, qcfg)
             kept = reason is None
-            ids.append(record_id(str(path), index))
+            ids.append(record_id(path, index))
             reasons.append("" if kept else reason)
             texts.append(text if kept else "")
             hashes.append(content_hash(text) if kept else b"")
@@ -119,98 +133,70 @@ def read_records(batch: dict[str, np.ndarray], text_field: str, quality: dict, m
     }
 
 
-def hash_bucket(batch: dict[str, np.ndarray], num_buckets: int) -> dict[str, np.ndarray]:
-    """Adds `bucket` (from the content hash) so equal hashes meet in one group."""
-    batch["bucket"] = np.array([int.from_bytes(h[:8], "little") % num_buckets for h in batch["hash"]], dtype=np.int64)
-    return batch
-
-
-def exact_duplicates(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Within one bucket: the ids of every document whose hash an earlier (smaller) id has."""
-    order = np.argsort(group["doc_id"], kind="stable")
-    seen: set[bytes] = set()
-    drop = []
-    for i in order:
-        h = bytes(group["hash"][i])
-        if h in seen:
-            drop.append(group["doc_id"][i])
-        seen.add(h)
-    return {"doc_id": np.array(drop, dtype=np.int64)}
+def count_reasons(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per batch: records and input bytes by drop reason ('' = kept)."""
+    reasons, inverse = np.unique(batch["reason"].astype(str), return_inverse=True)
+    return {
+        "reason": reasons.astype(object),
+        "count": np.bincount(inverse, minlength=len(reasons)).astype(np.int64),
+        "nbytes": np.bincount(inverse, weights=batch["nbytes"], minlength=len(reasons)).astype(np.int64),
+    }
 
 
 def band_rows(batch: dict[str, np.ndarray], minhash: dict, num_buckets: int) -> dict[str, np.ndarray]:
-    """One row per (document, band): the band key, its bucket, the id and the signature."""
+    """One row per (kept document, band): band key, its bucket, id, content hash, signature."""
+    keep = batch["reason"] == ""
     hasher = MinHasher(MinHashConfig(**minhash))
     bands = hasher.cfg.bands
-    keys = np.concatenate([hasher.band_keys(s) for s in batch["sig"]]) if len(batch["sig"]) else np.zeros(0, np.int64)
+    sigs = batch["sig"][keep]
+    keys = np.concatenate([hasher.band_keys(s) for s in sigs]) if len(sigs) else np.zeros(0, np.int64)
     return {
         "band_key": keys,
         "bucket": keys % num_buckets,
-        "doc_id": np.repeat(batch["doc_id"], bands),
-        "sig": np.repeat(batch["sig"], bands, axis=0),
+        "doc_id": np.repeat(batch["doc_id"][keep], bands),
+        "hash": np.repeat(batch["hash"][keep], bands),
+        "sig": np.repeat(sigs, bands, axis=0),
     }
 
 
-def lsh_edges(group: dict[str, np.ndarray], minhash: dict) -> dict[str, np.ndarray]:
-    """Within one bucket: verified near-duplicate pairs among documents sharing a band key."""
-    cfg = MinHashConfig(**minhash)
-    keys = group["band_key"]
-    order = np.argsort(keys, kind="stable")
-    keys_sorted = keys[order]
-    starts = np.flatnonzero(np.r_[True, keys_sorted[1:] != keys_sorted[:-1]])
-    ends = np.r_[starts[1:], len(keys_sorted)]
-    edges: list[tuple[int, int]] = []
-    for s, e in zip(starts, ends):
-        if e - s > 1:
-            members = order[s:e]
-            edges.extend(candidate_edges(group["doc_id"][members], np.stack(group["sig"][members]), cfg))
-    arr = np.array(edges, dtype=np.int64).reshape(-1, 2)
-    return {"a": arr[:, 0], "b": arr[:, 1]}
+def duplicate_edges(group: dict[str, np.ndarray], minhash: dict) -> dict[str, np.ndarray]:
+    """One bucket of band rows -> its exact and near-duplicate pairs."""
+    exact, near = band_bucket_edges(group["band_key"], group["doc_id"], group["hash"], group["sig"], MinHashConfig(**minhash))
+    arr = np.array(exact + near, dtype=np.int64).reshape(-1, 2)
+    return {"a": arr[:, 0], "b": arr[:, 1], "exact": np.array([True] * len(exact) + [False] * len(near), dtype=bool)}
 
 
-class Tokenize:
-    """Drops near-duplicates, tokenizes kept text, assigns split and shard."""
+class TokenizePack:
+    """One block of documents -> token blocks written as a train and a val shard.
 
-    def __init__(self, tokenizer_json: str, drop_ref: Any, val_fraction: float, num_shards: int):
+    Holds the tokenizer (heavy per-batch state). A shard is named by the
+    smallest document id it holds, so the same input always gives the same
+    files whatever worker processes it.
+    """
+
+    def __init__(self, tokenizer_json: str, drop_ref: list, out_uri: str, block_len: int, val_fraction: float):
         self.tok = Tokenizer.from_str(tokenizer_json)
-        drop = ray.get(drop_ref[0]) if drop_ref else np.zeros(0, np.int64)
-        self.drop = np.asarray(drop, dtype=np.int64)
+        self.eot = self.tok.token_to_id(EOT)
+        self.drop = np.asarray(ray.get(drop_ref[0]), dtype=np.int64)
+        self.out_uri, self.block_len = out_uri, block_len
         self.val_cut = int(val_fraction * 1_000_000)
-        self.num_shards = num_shards
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        keep = ~np.isin(batch["doc_id"], self.drop)
-        texts = [str(t) for t in batch["text"][keep]]
-        h = [int.from_bytes(x[:8], "big") for x in batch["hash"][keep]]
-        encoded = self.tok.encode_batch_fast(texts, add_special_tokens=False) if texts else []
-        return {
-            "doc_id": batch["doc_id"][keep],
-            "split": np.array(["val" if x % 1_000_000 < self.val_cut else "train" for x in h], dtype=object),
-            "shard": np.array([(x >> 20) % self.num_shards for x in h], dtype=np.int64),
-            "ids": [np.asarray(e.ids, dtype=np.int32) for e in encoded],
-            "nbytes": batch["nbytes"][keep],
-        }
-
-
-def pack_shard(group: dict[str, np.ndarray], out_uri: str, block_len: int, eot_id: int) -> dict[str, np.ndarray]:
-    """One (split, shard) group -> `{split}/shard-NNNNN.parquet` of fixed-length blocks."""
-    split, shard = str(group["split"][0]), int(group["shard"][0])
-    order = np.argsort(group["doc_id"], kind="stable")
-    blocks, tail = pack((group["ids"][i] for i in order), block_len, eot_id)
-    rel = f"{split}/shard-{shard:05d}.parquet"
-    column = pa.FixedSizeListArray.from_arrays(pa.array(blocks.reshape(-1), pa.int32()), block_len)
-    entry = write_parquet_file(posixpath.join(out_uri, rel), pa.table({"input_ids": column}))
-    return {
-        "file": np.array([rel], dtype=object),
-        "split": np.array([split], dtype=object),
-        "sha256": np.array([entry["sha256"]], dtype=object),
-        "bytes": np.array([entry["bytes"]], dtype=np.int64),
-        "blocks": np.array([len(blocks)], dtype=np.int64),
-        "tokens": np.array([blocks.size], dtype=np.int64),
-        "tail_tokens": np.array([tail], dtype=np.int64),
-        "docs": np.array([len(order)], dtype=np.int64),
-    }
-
-
-def eot_id(tokenizer_json: str) -> int:
-    return Tokenizer.from_str(tokenizer_json).token_to_id(EOT)
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keep = (batch["reason"] == "") & ~np.isin(batch["doc_id"], self.drop)
+        ids, texts, hashes = batch["doc_id"][keep], batch["text"][keep], batch["hash"][keep]
+        order = np.argsort(ids, kind="stable")
+        is_val = np.array([int.from_bytes(hashes[i][:8], "big") % 1_000_000 < self.val_cut for i in order], dtype=bool)
+        encoded = self.tok.encode_batch_fast([str(texts[i]) for i in order], add_special_tokens=False)
+        rows: dict[str, list] = {k: [] for k in ("file", "split", "sha256", "bytes", "blocks", "tokens", "tail_tokens", "docs")}
+        for split, mask in (("train", ~is_val), ("val", is_val)):
+            if not mask.any():
+                continue
+            docs = [np.asarray(e.ids, dtype=np.int32) for e, m in zip(encoded, mask) if m]
+            blocks, tail = pack(docs, self.block_len, self.eot)
+            rel = f"{split}/shard-{int(ids[order][mask][0]):016x}.parquet"
+            column = pa.FixedSizeListArray.from_arrays(pa.array(blocks.reshape(-1), pa.int32()), self.block_len)
+            entry = write_parquet_file(posixpath.join(self.out_uri, rel), pa.table({"input_ids": column}))
+            for key, value in (("file", rel), ("split", split), ("sha256", entry["sha256"]), ("bytes", entry["bytes"]),
+                               ("blocks", len(blocks)), ("tokens", blocks.size), ("tail_tokens", tail), ("docs", len(docs))):
+                rows[key].append(value)
+        return {k: np.array(v, dtype=object if k in ("file", "split", "sha256") else np.int64) for k, v in rows.items()}

@@ -44,15 +44,15 @@ class SourceConfig:
 class PackConfig:
     block_size: int = 256  # blocks hold block_size + 1 tokens (inputs and shifted targets)
     val_fraction: float = 0.05  # documents sent to val/, chosen by content hash
-    target_shard_mb: float = 8.0  # cleaned text per shard; sets the number of shards
+    shard_mb: float = 4.0  # input per read block; each block becomes one train and one val shard
 
     def __post_init__(self) -> None:
         if self.block_size < 2:
             raise ConfigError("block_size", "must be at least 2")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError("val_fraction", "must be in [0, 1)")
-        if self.target_shard_mb <= 0:
-            raise ConfigError("target_shard_mb", "must be positive")
+        if self.shard_mb <= 0:
+            raise ConfigError("shard_mb", "must be positive")
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class PrepareConfig:
     name: str = "stdlib"
     storage: str = "./runs"
     ray_address: str | None = None  # else RAY_ADDRESS, else an embedded local cluster
+    local_cpus: int | None = None  # CPUs of the embedded cluster (default: all of this machine)
     source: SourceConfig = field(default_factory=SourceConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     dedup: MinHashConfig = field(default_factory=MinHashConfig)
@@ -105,21 +106,10 @@ def expand_sources(cfg: SourceConfig) -> list[str]:
     return files
 
 
-def _drop(batch: dict[str, np.ndarray], drop_ref: list) -> dict[str, np.ndarray]:
-    import ray
-
-    drop = ray.get(drop_ref[0])
-    keep = ~np.isin(batch["doc_id"], drop)
-    return {k: v[keep] for k, v in batch.items()}
-
-
-def _kept(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    keep = batch["reason"] == ""
-    return {k: v[keep] for k, v in batch.items() if k != "reason"}
-
-
 def _sample(batch: dict[str, np.ndarray], fraction: float) -> dict[str, np.ndarray]:
-    pick = np.array([int.from_bytes(h[8:16], "little") % 1_000_000 < fraction * 1_000_000 for h in batch["hash"]], dtype=bool)
+    """Kept documents whose content hash falls in the first `fraction` of the hash space."""
+    pick = np.array([r == "" and int.from_bytes(h[8:16], "little") % 1_000_000 < fraction * 1_000_000
+                     for r, h in zip(batch["reason"], batch["hash"])], dtype=bool)
     return {"text": batch["text"][pick]}
 
 
@@ -127,104 +117,86 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     """Runs the whole job; returns the artifact's manifest."""
     import ray
     import ray.data
-    from ray.data.aggregate import Count, Sum
 
     from actors import prepare as udf
     from cluster.runtime import cluster_cpus, connect
-    from models.tokenizer import check_tokenizer, iter_bounded, train_bpe
-    from tokenizers import Tokenizer
+    from models.minhash import duplicates_to_drop
+    from models.tokenizer import iter_bounded, train_bpe
 
-    t0 = time.time()
     store = Storage(cfg.storage)
     store.artifact_path("dataset", cfg.name)  # validates the name before any work
     files = expand_sources(cfg.source)
-    reused_tokenizer = None
-    if cfg.tokenizer.path:
-        try:
-            fs, p = resolve(cfg.tokenizer.path)
-            with fs.open_input_stream(p) as f:
-                reused_tokenizer = Tokenizer.from_str(f.read().decode())
-            check_tokenizer(reused_tokenizer, cfg.tokenizer.path)
-        except (OSError, FileNotFoundError, ValueError, Exception) as e:  # tokenizers raises plain Exception
-            raise UserError(f"tokenizer.path '{cfg.tokenizer.path}' is not a usable tokenizer.json: {e}") from None
-    log.info(connect(cfg.ray_address))
+    reused_tokenizer = load_tokenizer(cfg.tokenizer.path) if cfg.tokenizer.path else None
+    log.info(connect(cfg.ray_address, cfg.local_cpus))
+    t0 = time.time()  # job time, not counting the start of an embedded cluster
     cpus = cluster_cpus()
     ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # same input, same shards
+    ctx.execution_options.preserve_order = True  # same input, same blocks, same shards
     quality, minhash = to_dict(cfg.quality), to_dict(cfg.dedup)
 
-    log.info("[1/5] read, clean, filter, hash %d files", len(files))
+    # Read blocks are sized from the input alone (never from the cluster), so a
+    # block -- and the shard it becomes -- holds the same documents on any cluster.
+    total_bytes = sum(file_sizes(files))
+    num_blocks = max(1, min(len(files), math.ceil(total_bytes / (cfg.pack.shard_mb * 1e6))))
+    log.info("[1/5] read, clean, filter, hash, sign %d files (%.1f MB) in %d blocks", len(files), total_bytes / 1e6, num_blocks)
     docs = (
-        ray.data.read_binary_files(files, include_paths=True)
+        ray.data.from_items([{"path": f} for f in files], override_num_blocks=num_blocks)
         .map_batches(udf.read_records, batch_size=8,
                      fn_kwargs={"text_field": cfg.source.text_field, "quality": quality, "minhash": minhash})
         .materialize()
     )
-    by_reason = {r["reason"]: (r["count()"], r["sum(nbytes)"]) for r in
-                 docs.groupby("reason").aggregate(Count(), Sum("nbytes")).take_all()}
+    by_reason: dict[str, list[int]] = {}
+    for row in docs.select_columns(["reason", "nbytes"]).map_batches(udf.count_reasons, batch_size=None).take_all():
+        acc = by_reason.setdefault(row["reason"], [0, 0])
+        acc[0] += int(row["count"])
+        acc[1] += int(row["nbytes"])
     read_records = sum(c for c, _ in by_reason.values())
     read_bytes = sum(b for _, b in by_reason.values())
     kept_count, kept_bytes = by_reason.pop("", (0, 0))
     dropped = {reason: count for reason, (count, _) in sorted(by_reason.items())}
     if kept_count == 0:
         raise UserError(f"no record of the {read_records} read passed cleaning and quality filters: {dropped}")
-    kept = docs.map_batches(_kept)
 
-    log.info("[2/5] exact dedup of %d documents", kept_count)
-    buckets = max(cpus, math.ceil(kept_count / 200_000))
-    exact = (
-        kept.select_columns(["doc_id", "hash"])
-        .map_batches(udf.hash_bucket, fn_kwargs={"num_buckets": buckets})
-        .groupby("bucket", num_partitions=buckets)
-        .map_groups(udf.exact_duplicates, batch_format="numpy")
-    )
-    exact_ids = np.array([r["doc_id"] for r in exact.take_all()], dtype=np.int64)
-    dropped["exact_duplicate"] = len(exact_ids)
-
-    log.info("[3/5] near-duplicate detection (MinHash LSH, %d bands x %d rows, Jaccard >= %.2f)",
-             cfg.dedup.bands, cfg.dedup.rows, cfg.dedup.threshold)
-    exact_ref = [ray.put(exact_ids)]
-    band_buckets = max(cpus, math.ceil(kept_count * cfg.dedup.bands / 200_000))
+    log.info("[2/5] exact and near-duplicate detection on %d documents (MinHash LSH, %d bands x %d rows, Jaccard >= %.2f)",
+             kept_count, cfg.dedup.bands, cfg.dedup.rows, cfg.dedup.threshold)
+    buckets = max(cpus, math.ceil(kept_count * cfg.dedup.bands / 100_000))
     edges = (
-        kept.select_columns(["doc_id", "sig"])
-        .map_batches(_drop, fn_kwargs={"drop_ref": exact_ref})
-        .map_batches(udf.band_rows, fn_kwargs={"minhash": minhash, "num_buckets": band_buckets})
-        .groupby("bucket", num_partitions=band_buckets)
-        .map_groups(udf.lsh_edges, batch_format="numpy", fn_kwargs={"minhash": minhash})
+        docs.select_columns(["doc_id", "reason", "hash", "sig"])
+        .map_batches(udf.band_rows, fn_kwargs={"minhash": minhash, "num_buckets": buckets})
+        .groupby("bucket", num_partitions=buckets)
+        .map_groups(udf.duplicate_edges, batch_format="numpy", fn_kwargs={"minhash": minhash})
         .take_all()
     )
-    from models.minhash import duplicates_to_drop
-
-    near = duplicates_to_drop([(e["a"], e["b"]) for e in edges])
-    dropped["near_duplicate"] = len(near)
-    drop_ref = [ray.put(np.concatenate([exact_ids, np.fromiter(near, dtype=np.int64, count=len(near))]))]
-    final = kept.map_batches(_drop, fn_kwargs={"drop_ref": drop_ref})
+    exact = duplicates_to_drop([(e["a"], e["b"]) for e in edges if e["exact"]])
+    duplicates = duplicates_to_drop([(e["a"], e["b"]) for e in edges])
+    dropped["exact_duplicate"] = len(exact)
+    dropped["near_duplicate"] = len(duplicates) - len(exact)
+    drop_ref = [ray.put(np.fromiter(duplicates, dtype=np.int64, count=len(duplicates)))]
 
     with store.create("dataset", cfg.name, config=to_dict(cfg)) as art:
         if reused_tokenizer is not None:
-            log.info("[4/5] reusing tokenizer %s", cfg.tokenizer.path)
+            log.info("[3/5] reusing tokenizer %s", cfg.tokenizer.path)
             tok = reused_tokenizer
         else:
             fraction = min(1.0, cfg.tokenizer.sample_mb * 1e6 / max(kept_bytes, 1))
-            log.info("[4/5] training a %d-token byte-level BPE on %.0f%% of the kept text", cfg.tokenizer.vocab_size, 100 * fraction)
-            sample = final.select_columns(["text", "hash"]).map_batches(_sample, fn_kwargs={"fraction": fraction})
+            log.info("[3/5] training a %d-token byte-level BPE on %.0f%% of the kept text",
+                     cfg.tokenizer.vocab_size, 100 * fraction)
+            sample = docs.select_columns(["reason", "text", "hash"]).map_batches(_sample, fn_kwargs={"fraction": fraction})
             texts = (str(r["text"]) for r in sample.iter_rows())
             tok = train_bpe(iter_bounded(texts, int(cfg.tokenizer.sample_mb * 1e6)), cfg.tokenizer.vocab_size)
         tokenizer_json = tok.to_str()
         art.write_bytes("tokenizer.json", tokenizer_json.encode())
 
-        num_shards = max(1, math.ceil(kept_bytes / (cfg.pack.target_shard_mb * 1e6)))
-        log.info("[5/5] tokenize and pack into %d-token blocks, %d shards per split", cfg.pack.block_size + 1, num_shards)
+        log.info("[4/5] tokenize and pack into %d-token blocks", cfg.pack.block_size + 1)
         stats = (
-            final.select_columns(["doc_id", "text", "hash", "nbytes"])
-            .map_batches(udf.Tokenize, batch_size=64, concurrency=(1, cpus),
-                         fn_constructor_kwargs={"tokenizer_json": tokenizer_json, "drop_ref": None,
-                                                "val_fraction": cfg.pack.val_fraction, "num_shards": num_shards})
-            .groupby(["split", "shard"])
-            .map_groups(udf.pack_shard, batch_format="numpy", fn_kwargs={"out_uri": art.tmp_uri, "block_len": cfg.pack.block_size + 1,
-                                                   "eot_id": udf.eot_id(tokenizer_json)})
+            docs.select_columns(["doc_id", "reason", "text", "hash"])
+            .map_batches(udf.TokenizePack, batch_size=None, compute=ray.data.ActorPoolStrategy(size=min(cpus, num_blocks)),
+                         fn_constructor_kwargs={"tokenizer_json": tokenizer_json, "drop_ref": drop_ref,
+                                                "out_uri": art.tmp_uri, "block_len": cfg.pack.block_size + 1,
+                                                "val_fraction": cfg.pack.val_fraction})
             .take_all()
         )
+        log.info("[5/5] commit the artifact")
         art.add_files({s["file"]: {"sha256": s["sha256"], "bytes": int(s["bytes"])} for s in stats})
         final_docs = sum(int(s["docs"]) for s in stats)
         if read_records != final_docs + sum(dropped.values()):
@@ -258,10 +230,35 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
                 "splits": splits,
             }
         }
-        manifest_preview = {"metrics": art.metrics, **art.extra}
-    uri = store.to_uri(store.artifact_path("dataset", cfg.name))
-    print(summary_table(manifest_preview, uri))
-    return manifest_preview
+    artifact = store.open("dataset", cfg.name, verify=False)
+    print(summary_table(artifact.manifest, artifact.uri))
+    return artifact.manifest
+
+
+def load_tokenizer(path: str) -> Any:
+    """A tokenizer.json from a local path or URI, checked for Helio's special tokens."""
+    from models.tokenizer import check_tokenizer
+    from tokenizers import Tokenizer
+
+    try:
+        fs, p = resolve(path)
+        with fs.open_input_stream(p) as f:
+            tok = Tokenizer.from_str(f.read().decode())
+    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+        raise UserError(f"tokenizer.path '{path}' is not a readable tokenizer.json ({e})") from None
+    try:
+        check_tokenizer(tok, path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return tok
+
+
+def file_sizes(files: list[str]) -> list[int]:
+    sizes = []
+    for f in files:
+        fs, p = resolve(f)
+        sizes.append(fs.get_file_info(p).size or 0)
+    return sizes
 
 
 def summary_table(m: dict[str, Any], uri: str) -> str:
@@ -278,6 +275,9 @@ def summary_table(m: dict[str, Any], uri: str) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(["", "prepare summary", "-" * (width + 20)] + [f"{k:<{width}}  {v}" for k, v in rows])
+
+
+CONFIG_CLASS = PrepareConfig  # what jobs/configs/prepare_*.yaml must load into
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,9 +2,9 @@
 
 Broder, "On the resemblance and containment of documents" (1997); banding as in
 Leskovec, Rajaraman & Ullman, "Mining of Massive Datasets", ch. 3.4. A document
-is a set of word k-shingles; each of `num_perm` universal hashes
-h(x) = (a*x + b) mod (2^61 - 1) keeps its minimum over the set, and
-P[min_i(A) == min_i(B)] = Jaccard(A, B). Signatures are cut into `bands` bands
+is a set of word k-shingles; each of `num_perm` multiply-shift hashes
+h(x) = ((a*x + b) mod 2^64) >> 32 (Dietzfelbinger et al., 1997) keeps its
+minimum over the set, and P[min_i(A) == min_i(B)] ~= Jaccard(A, B). Signatures are cut into `bands` bands
 of `num_perm / bands` rows; documents sharing any band's hash are candidates.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_MERSENNE = np.uint64((1 << 61) - 1)
+_SHIFT = np.uint64(32)
 _MASK32 = np.uint64(0xFFFFFFFF)
 _MIX = np.uint64(0x9E3779B1)  # odd multiplier that combines word hashes into a shingle hash
 _CHUNK = 4096  # shingles per block, bounds memory at CHUNK * num_perm * 8 bytes
@@ -50,9 +50,9 @@ class MinHasher:
     def __init__(self, cfg: MinHashConfig):
         self.cfg = cfg
         rng = np.random.default_rng(cfg.seed)
-        # a in [1, 2^32), b in [0, 2^32), x < 2^32: a*x + b stays below 2^64.
-        self.a = rng.integers(1, 1 << 32, size=cfg.num_perm, dtype=np.uint64)
-        self.b = rng.integers(0, 1 << 32, size=cfg.num_perm, dtype=np.uint64)
+        # Odd 64-bit multipliers, 64-bit offsets; arithmetic wraps mod 2^64 on purpose.
+        self.a = rng.integers(0, 1 << 63, size=cfg.num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        self.b = rng.integers(0, 1 << 63, size=cfg.num_perm, dtype=np.uint64)
 
     def shingles(self, text: str) -> np.ndarray:
         """Distinct 32-bit hashes of the word k-shingles of `text`, shape (S,)."""
@@ -69,10 +69,10 @@ class MinHasher:
     def signature(self, text: str) -> np.ndarray:
         """MinHash signature of one document, shape (num_perm,), uint32."""
         x = self.shingles(text)
-        sig = np.full(self.cfg.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
+        sig = np.full(self.cfg.num_perm, np.iinfo(np.uint32).max, dtype=np.uint64)
         for start in range(0, len(x), _CHUNK):
             block = x[start : start + _CHUNK, None]  # (S, 1)
-            hashed = ((self.a * block + self.b) % _MERSENNE) & _MASK32  # (S, P)
+            hashed = (self.a * block + self.b) >> _SHIFT  # (S, P)
             np.minimum(sig, hashed.min(axis=0), out=sig)
         return sig.astype(np.uint32)
 
@@ -108,6 +108,38 @@ def candidate_edges(ids: np.ndarray, sigs: np.ndarray, cfg: MinHashConfig) -> li
         for j in np.nonzero(agree >= cfg.threshold)[0]:
             edges.append((int(ids[i]), int(ids[i + 1 + j])))
     return edges
+
+
+def band_bucket_edges(
+    band_keys: np.ndarray, ids: np.ndarray, hashes: np.ndarray, sigs: np.ndarray, cfg: MinHashConfig
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(exact, near) duplicate pairs among rows (one per document and band) sharing a band key.
+
+    Equal content hashes give exact pairs (each copy linked to the smallest id);
+    distinct documents in a band whose signatures agree on >= threshold of
+    their slots give near pairs. Exact copies share every band, so one grouping
+    by band key finds both kinds.
+    """
+    order = np.argsort(band_keys, kind="stable")
+    keys = band_keys[order]
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    ends = np.r_[starts[1:], len(keys)]
+    exact: list[tuple[int, int]] = []
+    near: list[tuple[int, int]] = []
+    for s, e in zip(starts, ends):
+        if e - s < 2:
+            continue
+        first: dict[bytes, int] = {}
+        for i in sorted(order[s:e], key=lambda m: ids[m]):
+            h = bytes(hashes[i])
+            if h in first:
+                exact.append((int(ids[first[h]]), int(ids[i])))
+            else:
+                first[h] = i
+        reps = np.fromiter(first.values(), dtype=np.int64)
+        if len(reps) > 1:
+            near.extend(candidate_edges(ids[reps], np.stack(sigs[reps]), cfg))
+    return sorted(set(exact)), sorted(set(near) - set(exact))
 
 
 def duplicates_to_drop(edges: list[tuple[int, int]] | np.ndarray) -> set[int]:

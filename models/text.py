@@ -79,7 +79,7 @@ def quality_reason(text: str, removed_controls: int, cfg: QualityConfig) -> str 
     if removed_controls / (n + removed_controls) > cfg.max_non_printable_fraction:
         return "non_printable"
     visible = n - sum(text.count(c) for c in " \n\t")
-    if visible and len(_NON_ALNUM.findall(text)) / visible > cfg.max_non_alnum_fraction:
+    if visible and _NON_ALNUM.subn("", text)[1] / visible > cfg.max_non_alnum_fraction:
         return "non_alphanumeric"
     if repeated_line_fraction(text) > cfg.max_repeated_line_fraction:
         return "repeated_lines"

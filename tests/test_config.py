@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from cluster.config import ConfigError, from_dict, load_config, to_dict
+from jobs.prepare import PrepareConfig
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "jobs" / "configs").glob("*.yaml"))
+
+
+@dataclass(frozen=True)
+class Inner:
+    rate: float = 0.5
+    names: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.rate > 1:
+            raise ValueError("rate: must be at most 1")
+
+
+@dataclass(frozen=True)
+class Outer:
+    name: str = "x"
+    steps: int = 3
+    address: str | None = None
+    inner: Inner = field(default_factory=Inner)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    module = importlib.import_module(f"jobs.{path.stem.split('_')[0]}")
+    cfg = load_config(module.CONFIG_CLASS, path)
+    assert cfg.storage and cfg.name
+    assert from_dict(module.CONFIG_CLASS, to_dict(cfg)) == cfg  # survives a trip as plain data
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: a\ninner:\n  rate: 0.25\n")
+    cfg = load_config(Outer, path, ["steps=7", "inner.names=[p, q]", "address=null"])
+    assert cfg == Outer(name="a", steps=7, address=None, inner=Inner(rate=0.25, names=("p", "q")))
+
+
+@pytest.mark.parametrize(
+    "overrides, key, words",
+    [
+        (["inner.nope=1"], "inner.nope", "unknown key"),
+        (["steps=three"], "steps", "integer"),
+        (["inner.rate=fast"], "inner.rate", "number"),
+        (["inner.rate=2"], "inner.rate", "at most 1"),
+        (["inner=5"], "inner", "mapping"),
+        (["steps"], "", "key=value"),
+    ],
+)
+def test_errors_name_the_dotted_key(overrides, key, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(Outer, None, overrides)
+    assert info.value.key == key
+    assert words in str(info.value)
+
+
+def test_prepare_config_rejects_contradictions():
+    with pytest.raises(ConfigError, match="quality.max_chars"):
+        load_config(PrepareConfig, None, ["quality.min_chars=100", "quality.max_chars=50"])
+    with pytest.raises(ConfigError, match="dedup.bands"):
+        load_config(PrepareConfig, None, ["dedup.num_perm=128", "dedup.bands=7"])
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Outer, tmp_path / "missing.yaml")

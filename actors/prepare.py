@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import posixpath
 import zlib
 from typing import Any, Iterator
@@ -101,11 +102,11 @@ def _read_file(uri: str) -> bytes | None:
 
 
 def read_records(batch: dict[str, np.ndarray], text_field: str, quality: dict, minhash: dict) -> dict[str, Any]:
-    """File paths -> one row per record, with reason ('' when kept), text, hash and signature."""
+    """Groups of file paths -> one row per record: reason ('' when kept), text, hash, signature."""
     qcfg, hasher = QualityConfig(**quality), MinHasher(MinHashConfig(**minhash))
     ids, reasons, texts, hashes, sigs, sizes = [], [], [], [], [], []
     empty_sig = np.zeros(hasher.cfg.num_perm, dtype=np.uint32)
-    for path in map(str, batch["path"]):
+    for path in (str(p) for paths in batch["paths"] for p in paths):
         raw = _read_file(path)
         records = _records(path, raw, text_field) if raw is not None else iter([(None, "unreadable_file")])
         for index, (value, reason) in enumerate(records):
@@ -175,6 +176,10 @@ class TokenizePack:
     """
 
     def __init__(self, tokenizer_json: str, drop_ref: list, out_uri: str, block_len: int, val_fraction: float):
+        # One tokenizer thread per actor: the pool already has an actor per CPU.
+        # (Set before the tokenizer's thread pool first starts; a runtime_env
+        # would stop Ray Data fusing this stage with the one before it.)
+        os.environ["RAYON_NUM_THREADS"] = "1"
         self.tok = Tokenizer.from_str(tokenizer_json)
         self.eot = self.tok.token_to_id(EOT)
         self.drop = np.asarray(ray.get(drop_ref[0]), dtype=np.int64)

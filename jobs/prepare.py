@@ -44,7 +44,7 @@ class SourceConfig:
 class PackConfig:
     block_size: int = 256  # blocks hold block_size + 1 tokens (inputs and shifted targets)
     val_fraction: float = 0.05  # documents sent to val/, chosen by content hash
-    shard_mb: float = 4.0  # input per read block; each block becomes one train and one val shard
+    shard_mb: float = 2.0  # input per read block; each block becomes one train and one val shard
 
     def __post_init__(self) -> None:
         if self.block_size < 2:
@@ -117,6 +117,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     """Runs the whole job; returns the artifact's manifest."""
     import ray
     import ray.data
+    from ray.data.context import ShuffleStrategy
 
     from actors import prepare as udf
     from cluster.runtime import cluster_cpus, connect
@@ -132,16 +133,19 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     cpus = cluster_cpus()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same input, same blocks, same shards
+    # The only shuffle (LSH band rows) is small; the task-based sort shuffle starts
+    # in well under a second where the actor-based hash shuffle takes seconds.
+    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     quality, minhash = to_dict(cfg.quality), to_dict(cfg.dedup)
 
     # Read blocks are sized from the input alone (never from the cluster), so a
     # block -- and the shard it becomes -- holds the same documents on any cluster.
-    total_bytes = sum(file_sizes(files))
-    num_blocks = max(1, min(len(files), math.ceil(total_bytes / (cfg.pack.shard_mb * 1e6))))
-    log.info("[1/5] read, clean, filter, hash, sign %d files (%.1f MB) in %d blocks", len(files), total_bytes / 1e6, num_blocks)
+    groups = group_by_size(files, file_sizes(files), int(cfg.pack.shard_mb * 1e6))
+    log.info("[1/5] read, clean, filter, hash, sign %d files in %d blocks of about %.1f MB",
+             len(files), len(groups), cfg.pack.shard_mb)
     docs = (
-        ray.data.from_items([{"path": f} for f in files], override_num_blocks=num_blocks)
-        .map_batches(udf.read_records, batch_size=8,
+        ray.data.from_items([{"paths": g} for g in groups], override_num_blocks=len(groups))
+        .map_batches(udf.read_records, batch_size=1,
                      fn_kwargs={"text_field": cfg.source.text_field, "quality": quality, "minhash": minhash})
         .materialize()
     )
@@ -190,7 +194,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
         log.info("[4/5] tokenize and pack into %d-token blocks", cfg.pack.block_size + 1)
         stats = (
             docs.select_columns(["doc_id", "reason", "text", "hash"])
-            .map_batches(udf.TokenizePack, batch_size=None, compute=ray.data.ActorPoolStrategy(size=min(cpus, num_blocks)),
+            .map_batches(udf.TokenizePack, batch_size=None, compute=ray.data.ActorPoolStrategy(size=min(cpus, len(groups))),
                          fn_constructor_kwargs={"tokenizer_json": tokenizer_json, "drop_ref": drop_ref,
                                                 "out_uri": art.tmp_uri, "block_len": cfg.pack.block_size + 1,
                                                 "val_fraction": cfg.pack.val_fraction})
@@ -251,6 +255,23 @@ def load_tokenizer(path: str) -> Any:
     except ValueError as e:
         raise UserError(str(e)) from None
     return tok
+
+
+def group_by_size(files: list[str], sizes: list[int], target: int) -> list[list[str]]:
+    """Consecutive files cut into groups of about `target` bytes: the read blocks.
+
+    Depends on the input alone, so a block (and the shard it becomes) holds the
+    same documents on any cluster, and blocks are even enough to balance CPUs.
+    """
+    groups: list[list[str]] = [[]]
+    filled = 0
+    for f, size in zip(files, sizes):
+        if groups[-1] and filled + size > target:
+            groups.append([])
+            filled = 0
+        groups[-1].append(f)
+        filled += size
+    return groups
 
 
 def file_sizes(files: list[str]) -> list[int]:

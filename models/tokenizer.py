@@ -20,7 +20,7 @@ SPECIAL_TOKENS = (EOT, PAD, "[MASK]", "[CLS]", "[SEP]")
 @dataclass(frozen=True)
 class TokenizerConfig:
     vocab_size: int = 8192
-    sample_mb: float = 16.0  # text the BPE trainer sees
+    sample_mb: float = 8.0  # text the BPE trainer sees
     path: str | None = None  # reuse this tokenizer.json instead of training one
 
     def __post_init__(self) -> None:

@@ -167,14 +167,28 @@ class ArtifactWriter:
             "metrics": self.metrics,
             **self.extra,
         }
-        write_file_atomic(fs, posixpath.join(self.tmp_path, MANIFEST), json.dumps(manifest, indent=2).encode())
-        old = None
-        if fs.get_file_info(self.final_path).type != pafs.FileType.NotFound:
+        data = json.dumps(manifest, indent=2).encode()
+        exists = fs.get_file_info(self.final_path).type != pafs.FileType.NotFound
+        if isinstance(fs, pafs.LocalFileSystem):
+            # A folder rename: readers see the old artifact or the new one, never a mix.
+            write_file_atomic(fs, posixpath.join(self.tmp_path, MANIFEST), data)
             old = f"{self.tmp_path}.old"
-            fs.move(self.final_path, old)
-        fs.move(self.tmp_path, self.final_path)
-        if old is not None:
-            fs.delete_dir(old)
+            if exists:
+                fs.move(self.final_path, old)
+            fs.move(self.tmp_path, self.final_path)
+            if exists:
+                fs.delete_dir(old)
+        else:
+            # Object stores cannot rename folders: copy the files, the manifest last,
+            # so a reader that finds the manifest finds every file it names.
+            if exists:
+                fs.delete_dir(self.final_path)
+            for rel in self.files:
+                fs.create_dir(posixpath.dirname(posixpath.join(self.final_path, rel)), recursive=True)
+                fs.copy_file(posixpath.join(self.tmp_path, rel), posixpath.join(self.final_path, rel))
+            with fs.open_output_stream(posixpath.join(self.final_path, MANIFEST)) as f:
+                f.write(data)
+            fs.delete_dir(self.tmp_path)
         return self.store.open(self.kind, self.name, verify=False)
 
     def abort(self) -> None:

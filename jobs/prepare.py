@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from cluster.cli import UserError, run_job
 from cluster.config import ConfigError, to_dict
@@ -92,8 +93,6 @@ def expand_sources(cfg: SourceConfig) -> list[str]:
                 files.extend(iter_files(m))
             continue
         fs, path = resolve(spec)
-        import pyarrow.fs as pafs
-
         if fs.get_file_info(path).type == pafs.FileType.NotFound:
             raise UserError(f"source path '{spec}' does not exist")
         files.extend(iter_files(spec))

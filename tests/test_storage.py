@@ -75,3 +75,4 @@ def test_undeclared_files_block_the_commit(tmp_path):
             with open(os.path.join(art.tmp_path, "stray.bin"), "wb") as f:
                 f.write(b"?")
     assert not store.exists("dataset", "a")
+

@@ -7,6 +7,7 @@ import os
 import pytest
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"  # parity tests build their checkpoints locally; nothing is downloaded
 
 
 @pytest.fixture(scope="session")

@@ -92,10 +92,6 @@ class Artifact:
     def metrics(self) -> dict[str, Any]:
         return self.manifest.get("metrics", {})
 
-    def ref(self) -> dict[str, str]:
-        """What a child artifact records as its parent."""
-        return {"kind": self.kind, "name": self.name, "uri": self.uri, "created_at": self.manifest["created_at"]}
-
 
 class ArtifactWriter:
     """Builds an artifact in a temporary folder; `commit` makes it visible.

@@ -27,4 +27,7 @@ def test_pack_fixed_blocks_with_eot_between_docs():
 
 def test_iter_bounded():
     assert list(iter_bounded(["aa", "bb", "cc"], 3)) == ["aa", "bb"]
-    _ = EOT
+
+
+def test_eot_is_the_first_special_token():
+    assert SPECIAL_TOKENS[0] == EOT == "<|endoftext|>"

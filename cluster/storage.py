@@ -262,14 +262,14 @@ def _join_uri(base: str, rel: str) -> str:
     return base.rstrip("/") + "/" + rel
 
 
-def iter_files(uri: str) -> Iterator[str]:
-    """Every file below a folder URI (or the URI itself if it is a file), sorted."""
+def iter_files(uri: str) -> Iterator[tuple[str, int]]:
+    """(uri, size) of every file below a folder URI (or of the URI itself if a file), sorted."""
     fs, path = resolve(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
-        yield uri
+        yield uri, info.size
         return
     scheme = uri.split("://", 1)[0] + "://" if "://" in uri else ""
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    for p in sorted(i.path for i in infos if i.type == pafs.FileType.File):
-        yield f"{scheme}{p}" if scheme else p
+    for i in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
+        yield (f"{scheme}{i.path}" if scheme else i.path), i.size

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from cluster.cli import UserError, run_job
-from cluster.config import ConfigError, to_dict
+from cluster.config import to_dict
 from cluster.storage import Storage, iter_files, resolve
 from models.minhash import MinHashConfig
 from models.text import QualityConfig
@@ -49,11 +49,11 @@ class PackConfig:
 
     def __post_init__(self) -> None:
         if self.block_size < 2:
-            raise ConfigError("block_size", "must be at least 2")
+            raise ValueError("block_size: must be at least 2")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError("val_fraction", "must be in [0, 1)")
+            raise ValueError("val_fraction: must be in [0, 1)")
         if self.shard_mb <= 0:
-            raise ConfigError("shard_mb", "must be positive")
+            raise ValueError("shard_mb: must be positive")
 
 
 @dataclass(frozen=True)
@@ -79,11 +79,11 @@ def stdlib_files() -> list[str]:
     return files
 
 
-def expand_sources(cfg: SourceConfig) -> list[str]:
-    """Every input file named by `cfg.paths` (files, folders, globs, URIs), sorted."""
+def expand_sources(cfg: SourceConfig) -> dict[str, int]:
+    """{uri: size} of every input file named by `cfg.paths` (files, folders, globs, URIs), sorted."""
     if not cfg.paths:
-        return stdlib_files()
-    files: list[str] = []
+        return {f: os.path.getsize(f) for f in stdlib_files()}
+    files: list[tuple[str, int]] = []
     for spec in cfg.paths:
         if "://" not in spec and glob.has_magic(spec):
             matched = sorted(glob.glob(spec, recursive=True))
@@ -98,8 +98,8 @@ def expand_sources(cfg: SourceConfig) -> list[str]:
         files.extend(iter_files(spec))
     if cfg.extensions:
         wanted = tuple(e.lower() for e in cfg.extensions)
-        files = [f for f in files if f.lower().removesuffix(".gz").endswith(wanted)]
-    files = sorted(dict.fromkeys(files))
+        files = [(f, n) for f, n in files if f.lower().removesuffix(".gz").endswith(wanted)]
+    files = dict(sorted(files))
     if not files:
         raise UserError(f"source.paths {list(cfg.paths)} hold no input file (extensions: {list(cfg.extensions) or 'any'})")
     return files
@@ -139,7 +139,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
 
     # Read blocks are sized from the input alone (never from the cluster), so a
     # block -- and the shard it becomes -- holds the same documents on any cluster.
-    groups = group_by_size(files, file_sizes(files), int(cfg.pack.shard_mb * 1e6))
+    groups = group_by_size(list(files), list(files.values()), int(cfg.pack.shard_mb * 1e6))
     log.info("[1/5] read, clean, filter, hash, sign %d files in %d blocks of about %.1f MB",
              len(files), len(groups), cfg.pack.shard_mb)
     docs = (
@@ -271,14 +271,6 @@ def group_by_size(files: list[str], sizes: list[int], target: int) -> list[list[
         groups[-1].append(f)
         filled += size
     return groups
-
-
-def file_sizes(files: list[str]) -> list[int]:
-    sizes = []
-    for f in files:
-        fs, p = resolve(f)
-        sizes.append(fs.get_file_info(p).size or 0)
-    return sizes
 
 
 def summary_table(m: dict[str, Any], uri: str) -> str:

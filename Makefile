@@ -21,13 +21,16 @@ $(STAMP): pyproject.toml Makefile
 
 demo: install
 	$(PY) -m jobs.prepare jobs/configs/prepare_demo.yaml --set storage=$(STORAGE)
-	@echo "demo outputs are under $(STORAGE)/ (datasets/prepare_demo: tokenizer.json, train/ and val/ Parquet shards, helio.json)"
+	$(PY) -m jobs.pretrain jobs/configs/pretrain_demo.yaml --set storage=$(STORAGE)
+	@echo "demo outputs are under $(STORAGE)/: datasets/prepare_demo (Parquet shards, tokenizer.json),"
+	@echo "runs/pretrain_demo (checkpoints, metrics.jsonl, loss.png), models/pretrain_demo (Hugging Face layout)"
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install
 	$(PY) benchmarks/prepare.py
+	$(PY) benchmarks/train.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -22,6 +22,10 @@ class UserError(RuntimeError):
     """A mistake in what the user asked for (input missing, nothing to do, ...)."""
 
 
+class JobFailed(RuntimeError):
+    """The job ran and failed (a worker crashed past its retries, ...): exit 1, one sentence."""
+
+
 USER_ERRORS = (ConfigError, ArtifactError, UserError)
 
 
@@ -44,6 +48,9 @@ def run_job(
     except USER_ERRORS as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except JobFailed as e:
+        print(f"{prog}: failed: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

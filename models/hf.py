@@ -2,7 +2,10 @@
 
 A GPT exports as GPT2LMHeadModel: the same parameter names, Conv1D weights
 stored transposed (in_features, out_features), the tied lm_head omitted as
-Hugging Face does. `transformers` loads the folder and computes the same logits.
+Hugging Face does. An Encoder exports as BertForMaskedLM: the same names, the
+tied decoder weight and bias omitted as Hugging Face does. `transformers` loads
+either folder and computes the same logits; `load_model` / `save_model` pick the
+right pair from config.json's model_type / the model's class.
 """
 
 from __future__ import annotations
@@ -13,9 +16,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from models.encoder import Encoder, EncoderConfig
 from models.gpt import GPT, GPTConfig
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _read_config(folder: Path) -> dict:
+    for name in ("config.json", "model.safetensors"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"'{folder}' has no {name}: not a Hugging Face model folder")
+    return json.loads((folder / "config.json").read_text())
 
 
 def gpt_hf_config(cfg: GPTConfig) -> dict:
@@ -74,10 +85,7 @@ def save_gpt(model: GPT, folder: str | Path) -> list[str]:
 def load_gpt(folder: str | Path) -> GPT:
     """A GPT from a Hugging Face GPT-2 folder (Helio's export or one `transformers` saved)."""
     folder = Path(folder)
-    for name in ("config.json", "model.safetensors"):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"'{folder}' has no {name}: not a Hugging Face model folder")
-    cfg = gpt_config_from_hf(json.loads((folder / "config.json").read_text()), str(folder))
+    cfg = gpt_config_from_hf(_read_config(folder), str(folder))
     state = load_file(str(folder / "model.safetensors"))
     prefix = "transformer."
     if not any(k.startswith(prefix) for k in state):  # GPT2Model (no LM head) saves without the prefix
@@ -90,3 +98,106 @@ def load_gpt(folder: str | Path) -> GPT:
     if missing or unexpected:
         raise ValueError(f"{folder}: weights do not match a GPT-2 of this config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model
+
+
+def bert_hf_config(cfg: EncoderConfig) -> dict:
+    return {
+        "model_type": "bert",
+        "architectures": ["BertForMaskedLM"],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "intermediate_size": cfg.intermediate_size,
+        "hidden_act": "gelu",
+        "max_position_embeddings": cfg.max_position,
+        "type_vocab_size": cfg.type_vocab_size,
+        "layer_norm_eps": cfg.layer_norm_eps,
+        "hidden_dropout_prob": cfg.dropout,
+        "attention_probs_dropout_prob": cfg.dropout,
+        "pad_token_id": cfg.pad_id,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+    }
+
+
+def encoder_config_from_hf(hf: dict, source: str) -> EncoderConfig:
+    if hf.get("model_type") != "bert":
+        raise ValueError(f"{source}: model_type {hf.get('model_type')!r} is not a BERT checkpoint")
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"{source}: activation {hf['hidden_act']!r} is not BERT's exact GELU")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"{source}: position_embedding_type {hf['position_embedding_type']!r} is not 'absolute'")
+    if not hf.get("tie_word_embeddings", True):
+        raise ValueError(f"{source}: the MLM decoder is not tied to the word embeddings")
+    pad = hf.get("pad_token_id")
+    return EncoderConfig(vocab_size=hf["vocab_size"], max_position=hf["max_position_embeddings"],
+                         type_vocab_size=hf.get("type_vocab_size", 2), n_layer=hf["num_hidden_layers"],
+                         n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
+                         intermediate_size=hf.get("intermediate_size"),
+                         dropout=float(hf.get("hidden_dropout_prob", 0.0)),
+                         layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)), pad_id=0 if pad is None else pad)
+
+
+_TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+         "cls.predictions.decoder.bias": "cls.predictions.bias"}
+# heads and buffers Helio's Encoder does not have: the pooler, BertForPreTraining's next-sentence head
+_IGNORED = ("bert.pooler.", "cls.seq_relationship.", "bert.embeddings.position_ids")
+
+
+def save_encoder(model: Encoder, folder: str | Path) -> list[str]:
+    """Writes config.json and model.safetensors into `folder`; returns the file names."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(bert_hf_config(model.cfg), indent=2))
+    state = {k: t.detach().float().cpu().contiguous() for k, t in model.state_dict().items() if k not in _TIED}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return ["config.json", "model.safetensors"]
+
+
+def load_encoder(folder: str | Path) -> Encoder:
+    """An Encoder from a Hugging Face BERT folder: Helio's export, or BertForMaskedLM / BertModel as
+    `transformers` saves them. Without an MLM head (BertModel, sentence-transformers) the head
+    stays freshly initialised, its decoder tied to the loaded embeddings."""
+    folder = Path(folder)
+    cfg = encoder_config_from_hf(_read_config(folder), str(folder))
+    state = load_file(str(folder / "model.safetensors"))
+    if not any(k.startswith("bert.") for k in state):  # BertModel saves without the prefix
+        state = {"bert." + k: v for k, v in state.items()}
+    state = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
+             for k, v in state.items() if not k.startswith(_IGNORED)}  # gamma/beta: original Google checkpoints
+    has_head = any(k.startswith("cls.") for k in state)
+    for tied, source in _TIED.items():
+        if tied in state and source in state and not torch.equal(state[tied], state[source]):
+            raise ValueError(f"{folder}: {tied} differs from {source}; Helio's Encoder ties them")
+        if source in state:
+            state.setdefault(tied, state[source])
+    model = Encoder(cfg)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatch
+        raise ValueError(f"{folder}: weights do not fit a BERT of this config: {str(e).splitlines()[-1].strip()}") from None
+    if not has_head:
+        missing = [k for k in missing if not k.startswith("cls.")]
+    if missing or unexpected:
+        raise ValueError(f"{folder}: weights do not match a BERT of this config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model
+
+
+def save_model(model: GPT | Encoder, folder: str | Path) -> list[str]:
+    """save_gpt or save_encoder, by the model's class."""
+    if isinstance(model, GPT):
+        return save_gpt(model, folder)
+    if isinstance(model, Encoder):
+        return save_encoder(model, folder)
+    raise TypeError(f"cannot export a {type(model).__name__}: only GPT and Encoder have a Hugging Face layout")
+
+
+def load_model(folder: str | Path) -> GPT | Encoder:
+    """load_gpt or load_encoder, by config.json's model_type."""
+    model_type = _read_config(Path(folder)).get("model_type")
+    if model_type == "gpt2":
+        return load_gpt(folder)
+    if model_type == "bert":
+        return load_encoder(folder)
+    raise ValueError(f"{folder}: model_type {model_type!r} is neither 'gpt2' nor 'bert'")

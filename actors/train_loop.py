@@ -1,0 +1,334 @@
+"""The Ray Train worker loop: one per worker, a DeepSpeed engine each.
+
+Data order is global and deterministic: every worker streams the same Ray Data
+iterator (`get_dataset_shard`, unsplit), cuts it into global batches of
+`micro_batch * grad_accum * world_size` blocks, and trains on its own rows of
+each. Rank r's micro-batch a of a step holds rows [(a*W + r)*m, (a*W + r + 1)*m),
+so one process with micro-batch W*m sees exactly the same global batches; and a
+resumed worker skips the batches its checkpoint already consumed, so a run
+interrupted by failures ends with the same weights as one that was not.
+(Every worker reads every token: a few MB/s at 1M tokens/s, far below what the
+model costs, bought for exact resume and exact data-parallel equivalence.)
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import math
+import os
+import queue
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from cluster.config import from_dict
+from cluster.devices import peak_flops
+from cluster.storage import resolve
+from cluster.zero import OptimConfig, ZeroConfig, ZeroStrategy, saved_client_state
+from models.arch import ModelConfig, build_model
+from models.hf import save_model
+from models.objectives import objective_for
+
+EXPORT_DIR = "export"  # the final checkpoint's consolidated Hugging Face folder
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300  # optimizer steps
+    micro_batch: int = 8  # blocks per worker per forward
+    grad_accum: int = 1
+    seed: int = 1337
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4  # global batches of validation data per evaluation
+    checkpoint_every: int = 100
+    shuffle_buffer: int = 1024  # blocks in Ray Data's seeded local shuffle; 0: read order
+    mask_prob: float = 0.15  # masked LM only
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "micro_batch", "grad_accum", "log_every", "eval_every", "eval_batches",
+                     "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1")
+        if self.shuffle_buffer < 0:
+            raise ValueError("shuffle_buffer: must be >= 0")
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ValueError("mask_prob: must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """A deliberate failure, for testing recovery: one worker fails once, at one step."""
+
+    at_step: int = 0  # 0: never
+    rank: int = 0
+    mode: str = "raise"  # raise | exit (os._exit, no cleanup) | exit_in_checkpoint (after writing, before reporting)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("raise", "exit", "exit_in_checkpoint"):
+            raise ValueError(f"mode: must be raise, exit or exit_in_checkpoint, not {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Everything a worker needs, built by the job and sent as a plain dict."""
+
+    model: ModelConfig
+    train: TrainConfig
+    zero: ZeroConfig
+    optim: OptimConfig
+    vocab_size: int
+    block_len: int  # tokens per stored block (sequence length + 1)
+    train_blocks: int
+    val_files: tuple[str, ...] = ()  # URIs of the validation shards, in order
+    mask_id: int = 2
+    pad_id: int = 1
+    special_ids: tuple[int, ...] = (0, 1, 2, 3, 4)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+
+
+def blocks(batch) -> np.ndarray:
+    """A pyarrow batch's fixed_size_list `input_ids` column as one (rows, L) array, no per-row copies."""
+    col = batch.column("input_ids").combine_chunks()
+    return col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+
+
+def global_batches(it, rows: int, start_step: int, steps_per_epoch: int, seed: int,
+                   shuffle_buffer: int) -> Iterator[np.ndarray]:
+    """Global batches (rows, L) forever, epoch after epoch, from step `start_step` on."""
+    epoch, skip = divmod(start_step, steps_per_epoch)
+    while True:
+        batches = it.iter_batches(batch_size=rows, batch_format="pyarrow", drop_last=True,
+                                  local_shuffle_buffer_size=shuffle_buffer or None,
+                                  local_shuffle_seed=seed + epoch if shuffle_buffer else None)
+        for i, batch in enumerate(batches):
+            if i >= skip:  # already trained on before the checkpoint this run resumed from
+                yield blocks(batch)
+        epoch, skip = epoch + 1, 0
+
+
+def rank_rows(block: np.ndarray, micro: int, accum_index: int, rank: int, world: int) -> torch.Tensor:
+    start = (accum_index * world + rank) * micro
+    return torch.from_numpy(block[start:start + micro].astype(np.int64))
+
+
+def mean_across_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+class Prefetch:
+    """Runs an iterator in a background thread, a few items ahead: reading overlaps training."""
+
+    def __init__(self, it: Iterator, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._fill, args=(it,), daemon=True)
+        self._thread.start()
+
+    def _fill(self, it: Iterator) -> None:
+        try:
+            for item in it:
+                self._queue.put((item, None))
+        except BaseException as e:  # handed to the consumer, raised there
+            self._queue.put((None, e))
+
+    def __next__(self):
+        item, error = self._queue.get()
+        if error is not None:
+            raise error
+        return item
+
+
+class Worker:
+    """One rank's training state; `run` drives it from its checkpoint (if any) to the end."""
+
+    def __init__(self, cfg: LoopConfig):
+        self.cfg = cfg
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        t = cfg.train
+        self.global_rows = t.micro_batch * t.grad_accum * self.world
+        self.tokens_per_step = self.global_rows * (cfg.block_len - 1)
+        self.steps_per_epoch = cfg.train_blocks // self.global_rows
+        self.step = 0
+        self.resumed = False
+
+    def start_data(self) -> Prefetch:
+        """Starts streaming training batches from the current step (Ray Data starts up while DeepSpeed does)."""
+        t = self.cfg.train
+        return Prefetch(global_batches(ray.train.get_dataset_shard("train"), self.global_rows, self.step,
+                                       self.steps_per_epoch, t.seed, t.shuffle_buffer))
+
+    def setup(self) -> None:
+        """Builds the model (the same initial weights on every rank) and its DeepSpeed engine."""
+        cfg, t = self.cfg, self.cfg.train
+        torch.manual_seed(t.seed)
+        self.model = build_model(cfg.model, cfg.vocab_size, cfg.block_len - 1, cfg.pad_id)
+        self.objective = objective_for(self.model, cfg.model.arch, cfg.mask_id, cfg.special_ids, t.mask_prob)
+        self.strategy = ZeroStrategy(cfg.zero, cfg.optim, micro_batch=t.micro_batch, grad_accum=t.grad_accum,
+                                     world_size=self.world, total_steps=t.steps, device=self.device)
+        self.engine = self.strategy.setup(self.objective)
+        self.flops_per_token = self.model.flops_per_token(cfg.block_len - 1)
+
+    def _generator(self, *salt: int) -> torch.Generator:
+        """Masking randomness that depends only on (seed, step, rank, micro-batch): resumable."""
+        return torch.Generator().manual_seed(hash((self.cfg.train.seed, *salt)) & 0x7FFFFFFF)
+
+    def train_step(self, block: np.ndarray) -> float:
+        t, losses = self.cfg.train, []
+        for a in range(t.grad_accum):
+            rows = rank_rows(block, t.micro_batch, a, self.rank, self.world)
+            inputs, targets = self.objective.batch(rows, self._generator(self.step, self.rank, a))
+            loss = self.engine(inputs.to(self.device), targets.to(self.device))
+            self.strategy.backward(loss)
+            self.strategy.step()
+            losses.append(loss.item())
+        self.step += 1
+        return sum(losses) / len(losses)
+
+    def eval_rows(self) -> list[torch.Tensor]:
+        """This rank's rows of the first `eval_batches` validation batches, read once and kept.
+
+        A fixed sample of a few dozen blocks, read straight from the first
+        shards: every evaluation scores the same rows.
+        """
+        t, rows = self.cfg.train, self.cfg.train.micro_batch * self.world
+        need, parts = rows * t.eval_batches, []
+        for uri in self.cfg.val_files:
+            fs, path = resolve(uri)
+            parts.append(blocks(pq.read_table(path, filesystem=fs, columns=["input_ids"])))
+            if sum(len(p) for p in parts) >= need:
+                break
+        val = np.concatenate(parts)[:need]
+        return [rank_rows(val[i * rows:(i + 1) * rows], t.micro_batch, 0, self.rank, self.world)
+                for i in range(len(val) // rows)]
+
+    @torch.no_grad()
+    def evaluate(self, rows: list[torch.Tensor]) -> float:
+        self.engine.eval()
+        total = 0.0
+        for i, r in enumerate(rows):
+            inputs, targets = self.objective.batch(r, self._generator(-1, self.rank, i))  # same masks every eval
+            total += self.engine(inputs.to(self.device), targets.to(self.device)).item()
+        self.engine.train()
+        return mean_across_ranks(total / max(len(rows), 1), self.device)
+
+    def checkpoint(self, folder: str, final: bool) -> None:
+        fault = self.cfg.fault
+        self.strategy.save(folder, {"step": self.step}, self.rank)
+        if fault.mode == "exit_in_checkpoint" and self._fault_due():
+            os._exit(1)  # files written, nothing reported: this checkpoint must never be used
+        if final:
+            state = self.strategy.full_state_dict()  # every rank: a collective under ZeRO-3
+            if self.rank == 0:
+                export_model(self.cfg, state, Path(folder) / EXPORT_DIR)
+
+    def _fault_due(self) -> bool:
+        f = self.cfg.fault
+        return f.at_step == self.step and f.rank == self.rank and not self.resumed
+
+    def run(self) -> None:
+        t = self.cfg.train
+        ckpt = ray.train.get_checkpoint()
+        with ckpt.as_directory() if ckpt else contextlib.nullcontext() as folder:
+            if folder:
+                self.step, self.resumed = int(saved_client_state(folder, self.world)["step"]), True
+            batches = self.start_data()
+            self.setup()
+            if folder and self.strategy.load(folder)["step"] != self.step:
+                raise RuntimeError(f"checkpoint {folder} disagrees with itself about its step")
+        start_step = self.step
+        peak, peak_source = peak_flops(self.device)
+        val_rows = self.eval_rows()
+        pool = concurrent.futures.ThreadPoolExecutor(1)  # a yardstick for the validation loss, while training
+        entropy = pool.submit(unigram_entropy, self.cfg.val_files, self.cfg.vocab_size)
+        pool.shutdown(wait=False)
+        loss_sum, loss_n, t_last, step_last = 0.0, 0, time.perf_counter(), self.step
+        t_attempt = t_last
+        while self.step < t.steps:
+            loss_sum += self.train_step(next(batches))
+            loss_n += 1
+            if self.cfg.fault.mode in ("raise", "exit") and self._fault_due():
+                if self.cfg.fault.mode == "exit":
+                    os._exit(1)
+                raise RuntimeError(f"injected fault on rank {self.rank} at step {self.step}")
+            final = self.step == t.steps
+            do_eval = final or self.step % t.eval_every == 0
+            do_ckpt = final or self.step % t.checkpoint_every == 0
+            if not (final or do_eval or do_ckpt or self.step % t.log_every == 0):
+                continue
+            dt = time.perf_counter() - t_last
+            tokens_per_s = (self.step - step_last) * self.tokens_per_step / dt
+            metrics = {
+                "step": self.step, "total_steps": t.steps, "attempt_start_step": start_step,
+                "loss": mean_across_ranks(loss_sum / loss_n, self.device),
+                "lr": self.strategy.lr(), "grad_norm": self.strategy.grad_norm(),
+                "tokens_per_s": tokens_per_s,
+                "mfu": self.flops_per_token * tokens_per_s / (peak * self.world) if peak else None,
+                "peak_flops_per_worker": peak, "peak_source": peak_source,
+                "tokens": self.step * self.tokens_per_step, "epoch": self.step / max(self.steps_per_epoch, 1),
+                "attempt_seconds": time.perf_counter() - t_attempt,
+            }
+            if do_eval:
+                metrics["val_loss"] = self.evaluate(val_rows)
+                metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
+            if final:
+                metrics["val_unigram_entropy"], metrics["val_unigram_tokens"] = entropy.result()
+            if do_ckpt:
+                with tempfile.TemporaryDirectory(prefix="helio-ckpt-") as folder:
+                    self.checkpoint(folder, final)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            else:
+                ray.train.report(metrics)
+            loss_sum, loss_n, t_last, step_last = 0.0, 0, time.perf_counter(), self.step
+
+
+def export_model(cfg: LoopConfig, state: dict[str, torch.Tensor], folder: Path) -> None:
+    """Writes the consolidated fp32 weights as a Hugging Face folder (config.json + model.safetensors)."""
+    model = build_model(cfg.model, cfg.vocab_size, cfg.block_len - 1, cfg.pad_id)
+    prefix = "model."  # the objective wraps the model
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"consolidated weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    for name, p in model.state_dict().items():
+        if name in weights and tuple(p.shape) != tuple(weights[name].shape):
+            raise RuntimeError(f"{name}: gathered shape {tuple(weights[name].shape)}, model has {tuple(p.shape)}")
+    save_model(model, folder)
+
+
+def unigram_entropy(files: tuple[str, ...], vocab_size: int, max_tokens: int = 1 << 25) -> tuple[float, int]:
+    """(entropy in nats, tokens counted) of the token distribution in `files`, shard by shard.
+
+    The loss a model that ignores context would reach at best on this data;
+    counting stops after about `max_tokens` tokens.
+    """
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for uri in files:
+        fs, path = resolve(uri)
+        counts += np.bincount(blocks(pq.read_table(path, filesystem=fs, columns=["input_ids"])).reshape(-1),
+                              minlength=vocab_size)
+        if counts.sum() >= max_tokens:
+            break
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum()), int(counts.sum())
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train's per-worker entry point; `config` is a LoopConfig as a plain dict."""
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
+    Worker(from_dict(LoopConfig, config)).run()

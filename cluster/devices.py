@@ -1,0 +1,59 @@
+"""What the hardware could do: the peak FLOP/s that MFU divides by.
+
+On a GPU Helio looks the dense bf16 peak up in a table of known parts; on a CPU
+there is no honest datasheet number for this process's share of the cores, so
+it measures one: the best of a few fp32 matmuls as large as the cache allows,
+on the threads this process was given.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, FLOP/s.
+GPU_PEAK_BF16 = {
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "A10": 125e12,
+    "V100": 125e12,  # fp16; V100 has no bf16
+    "T4": 65e12,  # fp16
+}
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    """The table's peak for a CUDA device name, e.g. 'NVIDIA H100 80GB HBM3'; None if unknown."""
+    for key in sorted(GPU_PEAK_BF16, key=len, reverse=True):  # 'H100 SXM' before 'H100'
+        if key in name or key.replace(" ", "") in name.replace(" ", ""):
+            return GPU_PEAK_BF16[key]
+    return None
+
+
+def cpu_matmul_peak(n: int = 1024, seconds: float = 0.5) -> float:
+    """Measured fp32 matmul FLOP/s on this process's threads (best repetition)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up: thread pool and caches
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def peak_flops(device: torch.device) -> tuple[float | None, str]:
+    """(peak FLOP/s, where it came from) for the device a worker trains on."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = gpu_peak_flops(name)
+        return peak, f"{name}: {'datasheet bf16 peak' if peak else 'unknown GPU, no MFU'}"
+    peak = cpu_matmul_peak()
+    return peak, f"CPU, {torch.get_num_threads()} threads: measured fp32 matmul peak"

@@ -1,0 +1,221 @@
+"""DeepSpeed behind one small object: the training loop never touches DeepSpeed.
+
+`ZeroStrategy.setup(model)` builds the engine (ZeRO stage 0-3, optional CPU
+offload of optimizer state and parameters, gradient accumulation and clipping,
+AdamW, warmup + cosine LR); the loop then calls `backward`, `step`, `save`,
+`load` and `full_state_dict`. Precision follows the device: bf16 on CUDA, fp32
+on CPU, where DeepSpeed runs on its CPU accelerator over the gloo process group
+that Ray Train has already set up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("helio")
+
+CKPT_TAG = "state"  # one DeepSpeed tag per Ray checkpoint folder
+COMPLETE = "helio-rank{rank}.json"  # written by each rank after its files are on disk
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError("lr: must be positive")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError("min_lr_ratio: must be in [0, 1]")
+        if self.warmup_steps < 0:
+            raise ValueError("warmup_steps: must be >= 0")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise ValueError("beta1: betas must be in [0, 1)")
+        if self.grad_clip < 0:
+            raise ValueError("grad_clip: must be >= 0")
+
+
+@dataclass(frozen=True)
+class ZeroConfig:
+    stage: int = 2
+    offload_optimizer: bool = False  # optimizer state (and its step) on CPU memory
+    offload_params: bool = False  # ZeRO-3 only: parameters live on CPU between uses
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+
+    def __post_init__(self) -> None:
+        if self.stage not in (0, 1, 2, 3):
+            raise ValueError(f"stage: must be 0, 1, 2 or 3, not {self.stage}")
+        if self.offload_params and self.stage != 3:
+            raise ValueError("offload_params: parameter offload needs stage 3")
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("offload_optimizer: optimizer offload needs stage 1, 2 or 3")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision: must be auto, fp32 or bf16, not {self.precision!r}")
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine down to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices and embeddings, not biases or norms (as nanoGPT and GPT-2)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class ZeroStrategy:
+    """One DeepSpeed engine per worker, configured from `ZeroConfig` + `OptimConfig`."""
+
+    def __init__(self, zero: ZeroConfig, optim: OptimConfig, *, micro_batch: int, grad_accum: int,
+                 world_size: int, total_steps: int, device: torch.device):
+        self.zero, self.optim = zero, optim
+        self.micro_batch, self.grad_accum, self.world_size = micro_batch, grad_accum, world_size
+        self.total_steps, self.device = total_steps, device
+        precision = zero.precision
+        if precision == "auto":
+            precision = "bf16" if device.type == "cuda" else "fp32"
+        self.precision = precision
+        self.engine: Any = None
+
+    def ds_config(self) -> dict:
+        zero: dict[str, Any] = {"stage": self.zero.stage}
+        if self.zero.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": self.device.type == "cuda"}
+        if self.zero.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": self.device.type == "cuda"}
+        if self.zero.stage == 3:
+            zero["stage3_gather_16bit_weights_on_model_save"] = False  # the fp32 export gathers itself
+        return {
+            "train_micro_batch_size_per_gpu": self.micro_batch,
+            "gradient_accumulation_steps": self.grad_accum,
+            "train_batch_size": self.micro_batch * self.grad_accum * self.world_size,
+            "gradient_clipping": self.optim.grad_clip,
+            "zero_optimization": zero,
+            "bf16": {"enabled": self.precision == "bf16"},
+            "zero_allow_untested_optimizer": True,  # torch's AdamW, so no op needs compiling
+            "zero_force_ds_cpu_optimizer": False,
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+
+    def setup(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Wraps `model` in a DeepSpeed engine; returns the engine (call it like the model)."""
+        import deepspeed
+
+        o = self.optim
+        fused = self.device.type == "cuda" and not self.zero.offload_optimizer
+        optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                                      eps=o.eps, fused=fused or None)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: warmup_cosine(s, o.warmup_steps, self.total_steps, o.min_lr_ratio))
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                                    config=self.ds_config())
+        return self.engine
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        """Called after every micro-batch; the optimizer runs at accumulation boundaries."""
+        self.engine.step()
+
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def save(self, folder: str | Path, client_state: dict, rank: int) -> None:
+        """Every rank writes its shard of the state into `folder`, then a completion record.
+
+        The record lists the files this rank wrote with their sizes; `load`
+        refuses a folder where any rank's record is missing or disagrees with
+        what is on disk, so a save cut short never looks like a checkpoint.
+        """
+        folder = Path(folder)
+        before = {p for p in folder.rglob("*") if p.is_file()}
+        self.engine.save_checkpoint(str(folder), tag=CKPT_TAG, client_state=client_state)
+        written = sorted(p for p in folder.rglob("*") if p.is_file() and p not in before)
+        record = {"rank": rank, "world_size": self.world_size, "zero_stage": self.zero.stage,
+                  "client_state": client_state,
+                  "files": {str(p.relative_to(folder)): p.stat().st_size for p in written}}
+        tmp = folder / (COMPLETE.format(rank=rank) + ".tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, folder / COMPLETE.format(rank=rank))
+
+    def load(self, folder: str | Path) -> dict:
+        """Restores model, optimizer and LR schedule from `folder`; returns the client state."""
+        check_complete(folder, self.world_size)
+        _, client_state = self.engine.load_checkpoint(str(folder), tag=CKPT_TAG, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=True)
+        if client_state is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")
+        return client_state
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full fp32 weights on CPU (ZeRO shards and bf16 masters gathered). Call on every rank."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        module = self.engine.module
+        for name, p in module.named_parameters():
+            full = safe_get_full_fp32_param(p)  # a collective under ZeRO-3
+            out[name] = (full if full is not None else p.detach()).float().cpu().clone()
+        for name, b in module.named_buffers():
+            out[name] = b.detach().float().cpu().clone()
+        return out
+
+    def describe(self) -> dict:
+        return {"zero": asdict(self.zero), "precision": self.precision, "world_size": self.world_size,
+                "micro_batch": self.micro_batch, "grad_accum": self.grad_accum}
+
+
+def saved_client_state(folder: str | Path, world_size: int) -> dict:
+    """The client state a complete checkpoint was saved with, read without building an engine."""
+    check_complete(folder, world_size)
+    return json.loads((Path(folder) / COMPLETE.format(rank=0)).read_text())["client_state"]
+
+
+def check_complete(folder: str | Path, world_size: int) -> None:
+    """Raises if any rank's part of a checkpoint folder is missing or the wrong size."""
+    folder = Path(folder)
+    for rank in range(world_size):
+        marker = folder / COMPLETE.format(rank=rank)
+        if not marker.is_file():
+            raise RuntimeError(f"checkpoint {folder} is incomplete: rank {rank} never finished writing it")
+        record = json.loads(marker.read_text())
+        if record["world_size"] != world_size:
+            raise RuntimeError(f"checkpoint {folder} was written by {record['world_size']} workers, "
+                               f"this run has {world_size}")
+        for rel, size in record["files"].items():
+            path = folder / rel
+            if not path.is_file() or path.stat().st_size != size:
+                raise RuntimeError(f"checkpoint {folder} is incomplete: {rel} is missing or truncated")

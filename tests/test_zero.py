@@ -1,0 +1,77 @@
+"""The DeepSpeed strategy's pure parts: config checks, LR schedule, checkpoint completeness."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cluster.config import ConfigError, from_dict
+from cluster.devices import gpu_peak_flops
+from cluster.zero import (COMPLETE, OptimConfig, ZeroConfig, ZeroStrategy, check_complete, param_groups,
+                          saved_client_state, warmup_cosine)
+from models.gpt import GPT, GPTConfig
+
+
+def test_zero_config_contradictions_name_the_key():
+    with pytest.raises(ConfigError, match="zero.offload_params.*stage 3"):
+        from_dict(ZeroConfig, {"stage": 2, "offload_params": True}, "zero")
+    with pytest.raises(ConfigError, match="zero.stage"):
+        from_dict(ZeroConfig, {"stage": 4}, "zero")
+    with pytest.raises(ConfigError, match="zero.precision"):
+        from_dict(ZeroConfig, {"precision": "fp16"}, "zero")
+
+
+def test_warmup_then_cosine_to_the_floor():
+    lrs = [warmup_cosine(s, warmup=10, total=110, min_ratio=0.1) for s in range(120)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10]))  # rising during warmup
+    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:110]))  # falling after
+    assert lrs[110] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
+
+
+def test_weight_decay_skips_biases_and_norms():
+    model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    decay, no_decay = param_groups(model, 0.1)
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params(non_embedding=False)
+
+
+def test_ds_config_follows_the_device():
+    kw = dict(micro_batch=4, grad_accum=2, world_size=2, total_steps=10)
+    cpu = ZeroStrategy(ZeroConfig(stage=3, offload_optimizer=True, offload_params=True), OptimConfig(),
+                       device=torch.device("cpu"), **kw).ds_config()
+    assert cpu["bf16"]["enabled"] is False and cpu["train_batch_size"] == 16
+    assert cpu["zero_optimization"]["offload_param"]["device"] == "cpu"
+    gpu = ZeroStrategy(ZeroConfig(stage=2), OptimConfig(), device=torch.device("cuda"), **kw)
+    assert gpu.ds_config()["bf16"]["enabled"] is True and gpu.dtype == torch.bfloat16
+
+
+def _write_rank(folder, rank, world, files):
+    for rel, data in files.items():
+        (folder / rel).write_bytes(data)
+    record = {"rank": rank, "world_size": world, "zero_stage": 2, "client_state": {"step": 7},
+              "files": {rel: len(data) for rel, data in files.items()}}
+    (folder / COMPLETE.format(rank=rank)).write_text(json.dumps(record))
+
+
+def test_a_checkpoint_cut_short_is_never_loadable(tmp_path):
+    _write_rank(tmp_path, 0, 2, {"a.pt": b"x" * 100})
+    with pytest.raises(RuntimeError, match="rank 1 never finished"):
+        check_complete(tmp_path, 2)
+    _write_rank(tmp_path, 1, 2, {"b.pt": b"y" * 50})
+    check_complete(tmp_path, 2)
+    assert saved_client_state(tmp_path, 2) == {"step": 7}
+    (tmp_path / "b.pt").write_bytes(b"y" * 10)  # truncated after its record was written
+    with pytest.raises(RuntimeError, match="b.pt is missing or truncated"):
+        check_complete(tmp_path, 2)
+    with pytest.raises(RuntimeError, match="written by 2 workers"):
+        check_complete(tmp_path, 4)
+
+
+def test_gpu_peak_table():
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert gpu_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert gpu_peak_flops("Some Future GPU") is None

@@ -32,7 +32,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from cluster.config import from_dict
+from cluster.config import from_dict, to_dict
 from cluster.devices import peak_flops
 from cluster.storage import resolve
 from cluster.zero import OptimConfig, ZeroConfig, ZeroStrategy, saved_client_state
@@ -96,6 +96,14 @@ class LoopConfig:
     pad_id: int = 1
     special_ids: tuple[int, ...] = (0, 1, 2, 3, 4)
     fault: FaultConfig = field(default_factory=FaultConfig)
+
+    def identity(self) -> dict:
+        """What a checkpoint must agree on to be resumed: everything that shapes the weights."""
+        t = self.train
+        return to_dict({"model": self.model, "zero": self.zero, "optim": self.optim, "steps": t.steps,
+                        "micro_batch": t.micro_batch, "grad_accum": t.grad_accum, "seed": t.seed,
+                        "shuffle_buffer": t.shuffle_buffer, "mask_prob": t.mask_prob,
+                        "vocab_size": self.vocab_size, "block_len": self.block_len})
 
 
 def blocks(batch) -> np.ndarray:
@@ -228,7 +236,7 @@ class Worker:
 
     def checkpoint(self, folder: str, final: bool) -> None:
         fault = self.cfg.fault
-        self.strategy.save(folder, {"step": self.step}, self.rank)
+        self.strategy.save(folder, {"step": self.step, "run": self.cfg.identity()}, self.rank)
         if fault.mode == "exit_in_checkpoint" and self._fault_due():
             os._exit(1)  # files written, nothing reported: this checkpoint must never be used
         if final:
@@ -242,6 +250,8 @@ class Worker:
 
     def run(self) -> None:
         t = self.cfg.train
+        dist.barrier()  # every rank probes at once, before data or DeepSpeed compete for the cores
+        peak, peak_source = peak_flops(self.device)
         ckpt = ray.train.get_checkpoint()
         with ckpt.as_directory() if ckpt else contextlib.nullcontext() as folder:
             if folder:
@@ -251,7 +261,6 @@ class Worker:
             if folder and self.strategy.load(folder)["step"] != self.step:
                 raise RuntimeError(f"checkpoint {folder} disagrees with itself about its step")
         start_step = self.step
-        peak, peak_source = peak_flops(self.device)
         val_rows = self.eval_rows()
         pool = concurrent.futures.ThreadPoolExecutor(1)  # a yardstick for the validation loss, while training
         entropy = pool.submit(unigram_entropy, self.cfg.val_files, self.cfg.vocab_size)

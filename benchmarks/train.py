@@ -79,7 +79,7 @@ def bare_loop(storage: str, steps: int) -> dict:
 
 def helio(storage: str, steps: int, gpu: bool) -> dict:
     """(b): the pretrain job itself, on an embedded Ray."""
-    name = "bench_train"
+    name = f"bench_train_{os.getpid()}"
     res = (["resources.use_gpu=true", "resources.num_workers=1", "resources.cpus_per_worker=4",
             "train.micro_batch=16"] if gpu else
            [f"resources.num_workers={WORKERS}", "resources.cpus_per_worker=0.5", f"train.micro_batch={MICRO}"])

@@ -12,6 +12,7 @@ exported to `{storage}/models/{name}/` in Hugging Face layout.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from actors.train_loop import EXPORT_DIR, FaultConfig, LoopConfig, TrainConfig
-from cluster.cli import JobFailed, run_job
+from cluster.cli import JobFailed, UserError, run_job
 from cluster.config import ConfigError, to_dict
 from cluster.storage import Artifact, ArtifactError, Storage, resolve, write_file_atomic
 from cluster.zero import OptimConfig, ZeroConfig
@@ -136,6 +137,34 @@ def check_resources(cfg: PretrainConfig, embedded: bool) -> None:
                                                        f"would hang); use at most {max(cpus - 1, 0.5) / r.num_workers:g}")
 
 
+def check_resumable(run_uri: str, loop: LoopConfig, num_workers: int) -> None:
+    """A run folder with checkpoints is resumed; refuse it if they came from a different run."""
+    import pyarrow.fs as pafs
+
+    from cluster.zero import COMPLETE
+
+    fs, path = resolve(run_uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return
+    folders = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path))
+                     if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    for folder in reversed(folders):
+        try:
+            with fs.open_input_stream(f"{folder}/{COMPLETE.format(rank=0)}") as f:
+                record = json.loads(f.read())
+        except FileNotFoundError:
+            continue
+        theirs, ours = record["client_state"].get("run", {}), loop.identity()
+        differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        if record["world_size"] != num_workers:
+            differ.append(f"num_workers ({record['world_size']} there)")
+        if differ:
+            raise UserError(f"run folder {run_uri} holds a checkpoint (step {record['client_state']['step']}) of a "
+                            f"run that differs in {', '.join(differ)}; resuming it would mix two runs: pick "
+                            f"another name, or delete that folder to start over")
+        return
+
+
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Trains, exports the model artifact and returns its manifest."""
     import ray
@@ -155,11 +184,12 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     embedded = not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
     log.info(connect(cfg.ray_address, cfg.local_cpus))
     check_resources(cfg, embedded)
+    run_uri = store.to_uri(f"{store.root_path}/runs/{cfg.name}")
+    check_resumable(run_uri, loop, cfg.resources.num_workers)
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # workers print progress lines instead
     train = ray.data.read_parquet([art.file_uri(f) for f in info["splits"]["train"]["shards"]])
     datasets = {"train": train.select_columns(["input_ids"])}
-    run_uri = store.to_uri(f"{store.root_path}/runs/{cfg.name}")
     exec_opts = ray.data.ExecutionOptions(preserve_order=True)  # the same order on every worker, every attempt
     trainer = TorchTrainer(
         train_loop,

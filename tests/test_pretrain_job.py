@@ -169,6 +169,15 @@ def test_masked_lm_encoder_trains_and_exports(ray_cluster, storage):
     assert isinstance(load_model(f"{storage}/models/mlm"), Encoder)
 
 
+def test_a_run_folder_of_another_config_is_not_resumed(ray_cluster, storage, uninterrupted):
+    from cluster.cli import UserError
+
+    with pytest.raises(UserError, match="run folder .*zero2 holds a checkpoint \\(step 6\\).*differs in optim"):
+        _run(storage, "zero2", "zero.stage=2", "optim.lr=0.02")
+    with pytest.raises(UserError, match="differs in .*num_workers"):
+        _run(storage, "zero2", "zero.stage=2", "resources.num_workers=1", "train.micro_batch=4")
+
+
 def test_config_against_dataset_errors(ray_cluster, storage):
     from cluster.config import ConfigError
 

@@ -22,6 +22,12 @@ class UserError(RuntimeError):
     """A mistake in what the user asked for (input missing, nothing to do, ...)."""
 
 
+def format_summary(title: str, rows: list[tuple[str, str]]) -> str:
+    """The two-column block a job prints when it is done."""
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(["", title, "-" * (width + 20)] + [f"{k:<{width}}  {v}" for k, v in rows])
+
+
 class JobFailed(RuntimeError):
     """The job ran and failed (a worker crashed past its retries, ...): exit 1, one sentence."""
 

@@ -14,13 +14,11 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-
-log = logging.getLogger("helio")
 
 CKPT_TAG = "state"  # one DeepSpeed tag per Ray checkpoint folder
 COMPLETE = "helio-rank{rank}.json"  # written by each rank after its files are on disk
@@ -192,10 +190,6 @@ class ZeroStrategy:
         for name, b in module.named_buffers():
             out[name] = b.detach().float().cpu().clone()
         return out
-
-    def describe(self) -> dict:
-        return {"zero": asdict(self.zero), "precision": self.precision, "world_size": self.world_size,
-                "micro_batch": self.micro_batch, "grad_accum": self.grad_accum}
 
 
 def saved_client_state(folder: str | Path, world_size: int) -> dict:

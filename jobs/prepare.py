@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 
-from cluster.cli import UserError, run_job
+from cluster.cli import UserError, run_job, format_summary
 from cluster.config import to_dict
 from cluster.storage import Storage, iter_files, resolve
 from models.minhash import MinHashConfig
@@ -285,8 +285,7 @@ def summary_table(m: dict[str, Any], uri: str) -> str:
                   f"({m['metrics']['mb_per_s']:.2f} MB/s)"),
         ("artifact", uri),
     ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(["", "prepare summary", "-" * (width + 20)] + [f"{k:<{width}}  {v}" for k, v in rows])
+    return format_summary("prepare summary", rows)
 
 
 CONFIG_CLASS = PrepareConfig  # what jobs/configs/prepare_*.yaml must load into

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from actors.train_loop import EXPORT_DIR, FaultConfig, LoopConfig, TrainConfig
-from cluster.cli import JobFailed, UserError, run_job
+from cluster.cli import JobFailed, UserError, run_job, format_summary
 from cluster.config import ConfigError, to_dict
 from cluster.storage import Artifact, ArtifactError, Storage, resolve, write_file_atomic
 from cluster.zero import OptimConfig, ZeroConfig
@@ -264,7 +264,7 @@ def samples(store: Storage, cfg: PretrainConfig) -> str:
     art = store.open("model", cfg.name)
     with tempfile.TemporaryDirectory() as d:
         for name in ("config.json", "model.safetensors"):
-            open(f"{d}/{name}", "wb").write(art.read_bytes(name))
+            (Path(d) / name).write_bytes(art.read_bytes(name))
         model = load_model(d).eval()
     tok = Tokenizer.from_str(art.read_bytes("tokenizer.json").decode())
     s = cfg.sample
@@ -286,8 +286,7 @@ def summary(manifest: dict[str, Any], run_uri: str) -> str:
             ("tokens/s (median) / MFU", f"{m['tokens_per_s']:,.0f} / {mfu}"),
             ("time", f"{m['seconds']:.1f} s"), ("run folder", run_uri),
             ("model artifact", manifest["name"])]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(["", "pretrain summary", "-" * (width + 20)] + [f"{k:<{width}}  {v}" for k, v in rows])
+    return format_summary("pretrain summary", rows)
 
 
 def _size(m: ModelConfig) -> str:

@@ -33,12 +33,15 @@ import torch
 import torch.distributed as dist
 
 from cluster.config import from_dict, to_dict
-from cluster.devices import peak_flops
+from cluster.devices import peak_flops, peak_memory_mb
 from cluster.storage import resolve
 from cluster.zero import OptimConfig, ZeroConfig, ZeroStrategy, saved_client_state
 from models.arch import ModelConfig, build_model
+from models.finetune import TaskSpec, build_task_model, export_task_model
+from models.finetune import flops_per_token as task_flops_per_token
 from models.hf import save_model
 from models.objectives import objective_for
+from models.tasks import SFT, Classify, Contrastive
 
 EXPORT_DIR = "export"  # the final checkpoint's consolidated Hugging Face folder
 
@@ -96,6 +99,10 @@ class LoopConfig:
     pad_id: int = 1
     special_ids: tuple[int, ...] = (0, 1, 2, 3, 4)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    # finetuning: the task on top of a base checkpoint (a folder URI); None: pretraining from scratch
+    task: TaskSpec | None = None
+    base_uri: str = ""
+    base_name: str = ""  # recorded in the PEFT adapter_config.json
 
     def identity(self) -> dict:
         """What a checkpoint must agree on to be resumed: everything that shapes the weights."""
@@ -103,13 +110,21 @@ class LoopConfig:
         return to_dict({"model": self.model, "zero": self.zero, "optim": self.optim, "steps": t.steps,
                         "micro_batch": t.micro_batch, "grad_accum": t.grad_accum, "seed": t.seed,
                         "shuffle_buffer": t.shuffle_buffer, "mask_prob": t.mask_prob,
-                        "vocab_size": self.vocab_size, "block_len": self.block_len})
+                        "vocab_size": self.vocab_size, "block_len": self.block_len,
+                        "task": self.task, "base_uri": self.base_uri})
 
 
-def blocks(batch) -> np.ndarray:
-    """A pyarrow batch's fixed_size_list `input_ids` column as one (rows, L) array, no per-row copies."""
-    col = batch.column("input_ids").combine_chunks()
+def blocks(batch, name: str = "input_ids") -> np.ndarray:
+    """A pyarrow fixed_size_list column as one (rows, L) array, no per-row copies; a scalar column as (rows,)."""
+    col = batch.column(name).combine_chunks()
+    if not hasattr(col.type, "list_size"):
+        return col.to_numpy(zero_copy_only=False)
     return col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+
+
+def columns(batch) -> dict[str, np.ndarray]:
+    """Every column of a pyarrow batch or table, as arrays with one row per example."""
+    return {name: blocks(batch, name) for name in batch.column_names}
 
 
 def global_batches(it, rows: int, start_step: int, steps_per_epoch: int, seed: int,
@@ -122,19 +137,45 @@ def global_batches(it, rows: int, start_step: int, steps_per_epoch: int, seed: i
                                   local_shuffle_seed=seed + epoch if shuffle_buffer else None)
         for i, batch in enumerate(batches):
             if i >= skip:  # already trained on before the checkpoint this run resumed from
-                yield blocks(batch)
+                yield columns(batch)
         epoch, skip = epoch + 1, 0
 
 
-def rank_rows(block: np.ndarray, micro: int, accum_index: int, rank: int, world: int) -> torch.Tensor:
+def rank_rows(batch: dict[str, np.ndarray], micro: int, accum_index: int, rank: int,
+              world: int) -> dict[str, torch.Tensor]:
+    """This rank's `micro` rows of accumulation step `accum_index` of a global batch."""
     start = (accum_index * world + rank) * micro
-    return torch.from_numpy(block[start:start + micro].astype(np.int64))
+    return {k: torch.from_numpy(v[start:start + micro].astype(np.int64)) for k, v in batch.items()}
+
+
+def real_tokens(rows: dict[str, torch.Tensor]) -> int:
+    """Model-input tokens in a micro-batch: the `*len` columns' sum (finetuning rows are padded),
+    else full blocks of L-1 inputs (pretraining)."""
+    lengths = [v for k, v in rows.items() if k == "length" or k.endswith("_len")]
+    if lengths:
+        return int(sum(int(v.sum()) for v in lengths))
+    ids = rows["input_ids"]
+    return ids.size(0) * (ids.size(1) - 1)
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """(m, ...) on each rank -> (W*m, ...) in rank order; this rank's rows keep their autograd history."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)
 
 
 def mean_across_ranks(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
+
+
+def max_across_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 
 class Prefetch:
@@ -169,7 +210,7 @@ class Worker:
         self.device = ray.train.torch.get_device()
         t = cfg.train
         self.global_rows = t.micro_batch * t.grad_accum * self.world
-        self.tokens_per_step = self.global_rows * (cfg.block_len - 1)
+        self.tokens = 0  # model-input tokens trained on so far, all ranks (finetuning: padding not counted)
         self.steps_per_epoch = cfg.train_blocks // self.global_rows
         self.step = 0
         self.resumed = False
@@ -184,28 +225,39 @@ class Worker:
         """Builds the model (the same initial weights on every rank) and its DeepSpeed engine."""
         cfg, t = self.cfg, self.cfg.train
         torch.manual_seed(t.seed)
-        self.model = build_model(cfg.model, cfg.vocab_size, cfg.block_len - 1, cfg.pad_id)
-        self.objective = objective_for(self.model, cfg.model.arch, cfg.mask_id, cfg.special_ids, t.mask_prob)
+        if cfg.task is None:
+            self.model = build_model(cfg.model, cfg.vocab_size, cfg.block_len - 1, cfg.pad_id)
+            self.objective = objective_for(self.model, cfg.model.arch, cfg.mask_id, cfg.special_ids, t.mask_prob)
+        else:
+            self.base_folder = fetch_folder(cfg.base_uri, ("config.json", "model.safetensors"))
+            self.model, self.head = build_task_model(cfg.task, self.base_folder.name)
+            self.objective = task_objective(cfg.task, self.model, self.world)
         self.strategy = ZeroStrategy(cfg.zero, cfg.optim, micro_batch=t.micro_batch, grad_accum=t.grad_accum,
                                      world_size=self.world, total_steps=t.steps, device=self.device)
         self.engine = self.strategy.setup(self.objective)
-        self.flops_per_token = self.model.flops_per_token(cfg.block_len - 1)
+        self.trainable_params = sum(getattr(p, "ds_numel", p.numel())  # ZeRO-3 keeps a shard's full size here
+                                    for p in self.objective.parameters() if p.requires_grad)
+        seq = cfg.block_len - 1  # finetuning: the longest row
+        self.flops_per_token = (self.model.flops_per_token(seq) if cfg.task is None
+                                else task_flops_per_token(cfg.task, self.model, seq))
 
     def _generator(self, *salt: int) -> torch.Generator:
         """Masking randomness that depends only on (seed, step, rank, micro-batch): resumable."""
         return torch.Generator().manual_seed(hash((self.cfg.train.seed, *salt)) & 0x7FFFFFFF)
 
-    def train_step(self, block: np.ndarray) -> float:
-        t, losses = self.cfg.train, []
+    def train_step(self, block: dict[str, np.ndarray]) -> tuple[float, int]:
+        """One optimizer step; (mean loss, this rank's model-input tokens)."""
+        t, losses, tokens = self.cfg.train, [], 0
         for a in range(t.grad_accum):
             rows = rank_rows(block, t.micro_batch, a, self.rank, self.world)
-            inputs, targets = self.objective.batch(rows, self._generator(self.step, self.rank, a))
-            loss = self.engine(inputs.to(self.device), targets.to(self.device))
+            tokens += real_tokens(rows)
+            args = self.objective.batch(rows, self._generator(self.step, self.rank, a))
+            loss = self.engine(*(x.to(self.device) for x in args))
             self.strategy.backward(loss)
             self.strategy.step()
             losses.append(loss.item())
         self.step += 1
-        return sum(losses) / len(losses)
+        return sum(losses) / len(losses), tokens
 
     def eval_rows(self) -> list[torch.Tensor]:
         """This rank's rows of the first `eval_batches` validation batches, read once and kept.
@@ -217,32 +269,40 @@ class Worker:
         need, parts = rows * t.eval_batches, []
         for uri in self.cfg.val_files:
             fs, path = resolve(uri)
-            parts.append(blocks(pq.read_table(path, filesystem=fs, columns=["input_ids"])))
-            if sum(len(p) for p in parts) >= need:
+            parts.append(columns(pq.read_table(path, filesystem=fs)))
+            if sum(len(p["input_ids" if "input_ids" in p else "query_ids"]) for p in parts) >= need:
                 break
-        val = np.concatenate(parts)[:need]
-        return [rank_rows(val[i * rows:(i + 1) * rows], t.micro_batch, 0, self.rank, self.world)
-                for i in range(len(val) // rows)]
+        val = {k: np.concatenate([p[k] for p in parts])[:need] for k in parts[0]}
+        n = len(next(iter(val.values())))
+        return [rank_rows({k: v[i * rows:(i + 1) * rows] for k, v in val.items()}, t.micro_batch, 0, self.rank,
+                          self.world) for i in range(n // rows)]
 
     @torch.no_grad()
     def evaluate(self, rows: list[torch.Tensor]) -> float:
         self.engine.eval()
         total = 0.0
         for i, r in enumerate(rows):
-            inputs, targets = self.objective.batch(r, self._generator(-1, self.rank, i))  # same masks every eval
-            total += self.engine(inputs.to(self.device), targets.to(self.device)).item()
+            args = self.objective.batch(r, self._generator(-1, self.rank, i))  # same masks every eval
+            total += self.engine(*(x.to(self.device) for x in args)).item()
         self.engine.train()
         return mean_across_ranks(total / max(len(rows), 1), self.device)
 
     def checkpoint(self, folder: str, final: bool) -> None:
         fault = self.cfg.fault
-        self.strategy.save(folder, {"step": self.step, "run": self.cfg.identity()}, self.rank)
+        self.strategy.save(folder, {"step": self.step, "tokens": self.tokens, "run": self.cfg.identity()}, self.rank)
         if fault.mode == "exit_in_checkpoint" and self._fault_due():
             os._exit(1)  # files written, nothing reported: this checkpoint must never be used
         if final:
-            state = self.strategy.full_state_dict()  # every rank: a collective under ZeRO-3
-            if self.rank == 0:
+            lora = self.cfg.task is not None and self.cfg.task.method == "lora"
+            state = self.strategy.full_state_dict(trainable_only=lora)  # every rank: a collective under ZeRO-3
+            if self.rank == 0 and self.cfg.task is None:
                 export_model(self.cfg, state, Path(folder) / EXPORT_DIR)
+            elif self.rank == 0:  # a fresh CPU copy of the task model takes the finetuned weights
+                torch.manual_seed(self.cfg.train.seed)
+                model, head = build_task_model(self.cfg.task, self.base_folder.name)
+                export_task_model(self.cfg.task, model, head, Path(folder) / EXPORT_DIR,
+                                  {k.removeprefix("model."): v for k, v in state.items()}, self.cfg.pad_id,
+                                  self.cfg.base_name)
 
     def _fault_due(self) -> bool:
         f = self.cfg.fault
@@ -255,7 +315,8 @@ class Worker:
         ckpt = ray.train.get_checkpoint()
         with ckpt.as_directory() if ckpt else contextlib.nullcontext() as folder:
             if folder:
-                self.step, self.resumed = int(saved_client_state(folder, self.world)["step"]), True
+                state = saved_client_state(folder, self.world)
+                self.step, self.tokens, self.resumed = int(state["step"]), int(state.get("tokens", 0)), True
             batches = self.start_data()
             self.setup()
             if folder and self.strategy.load(folder)["step"] != self.step:
@@ -263,13 +324,13 @@ class Worker:
         start_step = self.step
         val_rows = self.eval_rows()
         pool = concurrent.futures.ThreadPoolExecutor(1)  # a yardstick for the validation loss, while training
-        entropy = pool.submit(unigram_entropy, self.cfg.val_files, self.cfg.vocab_size)
+        entropy = pool.submit(unigram_entropy, self.cfg.val_files, self.cfg.vocab_size) if not self.cfg.task else None
         pool.shutdown(wait=False)
-        loss_sum, loss_n, t_last, step_last = 0.0, 0, time.perf_counter(), self.step
+        loss_sum, loss_n, local_tokens, t_last = 0.0, 0, 0, time.perf_counter()
         t_attempt = t_last
         while self.step < t.steps:
-            loss_sum += self.train_step(next(batches))
-            loss_n += 1
+            loss, n_tokens = self.train_step(next(batches))
+            loss_sum, loss_n, local_tokens = loss_sum + loss, loss_n + 1, local_tokens + n_tokens
             if self.cfg.fault.mode in ("raise", "exit") and self._fault_due():
                 if self.cfg.fault.mode == "exit":
                     os._exit(1)
@@ -280,7 +341,9 @@ class Worker:
             if not (final or do_eval or do_ckpt or self.step % t.log_every == 0):
                 continue
             dt = time.perf_counter() - t_last
-            tokens_per_s = (self.step - step_last) * self.tokens_per_step / dt
+            new_tokens = int(round(mean_across_ranks(local_tokens, self.device) * self.world))
+            self.tokens += new_tokens
+            tokens_per_s = new_tokens / dt
             metrics = {
                 "step": self.step, "total_steps": t.steps, "attempt_start_step": start_step,
                 "loss": mean_across_ranks(loss_sum / loss_n, self.device),
@@ -288,13 +351,16 @@ class Worker:
                 "tokens_per_s": tokens_per_s,
                 "mfu": self.flops_per_token * tokens_per_s / (peak * self.world) if peak else None,
                 "peak_flops_per_worker": peak, "peak_source": peak_source,
-                "tokens": self.step * self.tokens_per_step, "epoch": self.step / max(self.steps_per_epoch, 1),
+                "tokens": self.tokens, "epoch": self.step / max(self.steps_per_epoch, 1),
                 "attempt_seconds": time.perf_counter() - t_attempt,
+                "peak_memory_mb": max_across_ranks(peak_memory_mb(self.device), self.device),
+                "trainable_params": self.trainable_params,
             }
             if do_eval:
                 metrics["val_loss"] = self.evaluate(val_rows)
-                metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
-            if final:
+                if self.cfg.task is None or self.cfg.task.kind == "sft":  # a perplexity only for token losses
+                    metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
+            if final and entropy:
                 metrics["val_unigram_entropy"], metrics["val_unigram_tokens"] = entropy.result()
             if do_ckpt:
                 with tempfile.TemporaryDirectory(prefix="helio-ckpt-") as folder:
@@ -302,7 +368,7 @@ class Worker:
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
             else:
                 ray.train.report(metrics)
-            loss_sum, loss_n, t_last, step_last = 0.0, 0, time.perf_counter(), self.step
+            loss_sum, loss_n, local_tokens, t_last = 0.0, 0, 0, time.perf_counter()
 
 
 def export_model(cfg: LoopConfig, state: dict[str, torch.Tensor], folder: Path) -> None:
@@ -316,6 +382,25 @@ def export_model(cfg: LoopConfig, state: dict[str, torch.Tensor], folder: Path) 
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"consolidated weights do not fit the model: missing {missing}, unexpected {unexpected}")
     save_model(model, folder)
+
+
+def task_objective(spec: TaskSpec, model: torch.nn.Module, world: int) -> torch.nn.Module:
+    if spec.kind == "sft":
+        return SFT(model)
+    if spec.kind == "classify":
+        return Classify(model)
+    return Contrastive(model, spec.temperature, gather=gather_rows if world > 1 else None, world=world)
+
+
+def fetch_folder(uri: str, names: tuple[str, ...]) -> tempfile.TemporaryDirectory:
+    """Copies `names` from a local or cloud folder into a temporary local one (kept while referenced)."""
+    local = tempfile.TemporaryDirectory(prefix="helio-base-")
+    fs, path = resolve(uri)
+    for name in names:
+        with fs.open_input_stream(f"{path}/{name}") as src, open(Path(local.name) / name, "wb") as dst:
+            while chunk := src.read(1 << 24):
+                dst.write(chunk)
+    return local
 
 
 def unigram_entropy(files: tuple[str, ...], vocab_size: int, max_tokens: int = 1 << 25) -> tuple[float, int]:

@@ -42,7 +42,7 @@ def progress_line(m: dict[str, Any]) -> str:
     if m.get("mfu") is not None:
         line += f" MFU {100 * m['mfu']:.1f}%"
     if "val_loss" in m:
-        line += f" | val_loss {m['val_loss']:.4f} val_ppl {m['val_ppl']:.1f}"
+        line += f" | val_loss {m['val_loss']:.4f}" + (f" val_ppl {m['val_ppl']:.1f}" if "val_ppl" in m else "")
     return line + (f" | ETA {eta:.0f}s" if eta == eta else "")
 
 

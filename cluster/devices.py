@@ -57,3 +57,12 @@ def peak_flops(device: torch.device) -> tuple[float | None, str]:
         return peak, f"{name}: {'datasheet bf16 peak' if peak else 'unknown GPU, no MFU'}"
     peak = cpu_matmul_peak()
     return peak, f"CPU, {torch.get_num_threads()} threads: measured fp32 matmul peak"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak memory so far: CUDA allocations on a GPU, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

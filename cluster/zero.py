@@ -80,7 +80,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]  # LoRA adapters are all matrices; ZeRO-3 drops empty groups
 
 
 class ZeroStrategy:
@@ -178,17 +179,29 @@ class ZeroStrategy:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")
         return client_state
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full fp32 weights on CPU (ZeRO shards and bf16 masters gathered). Call on every rank."""
+    def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        """The full fp32 weights on CPU (ZeRO shards and bf16 masters gathered). Call on every rank.
+
+        Frozen parameters (a LoRA base) have no fp32 master; under ZeRO-3 they
+        are gathered from their shards, never read as the empty local stub.
+        `trainable_only`: just the parameters the optimizer updates (and no buffers).
+        """
+        import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
         out = {}
         module = self.engine.module
         for name, p in module.named_parameters():
-            full = safe_get_full_fp32_param(p)  # a collective under ZeRO-3
+            if trainable_only and not p.requires_grad:
+                continue
+            full = safe_get_full_fp32_param(p) if p.requires_grad else None  # a collective under ZeRO-3
+            if full is None and hasattr(p, "ds_id"):  # a frozen ZeRO-3 shard
+                with deepspeed.zero.GatheredParameters([p]):
+                    full = p.detach().clone()
             out[name] = (full if full is not None else p.detach()).float().cpu().clone()
-        for name, b in module.named_buffers():
-            out[name] = b.detach().float().cpu().clone()
+        if not trainable_only:
+            for name, b in module.named_buffers():
+                out[name] = b.detach().float().cpu().clone()
         return out
 
 

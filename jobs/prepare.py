@@ -79,8 +79,11 @@ def stdlib_files() -> list[str]:
     return files
 
 
-def expand_sources(cfg: SourceConfig) -> dict[str, int]:
-    """{uri: size} of every input file named by `cfg.paths` (files, folders, globs, URIs), sorted."""
+def expand_sources(cfg: SourceConfig, key: str = "source.paths") -> dict[str, int]:
+    """{uri: size} of every input file named by `cfg.paths` (files, folders, globs, URIs), sorted.
+
+    `key` is the config key the paths came from, named in the error when they hold no file.
+    """
     if not cfg.paths:
         return {f: os.path.getsize(f) for f in stdlib_files()}
     files: list[tuple[str, int]] = []
@@ -101,7 +104,7 @@ def expand_sources(cfg: SourceConfig) -> dict[str, int]:
         files = [(f, n) for f, n in files if f.lower().removesuffix(".gz").endswith(wanted)]
     files = dict(sorted(files))
     if not files:
-        raise UserError(f"source.paths {list(cfg.paths)} hold no input file (extensions: {list(cfg.extensions) or 'any'})")
+        raise UserError(f"{key} {list(cfg.paths)} hold no input file (extensions: {list(cfg.extensions) or 'any'})")
     return files
 
 

@@ -167,13 +167,6 @@ def check_resumable(run_uri: str, loop: LoopConfig, num_workers: int) -> None:
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Trains, exports the model artifact and returns its manifest."""
-    import ray
-    import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from actors.train_loop import train_loop
-    from actors.train_report import CURVE_FILE, Progress, loss_curve_png, read_metrics
     from cluster.runtime import connect
 
     store = Storage(cfg.storage)
@@ -187,43 +180,64 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     run_uri = store.to_uri(f"{store.root_path}/runs/{cfg.name}")
     check_resumable(run_uri, loop, cfg.resources.num_workers)
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # workers print progress lines instead
-    train = ray.data.read_parquet([art.file_uri(f) for f in info["splits"]["train"]["shards"]])
-    datasets = {"train": train.select_columns(["input_ids"])}
-    exec_opts = ray.data.ExecutionOptions(preserve_order=True)  # the same order on every worker, every attempt
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=to_dict(loop),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.resources.num_workers, use_gpu=cfg.resources.use_gpu,
-                                               resources_per_worker={"CPU": cfg.resources.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=store.to_uri(f"{store.root_path}/runs"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.failure.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.failure.num_to_keep),
-            callbacks=[Progress(run_uri)]),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=exec_opts),
-    )
+    train_uris = [art.file_uri(f) for f in info["splits"]["train"]["shards"]]
     t = cfg.train
     log.info("pretraining a %s (%s) for %d steps of %d x %d tokens on %d workers, ZeRO stage %d; run folder %s",
              cfg.model.arch, _size(cfg.model), t.steps, t.micro_batch * t.grad_accum * cfg.resources.num_workers,
              loop.block_len - 1, cfg.resources.num_workers, cfg.zero.stage, run_uri)
-    t0 = time.time()
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        raise JobFailed(f"training failed (failure.max_failures={cfg.failure.max_failures}): {_cause(e)}; "
-                        f"checkpoints are in {run_uri}: run the job again with the same name and storage to "
-                        f"resume from the latest") from None
-    seconds = time.time() - t0
-    records = read_metrics(run_uri)
-    fs, run_path = resolve(run_uri)
-    write_file_atomic(fs, f"{run_path}/{CURVE_FILE}", loss_curve_png(records, f"{cfg.name}: {cfg.model.arch}"))
+    result, records, seconds = fit(cfg.name, store, loop, train_uris, cfg.resources, cfg.failure,
+                                   f"{cfg.name}: {cfg.model.arch}", columns=["input_ids"])
     manifest = export_artifact(cfg, store, art, tokenizer_json, result, records, run_uri, seconds)
     print(summary(manifest, run_uri))
     if cfg.sample.count and cfg.model.arch == "gpt":
         print(samples(store, cfg))
     return manifest
+
+
+def fit(name: str, store: Storage, loop: LoopConfig, train_uris: list[str], resources: ResourcesConfig,
+        failure: FailureConfig, title: str, columns: list[str] | None = None) -> tuple[Any, list[dict], float]:
+    """Runs the Ray Train workers (actors/train_loop.py) over Parquet `train_uris` in `{storage}/runs/{name}`.
+
+    Shared by pretraining and finetuning. Returns (Ray Train result, metrics
+    records, seconds); draws the loss curve into the run folder.
+    """
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from actors.train_loop import train_loop
+    from actors.train_report import CURVE_FILE, Progress, loss_curve_png, read_metrics
+
+    run_uri = store.to_uri(f"{store.root_path}/runs/{name}")
+    ray.data.DataContext.get_current().enable_progress_bars = False  # workers print progress lines instead
+    datasets = {"train": ray.data.read_parquet(train_uris, columns=columns)}
+    exec_opts = ray.data.ExecutionOptions(preserve_order=True)  # the same order on every worker, every attempt
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=to_dict(loop),
+        scaling_config=ray.train.ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+                                               resources_per_worker={"CPU": resources.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=store.to_uri(f"{store.root_path}/runs"),
+            failure_config=ray.train.FailureConfig(max_failures=failure.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=failure.num_to_keep),
+            callbacks=[Progress(run_uri)]),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=exec_opts),
+    )
+    t0 = time.time()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise JobFailed(f"training failed (failure.max_failures={failure.max_failures}): {_cause(e)}; "
+                        f"checkpoints are in {run_uri}: run the job again with the same name and storage to "
+                        f"resume from the latest") from None
+    seconds = time.time() - t0
+    records = read_metrics(run_uri)
+    fs, run_path = resolve(run_uri)
+    write_file_atomic(fs, f"{run_path}/{CURVE_FILE}", loss_curve_png(records, title))
+    return result, records, seconds
 
 
 def export_artifact(cfg: PretrainConfig, store: Storage, dataset: Artifact, tokenizer_json: bytes, result: Any,

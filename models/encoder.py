@@ -165,6 +165,12 @@ class Encoder(nn.Module):
             x = layer(x, mask)
         return x
 
+    def drop_mlm_head(self) -> "Encoder":
+        """For task models that never predict tokens: an unused head would only be dead weight with no
+        gradient (and trips ZeRO's gradient bookkeeping)."""
+        del self.cls
+        return self
+
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., C) -> masked-LM logits (..., vocab)."""
         return self.cls.predictions(hidden)

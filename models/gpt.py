@@ -124,6 +124,11 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
         """idx (B, T) token ids -> logits (B, T, vocab) and the updated KV cache."""
+        x, presents = self.hidden(idx, cache)
+        return self.lm_head(x), presents  # (B, T, vocab)
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        """idx (B, T) -> final-layer-norm hidden states (B, T, C) and the KV cache (task heads read these)."""
         B, T = idx.shape
         t_past = cache[0][0].size(2) if cache else 0
         if t_past + T > self.cfg.block_size:
@@ -134,7 +139,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x, present = block(x, cache[i] if cache else None)
             presents.append(present)
-        return self.lm_head(self.transformer.ln_f(x)), presents  # (B, T, vocab)
+        return self.transformer.ln_f(x), presents
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy; targets (B, T), `ignore_index` positions skipped."""

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from models.encoder import Encoder, EncoderConfig
 from models.gpt import GPT, GPTConfig
+from models.tasks import SequenceClassifier
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -145,12 +146,23 @@ _TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weig
 _IGNORED = ("bert.pooler.", "cls.seq_relationship.", "bert.embeddings.position_ids")
 
 
+def encoder_to_hf_state_dict(model: Encoder) -> dict[str, torch.Tensor]:
+    return {k: t.detach().float().cpu().contiguous() for k, t in model.state_dict().items() if k not in _TIED}
+
+
 def save_encoder(model: Encoder, folder: str | Path) -> list[str]:
-    """Writes config.json and model.safetensors into `folder`; returns the file names."""
+    """Writes config.json and model.safetensors into `folder`; returns the file names.
+
+    With its MLM head (pretraining) as BertForMaskedLM; without it (an
+    embedding model) as BertModel, the layout sentence-transformers reads.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(bert_hf_config(model.cfg), indent=2))
-    state = {k: t.detach().float().cpu().contiguous() for k, t in model.state_dict().items() if k not in _TIED}
+    config, state = bert_hf_config(model.cfg), encoder_to_hf_state_dict(model)
+    if not hasattr(model, "cls"):
+        config["architectures"] = ["BertModel"]
+        state = {k.removeprefix("bert."): t for k, t in state.items()}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return ["config.json", "model.safetensors"]
 
@@ -184,6 +196,48 @@ def load_encoder(folder: str | Path) -> Encoder:
     return model
 
 
+def save_classifier(model: SequenceClassifier, folder: str | Path, labels: list[str], pad_id: int) -> list[str]:
+    """As GPT2ForSequenceClassification / BertForSequenceClassification, label names in config.json."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    gpt = isinstance(model.backbone, GPT)
+    config = gpt_hf_config(model.backbone.cfg) if gpt else bert_hf_config(model.backbone.cfg)
+    config.update(architectures=["GPT2ForSequenceClassification" if gpt else "BertForSequenceClassification"],
+                  num_labels=len(labels), id2label={str(i): n for i, n in enumerate(labels)},
+                  label2id={n: i for i, n in enumerate(labels)}, pad_token_id=pad_id)
+    state = gpt_to_hf_state_dict(model.backbone) if gpt else encoder_to_hf_state_dict(model.backbone)
+    head = {SequenceClassifier.hf_name(k): t.detach().float().cpu().contiguous()
+            for k, t in model.state_dict().items() if not k.startswith("backbone.")}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(state | head, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return ["config.json", "model.safetensors"]
+
+
+def load_classifier(folder: str | Path) -> tuple[SequenceClassifier, list[str]]:
+    """A SequenceClassifier and its label names from a *ForSequenceClassification folder."""
+    folder = Path(folder)
+    hf = _read_config(folder)
+    labels = [hf["id2label"][str(i)] for i in range(len(hf["id2label"]))]
+    state = load_file(str(folder / "model.safetensors"))
+    if hf.get("model_type") == "gpt2":
+        backbone: GPT | Encoder = GPT(gpt_config_from_hf(hf, str(folder)))
+        head = {k: state.pop(k) for k in list(state) if k.startswith("score.")}
+        state = {k: (v.t() if k.endswith(_CONV1D) else v) for k, v in state.items()
+                 if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    else:
+        backbone = Encoder(encoder_config_from_hf(hf, str(folder)))
+        head = {k.removeprefix("bert."): state.pop(k) for k in list(state)
+                if k.startswith(("classifier.", "bert.pooler."))}
+    model = SequenceClassifier(backbone, len(labels))
+    missing, unexpected = model.load_state_dict({"backbone." + k: v for k, v in state.items()} | head, strict=False)
+    missing = [k for k in missing if not k.startswith("backbone.cls.") and k != "backbone.lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"{folder}: weights do not match a classifier of this config (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    return model, labels
+
+
 def save_model(model: GPT | Encoder, folder: str | Path) -> list[str]:
     """save_gpt or save_encoder, by the model's class."""
     if isinstance(model, GPT):
@@ -193,9 +247,12 @@ def save_model(model: GPT | Encoder, folder: str | Path) -> list[str]:
     raise TypeError(f"cannot export a {type(model).__name__}: only GPT and Encoder have a Hugging Face layout")
 
 
-def load_model(folder: str | Path) -> GPT | Encoder:
-    """load_gpt or load_encoder, by config.json's model_type."""
-    model_type = _read_config(Path(folder)).get("model_type")
+def load_model(folder: str | Path) -> GPT | Encoder | SequenceClassifier:
+    """load_gpt, load_encoder or (for a *ForSequenceClassification) load_classifier's model."""
+    hf = _read_config(Path(folder))
+    if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []):
+        return load_classifier(folder)[0]
+    model_type = hf.get("model_type")
     if model_type == "gpt2":
         return load_gpt(folder)
     if model_type == "bert":

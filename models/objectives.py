@@ -2,7 +2,8 @@
 
 Each objective wraps a model as an nn.Module whose forward returns the loss, so
 a data-parallel engine (DeepSpeed, DDP) that calls `forward` computes the
-objective. `batch` turns a block (B, L) into the forward's arguments.
+objective. `batch` turns a dict of columns, `input_ids` a block (B, L), into the
+forward's arguments.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ class CausalLM(nn.Module):
         super().__init__()
         self.model = model
 
-    def batch(self, block: torch.Tensor, generator: torch.Generator | None = None):
+    def batch(self, rows: dict[str, torch.Tensor], generator: torch.Generator | None = None):
+        block = rows["input_ids"]  # (B, L)
         return block[:, :-1], block[:, 1:]  # (B, T), (B, T)
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -37,8 +39,8 @@ class MaskedLM(nn.Module):
         self.model = model
         self.mask_id, self.special_ids, self.mask_prob = mask_id, tuple(special_ids), mask_prob
 
-    def batch(self, block: torch.Tensor, generator: torch.Generator | None = None):
-        return mask_tokens(block[:, :-1], self.model.cfg.vocab_size, self.mask_id, self.special_ids,
+    def batch(self, rows: dict[str, torch.Tensor], generator: torch.Generator | None = None):
+        return mask_tokens(rows["input_ids"][:, :-1], self.model.cfg.vocab_size, self.mask_id, self.special_ids,
                            self.mask_prob, generator)  # inputs (B, T), labels (B, T)
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

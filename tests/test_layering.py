@@ -14,7 +14,7 @@ ALLOWED = {
     "actors": {"models", "cluster"},
     "jobs": {"actors", "models", "cluster"},
 }
-FORBIDDEN_THIRD_PARTY = {"models": {"ray", "deepspeed"}}
+FORBIDDEN_THIRD_PARTY = {"models": {"ray", "deepspeed", "transformers"}}  # peft (LoRA) is allowed
 
 
 def imported_roots(path: Path) -> set[str]:

@@ -1,0 +1,107 @@
+"""Ray Data UDF: task records (JSONL / Parquet rows) -> fixed-width token columns for training.
+
+One class per pipeline stage, the tokenizer built once per worker. Nothing is
+skipped silently: a record that cannot be used keeps its row with a `drop`
+reason (missing_field:<name>, bad_type:<name>, empty:<name>, prompt_too_long)
+so the job counts every one; usable rows have drop == "".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+FIELDS = {"sft": ("prompt", "response"), "classify": ("text", "label"), "embed": ("query", "positive")}
+OPTIONAL = {"embed": ("negative",)}
+
+
+def special_id(tok: Any, names: tuple[str, ...]) -> int | None:
+    for name in names:
+        i = tok.token_to_id(name)
+        if i is not None:
+            return i
+    return None
+
+
+class TokenizeTask:
+    """A batch of records (dict of object arrays) -> token columns, right-padded with `pad_id`."""
+
+    def __init__(self, kind: str, tokenizer_json: str, max_len: int, max_query_len: int, pad_id: int,
+                 eos_id: int | None):
+        from tokenizers import Tokenizer
+
+        self.kind, self.max_len, self.max_query_len, self.pad_id, self.eos_id = \
+            kind, max_len, max_query_len, pad_id, eos_id
+        self.tok = Tokenizer.from_str(tokenizer_json)
+        self.tok.no_padding()
+        self.tok.no_truncation()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(next(iter(batch.values())))
+        drop = np.array([""] * n, dtype=object)
+        values: dict[str, list] = {}
+        for name in FIELDS[self.kind] + OPTIONAL.get(self.kind, ()):
+            col = batch.get(name)
+            required = name in FIELDS[self.kind]
+            if col is None and not required:
+                continue
+            vals = [None] * n if col is None else list(col)
+            for i, v in enumerate(vals):
+                if drop[i]:
+                    continue
+                if v is None or (isinstance(v, float) and np.isnan(v)):
+                    drop[i] = f"missing_field:{name}" if required else ""
+                elif name == "label" and isinstance(v, (int, np.integer)):
+                    vals[i] = str(v)
+                elif not isinstance(v, str):
+                    drop[i] = f"bad_type:{name}"
+                elif not v.strip():
+                    drop[i] = f"empty:{name}"
+            values[name] = vals
+        out = getattr(self, self.kind)(values, drop)
+        out["drop"] = drop.astype(str)
+        return out
+
+    def _ids(self, texts: list, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """(n, limit) ids and (n,) lengths; the tokenizer's own specials ([CLS] ... [SEP]) kept on truncation."""
+        ids = np.full((len(texts), limit), self.pad_id, dtype=np.int32)
+        lens = np.zeros(len(texts), dtype=np.int32)
+        self.tok.enable_truncation(limit)
+        for i, e in enumerate(self.tok.encode_batch([t if isinstance(t, str) else "" for t in texts])):
+            lens[i] = len(e.ids)
+            ids[i, :lens[i]] = e.ids
+        self.tok.no_truncation()
+        return ids, lens
+
+    def sft(self, v: dict[str, list], drop: np.ndarray) -> dict[str, np.ndarray]:
+        L = self.max_len + 1  # inputs are the first L-1 tokens, targets the last L-1
+        ids = np.full((len(drop), L), self.pad_id, dtype=np.int32)
+        prompt_len, length = np.zeros(len(drop), np.int32), np.zeros(len(drop), np.int32)
+        texts = lambda name: [t if isinstance(t, str) else "" for t in v[name]]  # noqa: E731
+        prompts = self.tok.encode_batch(texts("prompt"), add_special_tokens=False)
+        responses = self.tok.encode_batch(texts("response"), add_special_tokens=False)
+        eos = [self.eos_id] if self.eos_id is not None else []
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            if drop[i]:
+                continue
+            if len(p.ids) >= L - 1:
+                drop[i] = "prompt_too_long"  # not one response token would be left to learn from
+                continue
+            row = (p.ids + r.ids + eos)[:L]
+            ids[i, :len(row)], prompt_len[i], length[i] = row, len(p.ids), len(row)
+        return {"input_ids": ids, "prompt_len": prompt_len, "length": length}
+
+    def classify(self, v: dict[str, list], drop: np.ndarray) -> dict[str, np.ndarray]:
+        ids, lens = self._ids(v["text"], self.max_len)
+        labels = np.array([lab if isinstance(lab, str) else "" for lab in v["label"]], dtype=object)
+        return {"input_ids": ids, "length": lens, "label_name": labels.astype(str)}
+
+    def embed(self, v: dict[str, list], drop: np.ndarray) -> dict[str, np.ndarray]:
+        q, q_len = self._ids(v["query"], self.max_query_len)
+        p, p_len = self._ids(v["positive"], self.max_len)
+        out = {"query_ids": q, "query_len": q_len, "pos_ids": p, "pos_len": p_len}
+        if "negative" in v:
+            n, n_len = self._ids(v["negative"], self.max_len)
+            out |= {"neg_ids": n, "neg_len": n_len}
+        return out

@@ -1,0 +1,224 @@
+"""Finetuning tasks: the heads and objectives that turn a pretrained model into something useful.
+
+Each objective wraps a model as an nn.Module whose forward returns the loss
+(as models/objectives.py does for pretraining); `batch` turns a dict of
+fixed-width columns (B, ...) into the forward's arguments. Rows are right-
+padded; the `*len` columns say how many tokens are real.
+
+- sft: instruction tuning of a GPT; the loss covers response tokens only.
+- classify: a sequence classification head on a GPT or an Encoder, laid out
+  as Hugging Face's GPT2ForSequenceClassification / BertForSequenceClassification.
+- embed: contrastive sentence embeddings of an Encoder (mean pooling), a
+  symmetric in-batch-negatives InfoNCE loss (van den Oord et al. 2018,
+  https://arxiv.org/abs/1807.03748; as in CLIP and sentence-transformers'
+  MultipleNegativesRankingLoss), negatives gathered from every worker.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.encoder import Encoder
+from models.gpt import GPT
+
+TASKS = ("sft", "classify", "embed")
+IGNORE = -100
+
+Gather = Callable[[torch.Tensor], torch.Tensor]  # (m, D) per worker -> (W*m, D), own rows keeping their grad
+
+
+def length_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """lengths (B,) -> (B, T) of 1 on the first `length` positions, 0 on padding."""
+    return (torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]).long()
+
+
+def trim(ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """ids (B, L) -> (B, max length): padding no row needs is never computed (results do not change)."""
+    return ids[:, :max(int(lengths.max()), 1)]
+
+
+class SequenceClassifier(nn.Module):
+    """A pretrained backbone and a fresh linear head over one pooled vector per sequence.
+
+    GPT: the last real token's hidden state (it has seen the whole sequence),
+    `score` without bias. Encoder: BERT's pooler, tanh(dense(first token)), then
+    `classifier`. `hf_name` maps parameter names to Hugging Face's.
+    """
+
+    def __init__(self, backbone: GPT | Encoder, num_labels: int, dropout: float = 0.0):
+        super().__init__()
+        self.backbone, self.num_labels = backbone, num_labels
+        d = backbone.cfg.n_embd
+        if isinstance(backbone, Encoder):
+            backbone.drop_mlm_head()
+            self.pooler = nn.ModuleDict(dict(dense=nn.Linear(d, d)))
+            self.classifier = nn.Linear(d, num_labels)
+        else:
+            self.score = nn.Linear(d, num_labels, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        for m in (self.pooler.dense, self.classifier) if isinstance(backbone, Encoder) else (self.score,):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @property
+    def head(self) -> tuple[str, ...]:
+        """The freshly initialised modules, trained even when LoRA freezes the backbone."""
+        return ("pooler", "classifier") if isinstance(self.backbone, Encoder) else ("score",)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """ids (B, T), lengths (B,) -> logits (B, num_labels)."""
+        if isinstance(self.backbone, Encoder):
+            h = self.backbone(ids, length_mask(lengths, ids.size(1)))[:, 0]  # (B, C): the first token
+            return self.classifier(self.dropout(torch.tanh(self.pooler.dense(h))))
+        h, _ = self.backbone.hidden(ids)  # (B, T, C)
+        last = h[torch.arange(ids.size(0), device=ids.device), lengths - 1]  # (B, C)
+        return self.score(self.dropout(last))
+
+    @staticmethod
+    def hf_name(name: str) -> str:
+        name = name.removeprefix("backbone.")
+        return "bert." + name if name.startswith("pooler.") else name
+
+
+class SFT(nn.Module):
+    """Next-token loss on the response only: columns input_ids (B, L), prompt_len (B,), length (B,)."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def batch(self, rows: dict[str, torch.Tensor], generator: torch.Generator | None = None):
+        ids = trim(rows["input_ids"], rows["length"])
+        j = torch.arange(1, ids.size(1))[None, :]  # (1, L-1): the position each target comes from
+        keep = (j >= rows["prompt_len"][:, None]) & (j < rows["length"][:, None])
+        return ids[:, :-1], torch.where(keep, ids[:, 1:], IGNORE)  # (B, T), (B, T)
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(inputs, targets, ignore_index=IGNORE)
+
+
+class Classify(nn.Module):
+    """Cross-entropy of a SequenceClassifier: columns input_ids (B, T), length (B,), label (B,)."""
+
+    def __init__(self, model: SequenceClassifier):
+        super().__init__()
+        self.model = model
+
+    def batch(self, rows: dict[str, torch.Tensor], generator: torch.Generator | None = None):
+        return trim(rows["input_ids"], rows["length"]), rows["length"], rows["label"]
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.model(ids, lengths).float(), labels)
+
+
+def embed(model: Encoder, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Unit-length sentence embeddings (B, C): mean pooling, then L2 normalisation (sentence-transformers)."""
+    return F.normalize(model.embed(ids, length_mask(lengths, ids.size(1))).float(), dim=-1)
+
+
+class Contrastive(nn.Module):
+    """Symmetric InfoNCE over every worker's pairs: query->document and document->query.
+
+    Columns query_ids/query_len, pos_ids/pos_len and optionally neg_ids/neg_len
+    (a hard negative document per query). With W workers each rank computes the
+    same global loss over the gathered (W*m) embeddings, its own rows carrying
+    the gradient; data-parallel averaging divides by W, so the gradient is
+    scaled by W to equal one process training on the whole global batch.
+    """
+
+    def __init__(self, model: Encoder, temperature: float, gather: Gather | None = None, world: int = 1):
+        super().__init__()
+        self.model, self.temperature = model, temperature
+        self.gather, self.world = gather or (lambda x: x), world
+
+    def batch(self, rows: dict[str, torch.Tensor], generator: torch.Generator | None = None):
+        parts = ["query", "pos"] + (["neg"] if "neg_ids" in rows else [])
+        return tuple(x for p in parts for x in (trim(rows[f"{p}_ids"], rows[f"{p}_len"]), rows[f"{p}_len"]))
+
+    def forward(self, q_ids, q_len, p_ids, p_len, n_ids=None, n_len=None) -> torch.Tensor:
+        q = self.gather(embed(self.model, q_ids, q_len))  # (N, C), N = W*m
+        d = self.gather(embed(self.model, p_ids, p_len))  # (N, C)
+        valid = None
+        if n_ids is not None:  # hard negatives: more candidates for the queries; a row without one has n_len 0
+            d = torch.cat([d, self.gather(embed(self.model, n_ids, n_len))])  # (N + N, C)
+            valid = self.gather(n_len > 0)
+        loss = info_nce(q, d, self.temperature, valid)
+        return loss + (self.world - 1) * (loss - loss.detach())  # value: the loss; gradient: W times it
+
+
+def info_nce(q: torch.Tensor, d: torch.Tensor, temperature: float,
+             extra_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """q (N, C), d (N + extra, C) unit vectors, q[i] pairs with d[i]: the mean of both directions' CE.
+
+    `extra_valid` (extra,): which of the extra candidates exist (the others are masked out).
+    """
+    n = q.size(0)
+    target = torch.arange(n, device=q.device)
+    logits = q @ d.t() / temperature  # (N, N + extra)
+    if extra_valid is not None:
+        keep = torch.cat([torch.ones(n, dtype=torch.bool, device=q.device), extra_valid.bool()])
+        logits = logits.masked_fill(~keep[None, :], float("-inf"))
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :n].t(), target))
+
+
+# ---- evaluation maths -------------------------------------------------------------------------------
+
+def retrieval_metrics(q: torch.Tensor, d: torch.Tensor, ks: tuple[int, ...] = (1, 10)) -> dict[str, float]:
+    """Query i's relevant document is d[i]; recall@k and mean reciprocal rank over cosine scores."""
+    scores = q @ d.t()  # (N, N)
+    rank = (scores > scores.diagonal()[:, None]).sum(dim=1) + 1  # (N,): 1 = the positive ranked first
+    out = {f"recall@{k}": (rank <= k).float().mean().item() for k in ks}
+    out["mrr"] = (1.0 / rank.float()).mean().item()
+    return out
+
+
+def classification_metrics(pred: torch.Tensor, gold: torch.Tensor, num_labels: int) -> dict[str, float]:
+    """Accuracy and macro-F1 (the unweighted mean of per-class F1, classes present in gold or pred)."""
+    f1s = []
+    for c in range(num_labels):
+        tp = ((pred == c) & (gold == c)).sum().item()
+        fp = ((pred == c) & (gold != c)).sum().item()
+        fn = ((pred != c) & (gold == c)).sum().item()
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": (pred == gold).float().mean().item(), "macro_f1": sum(f1s) / max(len(f1s), 1)}
+
+
+@torch.no_grad()
+def exact_match(model: GPT, rows: dict[str, torch.Tensor], eos_id: int | None, max_new_tokens: int) -> float:
+    """Fraction of prompts whose greedy continuation reproduces the reference response token for token
+    (up to and including the end-of-text token when there is one)."""
+    hits = 0
+    n = len(rows["length"])
+    for i in range(n):
+        p, L = int(rows["prompt_len"][i]), int(rows["length"][i])
+        prompt, reference = rows["input_ids"][i, :p], rows["input_ids"][i, p:L].tolist()
+        budget = min(len(reference), max_new_tokens, model.cfg.block_size - p)
+        out = model.generate(prompt[None], budget, temperature=0.0,
+                             stop_tokens=[eos_id] if eos_id is not None else ())[0, p:].tolist()
+        if eos_id is not None and eos_id in out:
+            out = out[:out.index(eos_id) + 1]
+        hits += out == reference
+    return hits / max(n, 1)
+
+
+@torch.no_grad()
+def evaluate_task(kind: str, model: nn.Module, rows: dict[str, torch.Tensor], *, eos_id: int | None = None,
+                  max_new_tokens: int = 128, batch_size: int = 64) -> dict[str, float]:
+    """The task's held-out metrics: sft exact-match; classify accuracy / macro-F1; embed recall@k / MRR."""
+    model.eval()
+    if kind == "sft":
+        return {"exact_match": exact_match(model, rows, eos_id, max_new_tokens)}
+    n = len(next(iter(rows.values())))
+    chunks = [{k: v[i:i + batch_size] for k, v in rows.items()} for i in range(0, n, batch_size)]
+    if kind == "classify":
+        pred = torch.cat([model(trim(c["input_ids"], c["length"]), c["length"]).argmax(-1) for c in chunks])
+        return classification_metrics(pred, rows["label"], model.num_labels)
+    q = torch.cat([embed(model, trim(c["query_ids"], c["query_len"]), c["query_len"]) for c in chunks])
+    d = torch.cat([embed(model, trim(c["pos_ids"], c["pos_len"]), c["pos_len"]) for c in chunks])
+    return retrieval_metrics(q, d)

@@ -1,0 +1,184 @@
+"""jobs.finetune on a real local Ray cluster: tiny bases, generated task data, real DeepSpeed ZeRO.
+
+The bases are a 2-layer GPT and a 2-layer encoder with a BPE trained here on a
+few stdlib modules, stored as model artifacts the way jobs.pretrain exports
+them; each run takes about a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import json
+import posixpath
+import random
+import shutil
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cluster.cli import UserError
+from cluster.config import ConfigError, load_config
+from cluster.storage import Storage
+from jobs import finetune
+from models.encoder import Encoder, EncoderConfig
+from models.gpt import GPT, GPTConfig
+from models.hf import load_model, save_model
+from models.tokenizer import PAD, train_bpe
+
+pytestmark = pytest.mark.ray
+
+COMMON = ["train.log_every=2", "train.eval_batches=2", "optim.warmup_steps=2", "resources.num_workers=2",
+          "resources.cpus_per_worker=0.5", "eval.max_examples=64", "dropout=0.0"]
+WORDS = [f"w{i}" for i in range(200)]
+
+
+def _records(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(8)]
+        label = rng.choice(["apple", "zebra", "mango"])
+        text = list(words)
+        text.insert(rng.randrange(len(text) + 1), label)  # the label's word, somewhere in the text
+        rec = {"prompt": f"# echo {' '.join(words[:3])}\n", "response": f"print({words[0]!r})\n",
+               "text": " ".join(text), "label": label,
+               "query": " ".join(words[:4]), "positive": " ".join(words[:4] + words[4:][::-1])}
+        if i % 3:  # two records in three carry a hard negative
+            rec["negative"] = " ".join(words[4:] + words[:4][::-1])
+        out.append(rec)
+    return out
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("finetune")
+    docs = [inspect.getsource(m) for m in (collections, posixpath, textwrap, shutil)] + [" ".join(WORDS)] * 5
+    tok = train_bpe(docs, vocab_size=500)
+    store = Storage(str(root))
+    torch.manual_seed(0)
+    bases = {"gpt": GPT(GPTConfig(vocab_size=500, block_size=64, n_layer=2, n_head=2, n_embd=32)),
+             "enc": Encoder(EncoderConfig(vocab_size=500, max_position=64, n_layer=2, n_head=2, n_embd=32,
+                                          intermediate_size=64, pad_id=tok.token_to_id(PAD)))}
+    for name, model in bases.items():
+        with tempfile.TemporaryDirectory() as d:
+            save_model(model, d)
+            with store.create("model", name, {"test": True}) as out:
+                for f in ("config.json", "model.safetensors"):
+                    out.write_bytes(f, Path(d, f).read_bytes())
+                out.write_bytes("tokenizer.json", tok.to_str().encode())
+    data = root / "data"
+    data.mkdir()
+    return {"root": str(root), "train": _write_jsonl(data / "train.jsonl", _records(384, 1)),
+            "val": _write_jsonl(data / "val.jsonl", _records(64, 2)), "data": data}
+
+
+def _run(storage: dict, *overrides: str) -> dict:
+    sets = [f"storage={storage['root']}", f"data.train={storage['train']}", f"data.val={storage['val']}",
+            "data.tasks=", "data.max_len=24", "data.max_query_len=12", *COMMON, *overrides]
+    return finetune.run(load_config(finetune.FinetuneConfig, None, sets))
+
+
+def test_classification_finetune_learns_an_easy_task_through_a_failure(storage, ray_cluster):
+    manifest = _run(storage, "name=cls", "task=classify", "method=full", "base.artifact=gpt", "zero.stage=2",
+                    "train.steps=40", "train.micro_batch=8", "train.eval_every=20", "train.checkpoint_every=10",
+                    "optim.lr=0.003", "fault.at_step=15", "fault.rank=1")
+    after = manifest["metrics"]["after"]
+    assert after["accuracy"] > 0.9 and after["macro_f1"] > 0.9
+    assert manifest["finetune"]["labels"] == ["apple", "mango", "zebra"]
+    assert manifest["finetune"] | {"task": "classify", "method": "full", "base": "gpt"} == manifest["finetune"]
+    config = json.loads((Path(storage["root"]) / "models" / "cls" / "config.json").read_text())
+    assert config["id2label"] == {"0": "apple", "1": "mango", "2": "zebra"}  # serving names its answers
+    records = [json.loads(l) for l in (Path(storage["root"]) / "runs" / "cls" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == sorted({r["step"] for r in records})  # resumed, no step counted twice
+
+
+def _adapter(storage: dict, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(storage["root"]) / "adapters" / name / "adapter_model.safetensors"))
+
+
+def test_zero3_lora_adapters_are_complete_and_equal_zero0s(storage, ray_cluster):
+    runs = {}
+    for stage in (3, 0):
+        runs[stage] = _run(storage, f"name=emb{stage}", "task=embed", "method=lora", "base.artifact=enc",
+                           f"zero.stage={stage}", "train.steps=6", "train.micro_batch=4", "train.eval_every=3",
+                           "train.checkpoint_every=3", "optim.lr=0.01", "lora.rank=4")
+    z3, z0 = _adapter(storage, "emb3"), _adapter(storage, "emb0")
+    assert z3.keys() == z0.keys() and len(z3) == 2 * 6 * 2  # A and B of 6 projections in 2 layers
+    for k in z3:
+        assert z3[k].numel() > 0 and z3[k].shape == z0[k].shape, k
+        assert torch.allclose(z3[k], z0[k], atol=1e-5), k
+    assert any("lora_B" in k and z3[k].abs().max() > 0 for k in z3)  # B left zero: nothing was trained
+    m = runs[3]["metrics"]
+    assert set(m["before"]) == set(m["after"]) == {"recall@1", "recall@10", "mrr"}
+    assert runs[3]["finetune"]["task"] == "embed" and runs[3]["finetune"]["method"] == "lora"
+    assert runs[3]["parents"][0]["name"] == "enc"
+
+
+def test_sft_lora_adapter_loads_with_peft_onto_the_base_like_the_merged_model(storage, ray_cluster):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    manifest = _run(storage, "name=sft", "task=sft", "method=lora", "base.artifact=gpt", "zero.stage=2",
+                    "train.steps=6", "train.micro_batch=4", "train.eval_every=3", "train.checkpoint_every=6",
+                    "optim.lr=0.01", "lora.targets=[c_attn, c_fc]", "eval.max_new_tokens=16")
+    assert "exact_match" in manifest["metrics"]["after"]
+    root = Path(storage["root"])
+    base = transformers.GPT2LMHeadModel.from_pretrained(root / "models" / "gpt")
+    hf = peft.PeftModel.from_pretrained(base, root / "adapters" / "sft").eval()
+    merged = load_model(root / "models" / "sft").eval()
+    ids = torch.randint(5, 500, (2, 20))
+    with torch.no_grad():
+        assert (hf(input_ids=ids).logits - merged(ids)[0]).abs().max().item() <= 1e-4
+    assert "exact_match" in manifest["metrics"]["before"]  # measured on the base too
+
+
+def _prepare(storage: dict, tmp_path: Path, task: str, train: list[dict], val: list[dict]):
+    cfg = load_config(finetune.FinetuneConfig, None, [
+        f"storage={storage['root']}", "data.tasks=", f"data.train={_write_jsonl(tmp_path / 't.jsonl', train)}",
+        f"data.val={_write_jsonl(tmp_path / 'v.jsonl', val)}", f"task={task}", "base.artifact=gpt"])
+    store = Storage(storage["root"])
+    tok = store.open("model", "gpt").read_bytes("tokenizer.json").decode()
+    return finetune.prepare_data(cfg, store, str(tmp_path / "run"), tok, *finetune.tokenizer_ids(tok))
+
+
+def test_bad_records_are_counted_or_refused(storage, tmp_path, ray_cluster):
+    good = _records(10, 3)
+    bad = [{"prompt": "# x\n"}, {"prompt": 3, "response": "y"}, {"prompt": "# x\n", "response": "  "}]
+    data = _prepare(storage, tmp_path, "sft", good + bad, good)
+    assert data["read"]["train"] == 13 and data["rows"]["train"] == 10
+    assert data["drops"]["train"] == {"bad_type:prompt": 1, "empty:response": 1, "missing_field:response": 1}
+    with pytest.raises(UserError, match="labels the train data never shows: \\['kiwi'\\]"):
+        _prepare(storage, tmp_path, "classify", good, good + [{"text": "a b", "label": "kiwi"}])
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(UserError, match="holds no records"):
+        _prepare(storage, tmp_path, "sft", [], good)
+    pq.write_table(pa.table({"text": ["only text"]}), tmp_path / "t.parquet")  # Parquet, a field missing
+    with pytest.raises(UserError, match="missing_field:label"):
+        cfg = load_config(finetune.FinetuneConfig, None, [
+            f"storage={storage['root']}", "data.tasks=", f"data.train={tmp_path / 't.parquet'}",
+            f"data.val={tmp_path / 't.parquet'}", "task=classify"])
+        store = Storage(storage["root"])
+        tok = store.open("model", "gpt").read_bytes("tokenizer.json").decode()
+        finetune.prepare_data(cfg, store, str(tmp_path / "run3"), tok, *finetune.tokenizer_ids(tok))
+
+
+def test_config_and_base_mistakes_are_one_sentence(storage, ray_cluster):
+    with pytest.raises(ConfigError, match="'task': must be"):
+        load_config(finetune.FinetuneConfig, None, ["task=translate"])
+    with pytest.raises(ConfigError, match="exactly one of base.artifact and base.hf_folder"):
+        load_config(finetune.FinetuneConfig, None, ["base.artifact=a", "base.hf_folder=/x"])
+    with pytest.raises(ConfigError, match="needs a GPT"):
+        _run(storage, "name=bad", "task=sft", "base.artifact=enc")
+    with pytest.raises(ConfigError, match="has no config.json"):
+        _run(storage, "name=bad", "task=embed", "base.artifact=", f"base.hf_folder={storage['data']}")

@@ -212,10 +212,15 @@ def evaluate_task(kind: str, model: nn.Module, rows: dict[str, torch.Tensor], *,
                   max_new_tokens: int = 128, batch_size: int = 64) -> dict[str, float]:
     """The task's held-out metrics: sft exact-match; classify accuracy / macro-F1; embed recall@k / MRR."""
     model.eval()
-    if kind == "sft":
-        return {"exact_match": exact_match(model, rows, eos_id, max_new_tokens)}
     n = len(next(iter(rows.values())))
     chunks = [{k: v[i:i + batch_size] for k, v in rows.items()} for i in range(0, n, batch_size)]
+    if kind == "sft":  # response-token loss (weighted by response tokens) and exact-match generation
+        sft, total, count = SFT(model), 0.0, 0
+        for c in chunks:
+            inputs, targets = sft.batch(c)
+            k = int((targets != IGNORE).sum())
+            total, count = total + sft(inputs, targets).item() * k, count + k
+        return {"response_loss": total / max(count, 1), "exact_match": exact_match(model, rows, eos_id, max_new_tokens)}
     if kind == "classify":
         pred = torch.cat([model(trim(c["input_ids"], c["length"]), c["length"]).argmax(-1) for c in chunks])
         return classification_metrics(pred, rows["label"], model.num_labels)

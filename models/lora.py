@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -116,20 +116,6 @@ def read_adapter(folder: str | Path) -> tuple[LoraSpec, tuple[str, ...], dict[st
     spec = LoraSpec(rank=c["r"], alpha=c["lora_alpha"], dropout=c.get("lora_dropout", 0.0),
                     targets=tuple(sorted(targets) if isinstance(targets, (list, set)) else [targets]))
     return spec, tuple(c.get("modules_to_save") or ()), load_file(str(folder / ADAPTER_WEIGHTS))
-
-
-def load_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], trainable: tuple[str, ...] = ()) -> None:
-    """Loads PEFT-format tensors into a model `add_lora` prepared; every tensor must find its place."""
-    peft_state = {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()}
-    heads = {k: v for k, v in peft_state.items() if k.split(".")[0] in trainable}
-    lora = {k: v for k, v in peft_state.items() if k not in heads}
-    result = set_peft_model_state_dict(model, lora)
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    missing = [k for k in model.state_dict() if "lora_" in k and k.replace(".default", "") not in lora]
-    if unexpected or missing:
-        raise ValueError(f"adapter does not fit the model: unexpected {unexpected[:3]}, missing {missing[:3]}")
-    if heads:
-        model.load_state_dict(heads, strict=False)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -22,10 +22,12 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(PY) -m jobs.prepare jobs/configs/prepare_demo.yaml --set storage=$(STORAGE)
 	$(PY) -m jobs.pretrain jobs/configs/pretrain_demo.yaml --set storage=$(STORAGE)
+	$(PY) -m jobs.quantize jobs/configs/quantize_demo.yaml --set storage=$(STORAGE)
 	$(PY) -m jobs.make_tasks jobs/configs/make_tasks_demo.yaml --set storage=$(STORAGE)
 	$(PY) -m jobs.finetune jobs/configs/finetune_embed_demo.yaml --set storage=$(STORAGE)
 	@echo "demo outputs are under $(STORAGE)/: datasets/prepare_demo (Parquet shards, tokenizer.json),"
 	@echo "runs/pretrain_demo (checkpoints, metrics.jsonl, loss.png), models/pretrain_demo (Hugging Face layout),"
+	@echo "models/quantize_demo (int8: model.safetensors, quantization.json, report.json),"
 	@echo "tasks/stdlib_tasks (SFT, classification, retrieval JSONL), models/all-minilm-l6-v2 (imported base),"
 	@echo "adapters/finetune_embed_demo (PEFT LoRA), models/finetune_embed_demo (merged)."
 	@echo "More finetunes on the same storage: jobs/configs/finetune_sft_demo.yaml, finetune_cls_demo.yaml"
@@ -37,6 +39,7 @@ bench: install
 	$(PY) benchmarks/prepare.py
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/finetune.py
+	$(PY) benchmarks/quantize.py --storage $(STORAGE)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -32,8 +32,7 @@ class Evaluator:
         """
         import pyarrow.parquet as pq
 
-        from actors.train_loop import columns, fetch_folder
-        from cluster.storage import resolve
+        from cluster.storage import columns, fetch_folder, resolve
 
         fs, path = resolve(rows_uri)
         table = pq.read_table(path, filesystem=fs).slice(0, max_examples)

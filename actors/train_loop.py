@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from cluster.config import from_dict, to_dict
 from cluster.devices import peak_flops, peak_memory_mb
-from cluster.storage import resolve
+from cluster.storage import blocks, columns, fetch_folder, resolve
 from cluster.zero import OptimConfig, ZeroConfig, ZeroStrategy, saved_client_state
 from models.arch import ModelConfig, build_model
 from models.finetune import TaskSpec, build_task_model, export_task_model
@@ -112,19 +112,6 @@ class LoopConfig:
                         "shuffle_buffer": t.shuffle_buffer, "mask_prob": t.mask_prob,
                         "vocab_size": self.vocab_size, "block_len": self.block_len,
                         "task": self.task, "base_uri": self.base_uri})
-
-
-def blocks(batch, name: str = "input_ids") -> np.ndarray:
-    """A pyarrow fixed_size_list column as one (rows, L) array, no per-row copies; a scalar column as (rows,)."""
-    col = batch.column(name).combine_chunks()
-    if not hasattr(col.type, "list_size"):
-        return col.to_numpy(zero_copy_only=False)
-    return col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
-
-
-def columns(batch) -> dict[str, np.ndarray]:
-    """Every column of a pyarrow batch or table, as arrays with one row per example."""
-    return {name: blocks(batch, name) for name in batch.column_names}
 
 
 def global_batches(it, rows: int, start_step: int, steps_per_epoch: int, seed: int,
@@ -390,17 +377,6 @@ def task_objective(spec: TaskSpec, model: torch.nn.Module, world: int) -> torch.
     if spec.kind == "classify":
         return Classify(model)
     return Contrastive(model, spec.temperature, gather=gather_rows if world > 1 else None, world=world)
-
-
-def fetch_folder(uri: str, names: tuple[str, ...]) -> tempfile.TemporaryDirectory:
-    """Copies `names` from a local or cloud folder into a temporary local one (kept while referenced)."""
-    local = tempfile.TemporaryDirectory(prefix="helio-base-")
-    fs, path = resolve(uri)
-    for name in names:
-        with fs.open_input_stream(f"{path}/{name}") as src, open(Path(local.name) / name, "wb") as dst:
-            while chunk := src.read(1 << 24):
-                dst.write(chunk)
-    return local
 
 
 def unigram_entropy(files: tuple[str, ...], vocab_size: int, max_tokens: int = 1 << 25) -> tuple[float, int]:

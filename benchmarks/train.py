@@ -47,7 +47,7 @@ def bare_loop(storage: str, steps: int) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from actors.train_loop import blocks
+    from cluster.storage import blocks
     from cluster.devices import cpu_matmul_peak
     from cluster.zero import param_groups
     from models.gpt import GPT, GPTConfig

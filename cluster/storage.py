@@ -14,11 +14,14 @@ import hashlib
 import io
 import json
 import posixpath
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pyarrow.fs as pafs
 
 MANIFEST = "helio.json"
@@ -273,3 +276,27 @@ def iter_files(uri: str) -> Iterator[tuple[str, int]]:
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     for i in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
         yield (f"{scheme}{i.path}" if scheme else i.path), i.size
+
+
+def fetch_folder(uri: str, names: tuple[str, ...]) -> tempfile.TemporaryDirectory:
+    """Copies `names` from a local or cloud folder into a temporary local one (kept while referenced)."""
+    local = tempfile.TemporaryDirectory(prefix="helio-fetch-")
+    fs, path = resolve(uri)
+    for name in names:
+        with fs.open_input_stream(f"{path}/{name}") as src, open(Path(local.name) / name, "wb") as dst:
+            while chunk := src.read(1 << 24):
+                dst.write(chunk)
+    return local
+
+
+def blocks(batch, name: str = "input_ids") -> np.ndarray:
+    """A pyarrow fixed_size_list column as one (rows, L) array, no per-row copies; a scalar column as (rows,)."""
+    col = batch.column(name).combine_chunks()
+    if not hasattr(col.type, "list_size"):
+        return col.to_numpy(zero_copy_only=False)
+    return col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+
+
+def columns(batch) -> dict[str, np.ndarray]:
+    """Every column of a pyarrow batch or table, as arrays with one row per example."""
+    return {name: blocks(batch, name) for name in batch.column_names}

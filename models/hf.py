@@ -30,6 +30,10 @@ def _read_config(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
 
 
+def is_quantized(folder: str | Path) -> bool:
+    return (Path(folder) / "quantization.json").is_file()
+
+
 def gpt_hf_config(cfg: GPTConfig) -> dict:
     return {
         "model_type": "gpt2",
@@ -250,6 +254,9 @@ def save_model(model: GPT | Encoder, folder: str | Path) -> list[str]:
 def load_model(folder: str | Path) -> GPT | Encoder | SequenceClassifier:
     """load_gpt, load_encoder or (for a *ForSequenceClassification) load_classifier's model."""
     hf = _read_config(Path(folder))
+    if is_quantized(folder):
+        raise ValueError(f"{folder} holds a quantized model (integer weights): load it with "
+                         f"models.quant.load_quantized, or use its float parent")
     if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []):
         return load_classifier(folder)[0]
     model_type = hf.get("model_type")
@@ -258,3 +265,29 @@ def load_model(folder: str | Path) -> GPT | Encoder | SequenceClassifier:
     if model_type == "bert":
         return load_encoder(folder)
     raise ValueError(f"{folder}: model_type {model_type!r} is neither 'gpt2' nor 'bert'")
+
+
+def empty_model(folder: str | Path) -> GPT | Encoder | SequenceClassifier:
+    """The architecture config.json describes, freshly initialised, as `load_inference_model` would return
+    it: the skeleton a quantized folder's integer weights are loaded into."""
+    folder = Path(folder)
+    hf, source = _read_config(folder), str(folder)
+    archs = hf.get("architectures") or []
+    if hf.get("model_type") == "gpt2":
+        backbone: GPT | Encoder = GPT(gpt_config_from_hf(hf, source))
+    elif hf.get("model_type") == "bert":
+        backbone = Encoder(encoder_config_from_hf(hf, source))
+    else:
+        raise ValueError(f"{folder}: model_type {hf.get('model_type')!r} is neither 'gpt2' nor 'bert'")
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return SequenceClassifier(backbone, len(hf["id2label"]))
+    return backbone.drop_mlm_head() if archs == ["BertModel"] else backbone
+
+
+def load_inference_model(folder: str | Path) -> GPT | Encoder | SequenceClassifier:
+    """load_model, minus what inference never runs: an embedding model (BertModel) has no MLM head."""
+    model = load_model(folder)
+    if (json.loads((Path(folder) / "config.json").read_text()).get("architectures") == ["BertModel"]
+            and hasattr(model, "cls")):
+        model.drop_mlm_head()
+    return model.eval()

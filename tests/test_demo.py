@@ -1,4 +1,4 @@
-"""The shipped demo, as `make demo` runs it: prepare the stdlib, pretrain the tiny GPT, and it learns."""
+"""The shipped demo, as `make demo` runs it: prepare the stdlib, pretrain the tiny GPT (it learns), quantize it."""
 
 from __future__ import annotations
 
@@ -24,6 +24,13 @@ def test_pretrain_demo_learns_below_unigram_entropy(ray_cluster, tmp_path):
     assert m["val_loss"] < m["val_unigram_entropy"] - 0.5, m
     assert (tmp_path / "runs" / "pretrain_demo" / "loss.png").stat().st_size > 1000
     assert manifest["parents"][0]["name"] == "prepare_demo"
+
+    # make demo's next step: int8 of that model, gated at +2% perplexity; on the demo GPT it costs far less
+    from jobs import quantize
+
+    q = quantize.run(load_config(quantize.QuantizeConfig, CONFIGS / "quantize_demo.yaml", [storage]))
+    assert q["rejected"] is False and q["parents"][0]["name"] == "pretrain_demo"
+    assert abs(q["metrics"]["quality_delta"]) < 0.01 and q["metrics"]["linear_size_ratio"] <= 0.27
 
 
 def test_lora_on_minilm_raises_mrr_on_held_out_stdlib_retrieval(ray_cluster, tmp_path):

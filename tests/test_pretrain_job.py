@@ -7,21 +7,19 @@ seconds and the runs can be compared step by step and weight by weight.
 
 from __future__ import annotations
 
-import inspect
 import json
 import shutil
 import textwrap
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from cluster.config import load_config
-from cluster.storage import Storage, write_parquet_file
+from cluster.storage import Storage
 from jobs import pretrain
-from models.tokenizer import EOT, pack, train_bpe
+from tiny_data import write_tiny_dataset
 
 pytestmark = pytest.mark.ray
 
@@ -34,38 +32,15 @@ BASE = [
 ]
 
 
-def _corpus() -> list[str]:
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory):
+    """A storage root holding one small dataset artifact named 'tiny' (made like jobs.prepare makes them)."""
     import collections
     import json as json_mod
     import posixpath
 
-    return [inspect.getsource(m) for m in (collections, json_mod.decoder, posixpath, textwrap, shutil)]
-
-
-@pytest.fixture(scope="module")
-def storage(tmp_path_factory):
-    """A storage root holding one small dataset artifact named 'tiny' (made like jobs.prepare makes them)."""
     root = str(tmp_path_factory.mktemp("pretrain"))
-    docs = _corpus()
-    tok = train_bpe(docs, vocab_size=400)
-    eot = tok.token_to_id(EOT)
-    ids = [np.array(tok.encode(d).ids, dtype=np.int32) for d in docs]
-    train, _ = pack(ids[1:], BLOCK_LEN, eot)
-    val, _ = pack(ids[:1], BLOCK_LEN, eot)
-    store = Storage(root)
-    with store.create("dataset", "tiny", {"test": True}) as out:
-        splits = {}
-        for split, arr in (("train", train), ("val", val)):
-            shards = []
-            for i, part in enumerate(np.array_split(arr, 3)):
-                rel = f"{split}/shard-{i:04d}.parquet"
-                col = pa.FixedSizeListArray.from_arrays(pa.array(part.reshape(-1)), BLOCK_LEN)
-                out.add_files({rel: write_parquet_file(out.tmp_uri + "/" + rel, pa.table({"input_ids": col}))})
-                shards.append(rel)
-            splits[split] = {"blocks": len(arr), "tokens": int(arr.size), "shards": shards}
-        out.write_bytes("tokenizer.json", tok.to_str().encode())
-        out.extra["dataset"] = {"block_size": BLOCK_LEN - 1, "block_len": BLOCK_LEN, "vocab_size": tok.get_vocab_size(),
-                                "splits": splits}
+    write_tiny_dataset(Storage(root), [collections, json_mod.decoder, posixpath, textwrap, shutil], BLOCK_LEN)
     return root
 
 

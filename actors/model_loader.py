@@ -1,0 +1,68 @@
+"""Opening a model artifact, float or quantized, as a module that runs (quantize job, serving).
+
+A quantized artifact whose quality gate failed is marked `rejected` in its
+manifest; `check_servable` refuses it unless the caller forces it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.fs as pafs
+import torch
+import torch.nn as nn
+
+from cluster.storage import Artifact, ArtifactError, fetch_folder, resolve
+from models.encoder import Encoder
+from models.gpt import GPT, GPTConfig
+from models.hf import empty_model, load_inference_model
+from models.quant import QUANT_CONFIG, load_quantized
+from models.tasks import SequenceClassifier
+
+MODEL_FILES = ("config.json", "model.safetensors")
+
+
+def check_servable(art: Artifact, force: bool = False) -> None:
+    """Refuses a model artifact its quality gate rejected, unless `force`."""
+    if art.manifest.get("rejected") and not force:
+        gate = art.manifest.get("quality_gate", {})
+        raise ArtifactError(f"model artifact '{art.uri}' was rejected by its quality gate "
+                            f"({gate.get('reason', 'no reason recorded')}); load it with force to use it anyway")
+
+
+def load_runnable(uri: str, kernel: str = "auto") -> nn.Module:
+    """The model in a model folder (local or cloud URI): float, or quantized with integer weights."""
+    fs, path = resolve(uri)
+    quantized = fs.get_file_info(f"{path}/{QUANT_CONFIG}").type == pafs.FileType.File
+    with fetch_folder(uri, MODEL_FILES + ((QUANT_CONFIG,) if quantized else ())) as folder:
+        if quantized:
+            return load_quantized(empty_model(folder), folder, kernel)[0]
+        return load_inference_model(folder)
+
+
+def model_kind(model: nn.Module) -> str:
+    """lm (a GPT), classify (a SequenceClassifier) or embed (an Encoder)."""
+    if isinstance(model, SequenceClassifier):
+        return "classify"
+    return "lm" if isinstance(model, GPT) else "embed"
+
+
+def max_len(model: nn.Module) -> int:
+    cfg = (model.backbone if isinstance(model, SequenceClassifier) else model).cfg
+    return cfg.block_size if isinstance(cfg, GPTConfig) else cfg.max_position
+
+
+@torch.no_grad()
+def forward(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """One inference forward over full rows ids (B, T): logits, class logits or embeddings."""
+    if isinstance(model, SequenceClassifier):
+        return model(ids, torch.full((ids.size(0),), ids.size(1), dtype=torch.long))
+    if isinstance(model, Encoder):
+        return model.embed(ids)
+    return model(ids)[0]
+
+
+def feed(model: nn.Module, sequences: list[np.ndarray]) -> None:
+    """Runs the model over each token sequence (calibration)."""
+    limit = max_len(model)
+    for s in sequences:
+        forward(model, torch.from_numpy(np.asarray(s[:limit], dtype=np.int64))[None])

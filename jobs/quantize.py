@@ -1,0 +1,376 @@
+"""Quantize a trained model (int8, int4, w8a8, awq), measure what it cost, and gate it on a quality budget.
+
+    python -m jobs.quantize jobs/configs/quantize_demo.yaml [--set method=awq --set name=... ...]
+
+Reads the model artifact `model` under `storage` and writes the quantized
+model artifact `models/{name}`: `model.safetensors` (integer weights, scales),
+`quantization.json` (method, bits, group size, layers), `report.json` (sizes,
+quality against the float model, latency), `config.json`, `tokenizer.json`.
+Quantizing runs as a Ray task; the float and the quantized model are scored in
+parallel Ray tasks on held-out data (GPT: perplexity on a dataset's
+validation split; encoder: cosine to the float embeddings and retrieval MRR;
+classifier: accuracy), then timed in one task. AWQ calibrates on a dataset's
+validation split read with Ray Data. If the quality delta exceeds
+`max_quality_delta` the artifact is still written, marked rejected (serving
+refuses it unless forced), and the job exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cluster.cli import JobFailed, UserError, format_summary, run_job
+from cluster.config import ConfigError, to_dict
+from cluster.storage import Artifact, Storage, resolve
+from models.quant import KERNELS, QuantSpec
+
+log = logging.getLogger("helio")
+COPIED = ("config.json", "tokenizer.json")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    dataset: str = ""  # awq: a dataset artifact whose val split calibrates; default: the model's lineage
+    samples: int = 64  # sequences
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ValueError("samples: must be positive")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    dataset: str = ""  # GPT perplexity / encoder cosine: a dataset artifact (val split); default: lineage
+    rows: str = ""  # task models: tokenized held-out rows (jobs.finetune's runs/{name}/data/val.parquet); default: the finetune run's
+    max_examples: int = 256  # held-out blocks or rows scored
+    shards: int = 2  # scoring tasks per model, run in parallel
+    seq_len: int = 128  # latency: tokens per sequence
+    iters: int = 20  # latency: timed forwards per model and batch size (median)
+    threads: int = 2  # latency: torch threads (and CPUs the timing task reserves)
+    decode_tokens: int = 32  # GPT: greedy tokens generated for the decode speed
+
+    def __post_init__(self) -> None:
+        for name in ("max_examples", "shards", "seq_len", "iters", "threads", "decode_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be positive")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    name: str = "quantize_demo"
+    storage: str = "./runs"
+    ray_address: str | None = None
+    local_cpus: int | None = None
+    model: str = "pretrain_demo"  # the float model artifact to compress
+    method: str = "int8"  # int8 | int4 | w8a8 | awq
+    group_size: int = 128  # int4 / awq
+    embeddings: bool = False  # also int8 the embedding tables (and an LM head tied to them)
+    skip: tuple[str, ...] = ()  # regexes of Linear layer names kept in float
+    kernel: str = "auto"  # auto (fbgemm int8 on CPU where available) | fbgemm | dequant
+    max_quality_delta: float = 0.02  # relative: perplexity up, MRR / cosine / accuracy down
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        QuantSpec(method=self.method, group_size=self.group_size, embeddings=self.embeddings, skip=self.skip)
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel: must be one of {', '.join(KERNELS)}, not {self.kernel!r}")
+        if not self.max_quality_delta >= 0:
+            raise ValueError("max_quality_delta: must be zero or positive")
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(method=self.method, group_size=self.group_size, embeddings=self.embeddings, skip=self.skip)
+
+
+# ---- what the model is, and the data that measures it ----------------------------------------------
+
+def model_kind(art: Artifact) -> str:
+    """lm (GPT), classify (a *ForSequenceClassification) or embed (an encoder), from config.json."""
+    hf = json.loads(art.read_bytes("config.json"))
+    if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []):
+        return "classify"
+    return "lm" if hf.get("model_type") == "gpt2" else "embed"
+
+
+def lineage_dataset(store: Storage, art: Artifact, depth: int = 4) -> Artifact | None:
+    """The nearest dataset artifact among the model's ancestors (a finetune's base's dataset, ...)."""
+    for parent in art.manifest.get("parents", []):
+        if parent.get("kind") == "dataset" and store.exists("dataset", parent["name"]):
+            return store.open("dataset", parent["name"], verify=False)
+    for parent in art.manifest.get("parents", []):
+        if depth and parent.get("kind") == "model" and store.exists("model", parent["name"]):
+            found = lineage_dataset(store, store.open("model", parent["name"], verify=False), depth - 1)
+            if found:
+                return found
+    return None
+
+
+def dataset_for(store: Storage, art: Artifact, name: str, key: str) -> Artifact:
+    """The dataset named by config `key`, else the lineage's; its tokenizer must be the model's."""
+    ds = store.open("dataset", name, verify=False) if name else lineage_dataset(store, art)
+    if ds is None:
+        raise ConfigError(key, f"model artifact '{art.name}' descends from no dataset artifact; name one")
+    if ds.manifest["files"]["tokenizer.json"]["sha256"] != art.manifest["files"]["tokenizer.json"]["sha256"]:
+        raise ConfigError(key, f"dataset '{ds.name}' was tokenized with another tokenizer than model "
+                               f"'{art.name}'; its token ids would mean nothing to the model")
+    return ds
+
+
+def finetune_rows(art: Artifact, rows: str, split: str, key: str) -> str | None:
+    """A task model's tokenized rows: config `rows` (val), else the finetune run's `data/{split}.parquet`."""
+    uri = rows if rows and split == "val" else None
+    run = art.manifest.get("finetune", {}).get("run")
+    if uri is None and run:
+        uri = f"{run}/data/{split}.parquet"
+    if uri is None:
+        return None
+    import pyarrow.fs as pafs
+
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise ConfigError(key, f"'{uri}' does not exist (tokenized {split} rows of the finetune run)")
+    return uri
+
+
+def read_rows(uris: list[str], limit: int, columns: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """The first `limit` rows of Parquet files, read with Ray Data, as {column: array}."""
+    import ray.data
+
+    from cluster.storage import columns as to_columns
+
+    ctx = ray.data.DataContext.get_current()
+    before, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    try:  # files in the order given, rows in file order: the same sample on every run
+        ds = ray.data.read_parquet(sorted(uris))
+        ds = (ds.select_columns(list(columns)) if columns else ds).limit(limit)
+        parts = [to_columns(b) for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
+    finally:
+        ctx.execution_options.preserve_order = before
+    if not parts:
+        raise UserError(f"no rows in {', '.join(uris[:3])}")
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def val_blocks(ds: Artifact, limit: int) -> np.ndarray:
+    return read_rows([ds.file_uri(f) for f in ds.files("val/")], limit, ("input_ids",))["input_ids"]
+
+
+def eval_data(cfg: QuantizeConfig, store: Storage, art: Artifact, kind: str) -> tuple[dict[str, np.ndarray], str]:
+    """Held-out arrays for `score_shard` and a line saying where they came from."""
+    n = cfg.eval.max_examples
+    rows = finetune_rows(art, cfg.eval.rows, "val", "eval.rows") if kind != "lm" else None
+    if kind == "classify":
+        if rows is None:
+            raise ConfigError("eval.rows", f"classifier '{art.name}' has no finetune run with held-out rows; "
+                                           f"set eval.rows to tokenized rows (input_ids, length, label)")
+        return read_rows([rows], n, ("input_ids", "length", "label")), rows
+    if kind == "embed" and rows is not None:
+        return read_rows([rows], n, ("query_ids", "query_len", "pos_ids", "pos_len")), rows
+    ds = dataset_for(store, art, cfg.eval.dataset, "eval.dataset")
+    return {"blocks": val_blocks(ds, n)}, f"dataset '{ds.name}' (val)"
+
+
+def calibration_data(cfg: QuantizeConfig, store: Storage, art: Artifact, kind: str) -> tuple[list[np.ndarray], str]:
+    """AWQ's calibration sequences: a dataset's val blocks, or a finetune's training rows (never its val)."""
+    n = cfg.calibration.samples
+    rows = None if cfg.calibration.dataset else finetune_rows(art, "", "train", "calibration.dataset")
+    if rows is not None:
+        cols = read_rows([rows], n)
+        ids, lens = (cols["input_ids"], cols["length"]) if "input_ids" in cols else (cols["pos_ids"], cols["pos_len"])
+        return [ids[i, :max(int(lens[i]), 1)] for i in range(len(ids))], rows
+    ds = dataset_for(store, art, cfg.calibration.dataset, "calibration.dataset")
+    return list(val_blocks(ds, n)), f"dataset '{ds.name}' (val)"
+
+
+# ---- measuring -------------------------------------------------------------------------------------
+
+def score_parts(model_uri: str, kernel: str, data: dict[str, np.ndarray], shards: int) -> list:
+    """Futures of one model's scores, one per shard of the held-out data."""
+    from actors.quantize import score_shard
+
+    n = len(next(iter(data.values())))
+    bounds = np.linspace(0, n, min(shards, n) + 1).astype(int)
+    return [score_shard.remote(model_uri, kernel, {k: v[a:b] for k, v in data.items()})
+            for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def quality(kind: str, data: dict[str, np.ndarray], float_parts: list[dict], quant_parts: list[dict],
+            labels: int) -> dict[str, Any]:
+    """The float and quantized model's quality, and the relative delta the gate reads."""
+    from models.tasks import classification_metrics, retrieval_metrics
+    import torch
+
+    def cat(parts, key):
+        return torch.from_numpy(np.concatenate([p[key] for p in parts]))
+
+    if kind == "lm":
+        ppl = [float(np.exp(sum(p["nll"] for p in ps) / sum(p["tokens"] for p in ps)))
+               for ps in (float_parts, quant_parts)]
+        return {"metric": "perplexity", "float": ppl[0], "quantized": ppl[1], "delta": ppl[1] / ppl[0] - 1}
+    if kind == "classify":
+        gold = torch.from_numpy(data["label"].astype(np.int64))
+        f, q = (classification_metrics(cat(ps, "pred"), gold, labels) for ps in (float_parts, quant_parts))
+        return {"metric": "accuracy", "float": f["accuracy"], "quantized": q["accuracy"],
+                "delta": 1 - q["accuracy"] / max(f["accuracy"], 1e-9), "macro_f1": {"float": f["macro_f1"],
+                                                                                     "quantized": q["macro_f1"]}}
+    keys = ("query", "pos") if "query" in float_parts[0] else ("emb",)
+    cos = torch.cat([(cat(float_parts, k) * cat(quant_parts, k)).sum(-1) for k in keys])
+    out: dict[str, Any] = {"cosine_to_float": {"mean": cos.mean().item(), "min": cos.min().item()}}
+    if keys == ("emb",):
+        return out | {"metric": "cosine", "float": 1.0, "quantized": cos.mean().item(), "delta": 1 - cos.mean().item()}
+    f, q = (retrieval_metrics(cat(ps, "query"), cat(ps, "pos")) for ps in (float_parts, quant_parts))
+    return out | {"metric": "mrr", "float": f["mrr"], "quantized": q["mrr"], "delta": 1 - q["mrr"] / max(f["mrr"], 1e-9),
+                  "recall@1": {"float": f["recall@1"], "quantized": q["recall@1"]},
+                  "recall@10": {"float": f["recall@10"], "quantized": q["recall@10"]}}
+
+
+def fetch(refs):
+    """ray.get, a failed task's cause as one sentence."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause if getattr(e, "cause", None) is not None else e
+        raise JobFailed(f"a quantization task failed: {type(cause).__name__}: {cause}") from None
+
+
+def run(cfg: QuantizeConfig) -> dict[str, Any]:
+    """Quantizes, scores, times, gates and writes the artifact; returns its manifest."""
+    from actors.quantize import quantize_remote, time_models
+    from cluster.runtime import cluster_cpus, connect
+
+    store = Storage(cfg.storage)
+    store.artifact_path("model", cfg.name)  # validates the name before any work
+    if cfg.name == cfg.model:
+        raise ConfigError("name", f"'{cfg.name}' is the float model's own name; the quantized model needs another")
+    log.info(connect(cfg.ray_address, cfg.local_cpus))
+    if not (cfg.ray_address or os.environ.get("RAY_ADDRESS")) and cfg.eval.threads > cluster_cpus():
+        raise ConfigError("eval.threads", f"the timing task would wait forever for {cfg.eval.threads} CPUs; "
+                                          f"the embedded cluster has {cluster_cpus()}")
+    parent = store.open("model", cfg.model)
+    if "quantization" in parent.manifest:
+        raise ConfigError("model", f"model artifact '{cfg.model}' is already quantized; quantize its float parent")
+    kind = model_kind(parent)
+    data, data_source = eval_data(cfg, store, parent, kind)
+    calibration, calibration_source = (calibration_data(cfg, store, parent, kind) if cfg.method == "awq"
+                                       else (None, None))
+    spec = cfg.spec
+    parents = [{"kind": "model", "name": parent.name, "uri": parent.uri, "created_at": parent.manifest["created_at"]}]
+    writer = store.create("model", cfg.name, to_dict(cfg), parents=parents)
+    try:
+        log.info("quantizing model '%s' (%s) to %s on a Ray worker", parent.name, kind, cfg.method)
+        done = fetch(quantize_remote.remote(parent.uri, to_dict(spec), cfg.kernel, calibration, writer.tmp_uri))
+        writer.add_files(done["files"])
+        for rel in COPIED:
+            writer.write_bytes(rel, parent.read_bytes(rel))
+        log.info("scoring the float and the quantized model on %s, %d tasks each", data_source, cfg.eval.shards)
+        float_parts = score_parts(parent.uri, "auto", data, cfg.eval.shards)
+        quant_parts = score_parts(writer.tmp_uri, cfg.kernel, data, cfg.eval.shards)
+        labels = len(json.loads(parent.read_bytes("config.json")).get("id2label") or {})
+        q = quality(kind, data, fetch(float_parts), fetch(quant_parts), labels)
+        log.info("timing both models in one task (%d threads)", cfg.eval.threads)
+        e = cfg.eval
+        timing = fetch(time_models.options(num_cpus=e.threads).remote(
+            parent.uri, writer.tmp_uri, cfg.kernel, e.seq_len, e.iters, e.threads, e.decode_tokens))
+        report = build_report(cfg, parent, kind, done, q, timing, data_source, calibration_source)
+        writer.write_bytes("report.json", json.dumps(report, indent=2).encode())
+        passed = report["gate"]["passed"]
+        writer.metrics = {"quality_metric": q["metric"], "quality_float": q["float"], "quality": q["quantized"],
+                          "quality_delta": q["delta"], "size_ratio": report["size"]["file_ratio"],
+                          "linear_size_ratio": report["size"]["linear_ratio"],
+                          "latency_ratio_b1": report["latency"]["ratio_b1"],
+                          "latency_ratio_b16": report["latency"]["ratio_b16"]}
+        writer.extra["quantization"] = {k: v for k, v in done["description"].items() if k != "layers"}
+        writer.extra["quality_gate"] = report["gate"]
+        writer.extra["rejected"] = not passed
+        writer.extra["model"] = {"arch": "gpt" if kind == "lm" else "encoder", "kind": kind, "quantized": True}
+    except BaseException:
+        writer.abort()
+        raise
+    manifest = writer.commit().manifest
+    print(render(report, cfg.name))
+    if not passed:
+        raise JobFailed(f"{report['gate']['reason']}; the artifact '{cfg.name}' is written but marked rejected "
+                        f"(serving refuses it unless forced)")
+    return manifest
+
+
+def build_report(cfg: QuantizeConfig, parent: Artifact, kind: str, done: dict, q: dict, timing: dict,
+                 data_source: str, calibration_source: str | None) -> dict[str, Any]:
+    float_bytes = parent.manifest["files"]["model.safetensors"]["bytes"]
+    quant_bytes = done["files"]["model.safetensors"]["bytes"]
+    lb = done["layer_bytes"]
+    f, qt = timing["float"], timing["quantized"]
+    latency = {"threads": timing["threads"], "seq_len": timing["seq_len"], "float": f, "quantized": qt,
+               "ratio_b1": qt["latency_ms_b1"] / f["latency_ms_b1"], "ratio_b16": qt["latency_ms_b16"] / f["latency_ms_b16"]}
+    if "decode_tokens_per_s" in f:
+        latency["decode_speedup"] = qt["decode_tokens_per_s"] / f["decode_tokens_per_s"]
+    passed = q["delta"] <= cfg.max_quality_delta
+    gate = {"max_quality_delta": cfg.max_quality_delta, "quality_delta": q["delta"], "passed": passed,
+            "reason": (f"{q['metric']} moved by {q['delta']:+.2%} (float {q['float']:.4f}, quantized "
+                       f"{q['quantized']:.4f}), over the budget of {cfg.max_quality_delta:.2%}") if not passed else ""}
+    kernels = done["kernels"]
+    notes = []
+    if "dequant" in kernels:
+        notes.append(f"{kernels['dequant']} layer(s) have no integer kernel on this device: their weights are stored "
+                     f"compressed and dequantized to float once at load")
+    if "fbgemm" in kernels:
+        notes.append(f"{kernels['fbgemm']} layer(s) run on fbgemm's int8 GEMM, activations quantized per "
+                     f"{'token' if cfg.method == 'w8a8' else 'tensor'} at run time (kernel: dequant runs int8 as "
+                     f"exact weight-only, at float speed)")
+    return {"model": parent.name, "kind": kind, "method": cfg.method, "kernels": kernels, "kernel_notes": notes,
+            "quantization": {k: v for k, v in done["description"].items() if k != "layers"},
+            "layers_quantized": len(done["description"]["layers"]),
+            "size": {"float_file_bytes": float_bytes, "quantized_file_bytes": quant_bytes,
+                     "file_ratio": quant_bytes / float_bytes, "linear_float_bytes": lb["float"],
+                     "linear_quantized_bytes": lb["quantized"], "linear_ratio": lb["quantized"] / lb["float"]},
+            "quality": q | {"data": data_source}, "latency": latency, "gate": gate,
+            "calibration": calibration_source, "quantize_seconds": round(done["seconds"], 2)}
+
+
+def render(report: dict[str, Any], name: str) -> str:
+    """The report as the table the job prints."""
+    s, q, lat = report["size"], report["quality"], report["latency"]
+    f, qt = lat["float"], lat["quantized"]
+    table = [f"{'':26} {'float':>12} {report['method']:>12} {'ratio':>8}",
+             f"{'model file (bytes)':26} {s['float_file_bytes']:12,} {s['quantized_file_bytes']:12,} {s['file_ratio']:8.3f}",
+             f"{'quantized layers (bytes)':26} {s['linear_float_bytes']:12,} {s['linear_quantized_bytes']:12,} "
+             f"{s['linear_ratio']:8.3f}",
+             f"{q['metric']:26} {q['float']:12.4f} {q['quantized']:12.4f} {q['quantized'] / max(q['float'], 1e-9):8.3f}"]
+    if "cosine_to_float" in q and q["metric"] != "cosine":
+        table.append(f"{'cosine to float (mean)':26} {1.0:12.4f} {q['cosine_to_float']['mean']:12.4f}")
+    for b in (1, 16):
+        table.append(f"{f'latency batch {b} (ms)':26} {f[f'latency_ms_b{b}']:12.2f} {qt[f'latency_ms_b{b}']:12.2f} "
+                     f"{lat[f'ratio_b{b}']:8.3f}")
+    if "decode_speedup" in lat:
+        table.append(f"{'decode (tokens/s)':26} {f['decode_tokens_per_s']:12.1f} {qt['decode_tokens_per_s']:12.1f} "
+                     f"{lat['decode_speedup']:8.3f}")
+    gate = report["gate"]
+    rows = [("model", f"{report['model']} ({report['kind']}) -> {name}"),
+            ("method", f"{report['method']}, {report['layers_quantized']} layers; kernels {report['kernels']}"),
+            ("quality data", q["data"]),
+            ("latency", f"{lat['threads']} threads, {lat['seq_len']} tokens per sequence, median"),
+            ("quality gate", f"{'passed' if gate['passed'] else 'REJECTED'}: {q['metric']} delta {gate['quality_delta']:+.2%} "
+                             f"(budget {gate['max_quality_delta']:.2%})")]
+    rows += [("note", n) for n in report["kernel_notes"]]
+    return format_summary("quantize report", rows) + "\n\n" + "\n".join(table)
+
+
+CONFIG_CLASS = QuantizeConfig  # what jobs/configs/quantize_*.yaml must load into
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("jobs.quantize", __doc__, QuantizeConfig, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,8 @@
 """Opening a model artifact, float or quantized, as a module that runs (quantize job, serving).
 
-A quantized artifact whose quality gate failed is marked `rejected` in its
-manifest; `check_servable` refuses it unless the caller forces it.
+`open_runnable` is the way in for anything that serves a model: it verifies
+the artifact (every file's sha256 against the manifest), refuses one whose
+quality gate rejected it unless forced, and loads it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pyarrow.fs as pafs
 import torch
 import torch.nn as nn
 
-from cluster.storage import Artifact, ArtifactError, fetch_folder, resolve
+from cluster.storage import Artifact, ArtifactError, Storage, fetch_folder, resolve
 from models.encoder import Encoder
 from models.gpt import GPT, GPTConfig
 from models.hf import empty_model, load_inference_model
@@ -27,6 +28,16 @@ def check_servable(art: Artifact, force: bool = False) -> None:
         gate = art.manifest.get("quality_gate", {})
         raise ArtifactError(f"model artifact '{art.uri}' was rejected by its quality gate "
                             f"({gate.get('reason', 'no reason recorded')}); load it with force to use it anyway")
+
+
+def open_runnable(store: Storage, name: str, force: bool = False, kernel: str = "auto") -> tuple[nn.Module, Artifact]:
+    """The model artifact `name`, verified and gate-checked, as a module (and the artifact it came from)."""
+    art = store.open("model", name, verify=True)
+    check_servable(art, force)
+    try:
+        return load_runnable(art.uri, kernel), art
+    except ValueError as e:  # weights that do not fit their description
+        raise ArtifactError(f"model artifact '{art.uri}' cannot be loaded: {e}") from None
 
 
 def load_runnable(uri: str, kernel: str = "auto") -> nn.Module:

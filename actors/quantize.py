@@ -51,8 +51,7 @@ def quantize_remote(model_uri: str, spec: dict, kernel: str, calibration: list[n
             digest, size = sha256_file(fs, f"{path}/{name}")
             files[name] = {"sha256": digest, "bytes": size}
     return {"description": description, "files": files, "seconds": time.perf_counter() - t,
-            "layer_bytes": {"float": layer_bytes(model, names), "quantized": layer_bytes(qmodel, names)},
-            "kernels": kernels_used(qmodel)}
+            "layer_bytes": {"float": layer_bytes(model, names), "quantized": layer_bytes(qmodel, names)}}
 
 
 @ray.remote(num_cpus=1)
@@ -108,7 +107,8 @@ def time_models(float_uri: str, quant_uri: str, kernel: str, seq_len: int, iters
     """`latency` of the float and the quantized model in one task of `threads` CPUs."""
     _threads(threads)
     models = {"float": load_runnable(float_uri), "quantized": load_runnable(quant_uri, kernel)}
-    return latency(models, seq_len, iters, decode_tokens) | {"threads": threads}
+    return latency(models, seq_len, iters, decode_tokens) | {"threads": threads,
+                                                            "kernels": kernels_used(models["quantized"])}
 
 
 @torch.no_grad()

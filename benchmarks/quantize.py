@@ -85,7 +85,7 @@ def bench_model(storage: str, name: str, args) -> dict:
         for step in MAKE[name]:
             job(step, storage)
     parent = store.open("model", name)
-    kind = quantize.model_kind(parent)
+    kind = quantize.artifact_kind(parent)
     float_model = load_runnable(parent.uri)
     variants, reports = {"fp32": float_model}, {}
     for method in METHODS:

@@ -10,9 +10,10 @@ Quantizing runs as a Ray task; the float and the quantized model are scored in
 parallel Ray tasks on held-out data (GPT: perplexity on a dataset's
 validation split; encoder: cosine to the float embeddings and retrieval MRR;
 classifier: accuracy), then timed in one task. AWQ calibrates on a dataset's
-validation split read with Ray Data. If the quality delta exceeds
-`max_quality_delta` the artifact is still written, marked rejected (serving
-refuses it unless forced), and the job exits 1.
+validation blocks read with Ray Data (not the ones scored). If the quality
+delta exceeds `max_quality_delta` the artifact is still written, marked
+rejected (`actors.model_loader.open_runnable` refuses it unless forced), and
+the job exits 1.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class QuantizeConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        QuantSpec(method=self.method, group_size=self.group_size, embeddings=self.embeddings, skip=self.skip)
+        self.spec  # validates method, group_size, skip
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel: must be one of {', '.join(KERNELS)}, not {self.kernel!r}")
         if not self.max_quality_delta >= 0:
@@ -92,7 +93,7 @@ class QuantizeConfig:
 
 # ---- what the model is, and the data that measures it ----------------------------------------------
 
-def model_kind(art: Artifact) -> str:
+def artifact_kind(art: Artifact) -> str:
     """lm (GPT), classify (a *ForSequenceClassification) or embed (an encoder), from config.json."""
     hf = json.loads(art.read_bytes("config.json"))
     if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []):
@@ -159,8 +160,10 @@ def read_rows(uris: list[str], limit: int, columns: tuple[str, ...] | None = Non
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def val_blocks(ds: Artifact, limit: int) -> np.ndarray:
-    return read_rows([ds.file_uri(f) for f in ds.files("val/")], limit, ("input_ids",))["input_ids"]
+def val_blocks(ds: Artifact, limit: int, skip: int = 0) -> np.ndarray:
+    """Validation blocks `skip` to `skip + limit` of a dataset, in its file order."""
+    blocks = read_rows([ds.file_uri(f) for f in ds.files("val/")], skip + limit, ("input_ids",))["input_ids"]
+    return blocks[skip:]
 
 
 def eval_data(cfg: QuantizeConfig, store: Storage, art: Artifact, kind: str) -> tuple[dict[str, np.ndarray], str]:
@@ -179,7 +182,8 @@ def eval_data(cfg: QuantizeConfig, store: Storage, art: Artifact, kind: str) -> 
 
 
 def calibration_data(cfg: QuantizeConfig, store: Storage, art: Artifact, kind: str) -> tuple[list[np.ndarray], str]:
-    """AWQ's calibration sequences: a dataset's val blocks, or a finetune's training rows (never its val)."""
+    """AWQ's calibration sequences, never the rows that are scored: validation blocks after the
+    `eval.max_examples` the evaluation reads, or a finetuned model's training rows."""
     n = cfg.calibration.samples
     rows = None if cfg.calibration.dataset else finetune_rows(art, "", "train", "calibration.dataset")
     if rows is not None:
@@ -187,7 +191,13 @@ def calibration_data(cfg: QuantizeConfig, store: Storage, art: Artifact, kind: s
         ids, lens = (cols["input_ids"], cols["length"]) if "input_ids" in cols else (cols["pos_ids"], cols["pos_len"])
         return [ids[i, :max(int(lens[i]), 1)] for i in range(len(ids))], rows
     ds = dataset_for(store, art, cfg.calibration.dataset, "calibration.dataset")
-    return list(val_blocks(ds, n)), f"dataset '{ds.name}' (val)"
+    skip = cfg.eval.max_examples
+    blocks = val_blocks(ds, n, skip)
+    if len(blocks) < n:
+        raise ConfigError("calibration.samples", f"dataset '{ds.name}' has {skip + len(blocks)} validation blocks; "
+                                                 f"after the {skip} that evaluation scores, {len(blocks)} are left "
+                                                 f"for calibration, fewer than {n}")
+    return list(blocks), f"dataset '{ds.name}' (val blocks {skip}-{skip + n - 1})"
 
 
 # ---- measuring -------------------------------------------------------------------------------------
@@ -200,6 +210,11 @@ def score_parts(model_uri: str, kernel: str, data: dict[str, np.ndarray], shards
     bounds = np.linspace(0, n, min(shards, n) + 1).astype(int)
     return [score_shard.remote(model_uri, kernel, {k: v[a:b] for k, v in data.items()})
             for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def drop(before: float, after: float) -> float:
+    """The relative loss of a higher-is-better metric (0 when nothing was there to lose)."""
+    return (before - after) / before if before > 0 else 0.0
 
 
 def quality(kind: str, data: dict[str, np.ndarray], float_parts: list[dict], quant_parts: list[dict],
@@ -219,15 +234,15 @@ def quality(kind: str, data: dict[str, np.ndarray], float_parts: list[dict], qua
         gold = torch.from_numpy(data["label"].astype(np.int64))
         f, q = (classification_metrics(cat(ps, "pred"), gold, labels) for ps in (float_parts, quant_parts))
         return {"metric": "accuracy", "float": f["accuracy"], "quantized": q["accuracy"],
-                "delta": 1 - q["accuracy"] / max(f["accuracy"], 1e-9), "macro_f1": {"float": f["macro_f1"],
+                "delta": drop(f["accuracy"], q["accuracy"]), "macro_f1": {"float": f["macro_f1"],
                                                                                      "quantized": q["macro_f1"]}}
     keys = ("query", "pos") if "query" in float_parts[0] else ("emb",)
     cos = torch.cat([(cat(float_parts, k) * cat(quant_parts, k)).sum(-1) for k in keys])
     out: dict[str, Any] = {"cosine_to_float": {"mean": cos.mean().item(), "min": cos.min().item()}}
     if keys == ("emb",):
-        return out | {"metric": "cosine", "float": 1.0, "quantized": cos.mean().item(), "delta": 1 - cos.mean().item()}
+        return out | {"metric": "cosine", "float": 1.0, "quantized": cos.mean().item(), "delta": drop(1.0, cos.mean().item())}
     f, q = (retrieval_metrics(cat(ps, "query"), cat(ps, "pos")) for ps in (float_parts, quant_parts))
-    return out | {"metric": "mrr", "float": f["mrr"], "quantized": q["mrr"], "delta": 1 - q["mrr"] / max(f["mrr"], 1e-9),
+    return out | {"metric": "mrr", "float": f["mrr"], "quantized": q["mrr"], "delta": drop(f["mrr"], q["mrr"]),
                   "recall@1": {"float": f["recall@1"], "quantized": q["recall@1"]},
                   "recall@10": {"float": f["recall@10"], "quantized": q["recall@10"]}}
 
@@ -238,8 +253,8 @@ def fetch(refs):
 
     try:
         return ray.get(refs)
-    except ray.exceptions.RayTaskError as e:
-        cause = e.cause if getattr(e, "cause", None) is not None else e
+    except ray.exceptions.RayError as e:  # a task raised, its worker died, its result was lost
+        cause = getattr(e, "cause", None) or e
         raise JobFailed(f"a quantization task failed: {type(cause).__name__}: {cause}") from None
 
 
@@ -259,7 +274,7 @@ def run(cfg: QuantizeConfig) -> dict[str, Any]:
     parent = store.open("model", cfg.model)
     if "quantization" in parent.manifest:
         raise ConfigError("model", f"model artifact '{cfg.model}' is already quantized; quantize its float parent")
-    kind = model_kind(parent)
+    kind = artifact_kind(parent)
     data, data_source = eval_data(cfg, store, parent, kind)
     calibration, calibration_source = (calibration_data(cfg, store, parent, kind) if cfg.method == "awq"
                                        else (None, None))
@@ -293,10 +308,10 @@ def run(cfg: QuantizeConfig) -> dict[str, Any]:
         writer.extra["quality_gate"] = report["gate"]
         writer.extra["rejected"] = not passed
         writer.extra["model"] = {"arch": "gpt" if kind == "lm" else "encoder", "kind": kind, "quantized": True}
+        manifest = writer.commit().manifest
     except BaseException:
         writer.abort()
         raise
-    manifest = writer.commit().manifest
     print(render(report, cfg.name))
     if not passed:
         raise JobFailed(f"{report['gate']['reason']}; the artifact '{cfg.name}' is written but marked rejected "
@@ -318,7 +333,7 @@ def build_report(cfg: QuantizeConfig, parent: Artifact, kind: str, done: dict, q
     gate = {"max_quality_delta": cfg.max_quality_delta, "quality_delta": q["delta"], "passed": passed,
             "reason": (f"{q['metric']} moved by {q['delta']:+.2%} (float {q['float']:.4f}, quantized "
                        f"{q['quantized']:.4f}), over the budget of {cfg.max_quality_delta:.2%}") if not passed else ""}
-    kernels = done["kernels"]
+    kernels = timing["kernels"]
     notes = []
     if "dequant" in kernels:
         notes.append(f"{kernels['dequant']} layer(s) have no integer kernel on this device: their weights are stored "

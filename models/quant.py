@@ -4,8 +4,9 @@ Every method rewrites the nn.Linear layers of a trained model (embeddings and
 a tied LM head only when asked; norms always stay float: they are 1-D and a
 rounding error of the whole model's bytes):
 
-- int8: weight-only, symmetric, per output channel, round to nearest:
-  Q(w) = round(w / d) * d with d = max|w_row| / 127.
+- int8: symmetric weights per output channel, round to nearest:
+  Q(w) = round(w / d) * d with d = max|w_row| / 127 (weight-only numerics;
+  fbgemm's kernel quantizes activations per tensor as it runs).
 - int4: weight-only, asymmetric, per group of `group_size` inputs:
   q = clamp(round(w / s) + z, 0, 15), w ~ (q - z) * s; two values per byte.
 - w8a8: int8 weights as above plus dynamic per-token int8 activations.
@@ -90,15 +91,19 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     """w (out, in) -> codes (out, in) uint8 in [0, 15], scales (out, in/g) fp16, zeros (out, in/g) uint8.
 
     Asymmetric per group: the group's [min, max] (widened to include 0) is cut
-    into 15 steps; the scale is rounded to fp16 before the codes are computed,
-    so dequantizing the stored values reproduces exactly what was optimised.
+    into 15 steps; the step is rounded up to fp16 before the codes are computed,
+    so every weight is within half a step of its code and dequantizing the
+    stored values reproduces exactly what was optimised.
     """
     out_f, in_f = w.shape
     if in_f % group_size:
         raise ValueError(f"group_size: {group_size} does not divide the layer's {in_f} inputs")
     g = w.float().reshape(out_f, in_f // group_size, group_size)  # (out, G, g)
     lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)  # (out, G)
-    s = ((hi - lo) / 15).clamp(min=1e-8).half()
+    step = (hi - lo) / 15
+    s = step.half()
+    s = torch.where(s.float() < step, torch.nextafter(s, torch.full_like(s, float("inf"))), s)  # never rounded down,
+    s = torch.where(s > 0, s, torch.ones_like(s))  # so [lo, hi] fits 16 codes; an all-zero group: any step
     z = torch.round(-lo / s.float()).clamp(0, 15)
     q = torch.round(g / s.float()[..., None] + z[..., None]).clamp(0, 15)
     return q.reshape(out_f, in_f).to(torch.uint8), s, z.to(torch.uint8)
@@ -247,10 +252,8 @@ class Int8Embedding(nn.Module):
 
 # ---- whole models ----------------------------------------------------------------------------------
 
-def _resolve_kernel(method: str, kernel: str) -> str:
-    """int8 layers: fbgemm where this PyTorch has it (auto), or dequant; int4 layers always dequant."""
-    if method in ("int4", "awq"):
-        return "dequant"
+def _resolve_kernel(kernel: str) -> str:
+    """What int8 layers run on: fbgemm where this PyTorch has it (auto), or dequant."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel: must be one of {', '.join(KERNELS)}, not {kernel!r}")
     if kernel == "auto":
@@ -272,16 +275,16 @@ def plan_layers(model: nn.Module, spec: QuantSpec) -> dict[str, dict]:
     emb_weights = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
     layers: dict[str, dict] = {}
     for name, m in model.named_modules():
-        if isinstance(m, nn.Embedding) and spec.embeddings and m.weight.dim() == 2 and m.num_embeddings > 2:
+        if any(re.search(p, name) for p in spec.skip):
+            continue
+        if isinstance(m, nn.Embedding) and spec.embeddings and m.num_embeddings > 2:
             layers[name] = {"type": "int8_embedding", "shape": list(m.weight.shape)}
         elif isinstance(m, nn.Linear):
             tied = emb_weights.get(id(m.weight))
             if tied is not None:
-                if spec.embeddings:
+                if tied in layers:  # a head follows its table (planned before it: modules come in order)
                     layers[name] = {"type": "int8_linear", "shape": [m.out_features, m.in_features],
                                     "bias": m.bias is not None, "tied_to": tied}
-                continue
-            if any(re.search(p, name) for p in spec.skip):
                 continue
             int4 = spec.method in ("int4", "awq") and m.in_features % spec.group_size == 0
             layers[name] = {"type": "int4_linear" if int4 else "int8_linear",
@@ -293,7 +296,7 @@ def plan_layers(model: nn.Module, spec: QuantSpec) -> dict[str, dict]:
 
 def convert(model: nn.Module, spec: QuantSpec, layers: dict[str, dict], kernel: str = "auto") -> nn.Module:
     """Swaps the planned modules for empty quantized ones in place (the skeleton a load fills in)."""
-    int8_kernel = _resolve_kernel("int8", kernel)
+    int8_kernel = _resolve_kernel(kernel)
     for name, info in layers.items():
         out_f, in_f = info["shape"]
         if info["type"] == "int8_embedding":
@@ -313,25 +316,33 @@ CalibrationRun = Callable[[nn.Module], None]  # runs the float model over the ca
 @torch.no_grad()
 def collect_inputs(model: nn.Module, names: list[str], run: CalibrationRun,
                    max_rows: int = 4096) -> dict[str, torch.Tensor]:
-    """The inputs each named Linear sees while `run` feeds calibration data: {name: (rows, in)}."""
-    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    hooks = []
-    for name in names:
-        def hook(module, args, name=name):
-            rows = args[0].detach().reshape(-1, args[0].size(-1)).float()
-            if sum(len(r) for r in seen[name]) < max_rows:
-                seen[name].append(rows)
-        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    """The inputs each named Linear sees while `run` feeds calibration data: {name: (rows, in)}.
+
+    Every row is kept until a layer holds 2 x max_rows; then every other one is
+    dropped and later rows are taken at twice the stride, so the rows kept stay
+    spread evenly over all the calibration data in bounded memory.
+    """
+    kept: dict[str, list] = {n: [[], 1, 0] for n in names}  # rows, stride, rows seen
+
+    def hook(module, args, name):
+        rows, stride, seen = kept[name]
+        x = args[0].detach().reshape(-1, args[0].size(-1)).float()
+        rows.append(x[(-seen) % stride::stride])  # continue the stride across calls
+        kept[name][2] = seen + len(x)
+        if sum(len(r) for r in rows) > 2 * max_rows:
+            kept[name][0], kept[name][1] = [torch.cat(rows)[::2]], stride * 2
+
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in names]
     try:
         run(model)
     finally:
         for h in hooks:
             h.remove()
     out = {}
-    for name, parts in seen.items():
-        if not parts:
+    for name, (rows, _, _) in kept.items():
+        if not rows:
             raise ValueError(f"calibration never reached layer '{name}'")
-        x = torch.cat(parts)
+        x = torch.cat(rows)
         out[name] = x[torch.linspace(0, len(x) - 1, min(len(x), max_rows)).long()]  # evenly spread rows
     return out
 
@@ -387,7 +398,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, calibrate: CalibrationRun 
             codes, m.scales, m.zeros = quantize_int4(w, spec.group_size)
             m.qweight = pack_int4(codes)
         if b is not None and getattr(m, "bias", None) is not None:
-            m.bias = b.detach().float().clone()
+            m.bias = b.detach().float()  # the copy's own tensor: a bias shared with another module stays shared
     tie(model, layers)
     description = {"method": spec.method, "bits": spec.bits, "group_size": spec.group_size if spec.bits == 4 else None,
                    "embeddings": spec.embeddings, "skip": list(spec.skip), "layers": layers,
@@ -407,11 +418,12 @@ def tie(model: nn.Module, layers: dict[str, dict]) -> None:
 
 
 def kernels_used(model: nn.Module) -> dict[str, int]:
-    """{kernel: number of layers that run on it}."""
+    """{kernel: number of layers that run on it} where the model is now (fbgemm runs on CPU only)."""
     out: dict[str, int] = {}
     for m in model.modules():
         if isinstance(m, (Int8Linear, Int4Linear)):
-            out[m.kernel] = out.get(m.kernel, 0) + 1
+            kernel = m.kernel if m.qweight.device.type == "cpu" else "dequant"
+            out[kernel] = out.get(kernel, 0) + 1
     return out
 
 

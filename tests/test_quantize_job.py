@@ -22,14 +22,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from actors.model_loader import check_servable, load_runnable
+from actors.model_loader import load_runnable, open_runnable
 from cluster.config import load_config
 from cluster.storage import ArtifactError, Storage, write_parquet_file
 from jobs import quantize
 from models.encoder import Encoder, EncoderConfig
 from models.gpt import GPT, GPTConfig
 from models.hf import save_classifier, save_model
-from models.quant import QuantSpec, quantize_model
+from models.quant import QuantSpec, kernels_used, quantize_model
 from models.tasks import SequenceClassifier
 from tiny_data import write_tiny_dataset
 
@@ -113,7 +113,8 @@ def test_awq_calibrates_on_the_lineage_dataset_and_beats_int4(storage, ray_clust
     q = json.loads(art.read_bytes("quantization.json"))
     awq, int4 = (json.loads(store.open("model", n).read_bytes("report.json")) for n in ("gpt_awq", "gpt_int4"))
     assert q["method"] == "awq" and q["bits"] == 4 and len(q["awq_alpha"]) == 8
-    assert awq["calibration"] == "dataset 'tiny' (val)" and awq["kernels"] == {"dequant": 8}
+    # calibrated on validation blocks 24-31: after the 24 the evaluation scores, never on them
+    assert awq["calibration"] == "dataset 'tiny' (val blocks 24-31)" and awq["kernels"] == {"dequant": 8}
     assert awq["size"]["linear_ratio"] <= 0.16
     assert 0 < awq["quality"]["delta"] < int4["quality"]["delta"], (awq["quality"], int4["quality"])
 
@@ -127,25 +128,31 @@ def test_over_budget_is_written_rejected_and_refused_unless_forced(storage, ray_
     art = Storage(storage).open("model", "gpt_int4_strict")
     assert art.manifest["rejected"] is True and art.manifest["quality_gate"]["quality_delta"] > 0.01
     with pytest.raises(ArtifactError, match="rejected by its quality gate"):
-        check_servable(art)
-    check_servable(art, force=True)
+        open_runnable(Storage(storage), "gpt_int4_strict")
+    model, _ = open_runnable(Storage(storage), "gpt_int4_strict", force=True)
+    assert kernels_used(model) == {"dequant": 8}
 
 
 def test_tampered_or_partial_quantized_artifacts_are_refused(storage, ray_cluster, tmp_path):
     quantize.run(_cfg(storage, "name=gpt_w8a8", "method=w8a8"))
     store = Storage(storage)
-    path = store.artifact_path("model", "gpt_w8a8")
+    art = store.open("model", "gpt_w8a8")
+    assert json.loads(art.read_bytes("quantization.json"))["activations"] == "int8 per token, dynamic"
+    assert json.loads(art.read_bytes("report.json"))["kernels"] == {"fbgemm": 8}
     copy = tmp_path / "models" / "copy"
-    shutil.copytree(path, copy)
+    shutil.copytree(store.artifact_path("model", "gpt_w8a8"), copy)
     weights = copy / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match="sha256"):
-        Storage(str(tmp_path)).open("model", "copy")
+    with pytest.raises(ArtifactError, match="fails its sha256 check"):
+        open_runnable(Storage(str(tmp_path)), "copy")
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert kernels_used(open_runnable(Storage(str(tmp_path)), "copy")[0]) == {"fbgemm": 8}  # whole again: it loads
     (copy / "quantization.json").unlink()
-    with pytest.raises(ArtifactError, match="partial"):
-        Storage(str(tmp_path)).open("model", "copy")
+    with pytest.raises(ArtifactError, match="partial: file 'quantization.json' is missing"):
+        open_runnable(Storage(str(tmp_path)), "copy")
 
 
 def test_a_classifier_is_gated_on_accuracy(storage, ray_cluster, tmp_path):
@@ -159,12 +166,19 @@ def test_a_classifier_is_gated_on_accuracy(storage, ray_cluster, tmp_path):
     ids = torch.randint(5, 400, (30, 20), generator=g).numpy().astype(np.int32)
     rows = pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), 20),
                      "length": pa.array(np.full(30, 20, dtype=np.int32)),
-                     "label": pa.array(torch.randint(0, 3, (30,), generator=g).numpy().astype(np.int32))})
+                     "label": pa.array(labels := torch.randint(0, 3, (30,), generator=g).numpy().astype(np.int32))})
     write_parquet_file(str(tmp_path / "val.parquet"), rows)
     quantize.run(_cfg(storage, "model=tiny_clf", "name=clf_int8", f"eval.rows={tmp_path / 'val.parquet'}"))
     report = json.loads(store.open("model", "clf_int8").read_bytes("report.json"))
     assert report["kind"] == "classify" and report["quality"]["metric"] == "accuracy"
     assert report["layers_quantized"] == 6 + 2  # the encoder layer's six Linears, the pooler and the classifier
+    n = 24  # eval.max_examples: the tasks score the first 24 rows; their accuracy is this process's
+    for key, name in (("float", "tiny_clf"), ("quantized", "clf_int8")):
+        model = open_runnable(store, name)[0]
+        with torch.no_grad():
+            pred = model(torch.from_numpy(ids[:n]).long(), torch.full((n,), 20)).argmax(-1)
+        assert report["quality"][key] == pytest.approx((pred == torch.from_numpy(labels[:n]).long()).float().mean().item())
+    assert report["gate"]["passed"] == (report["quality"]["delta"] <= 0.02)
 
 
 def test_mistakes_are_one_sentence(storage, ray_cluster, capsys):

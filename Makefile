@@ -7,7 +7,7 @@ STORAGE    ?= ./runs
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.helio-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo serve test bench clean
 
 install: $(STAMP)
 
@@ -25,12 +25,17 @@ demo: install
 	$(PY) -m jobs.quantize jobs/configs/quantize_demo.yaml --set storage=$(STORAGE)
 	$(PY) -m jobs.make_tasks jobs/configs/make_tasks_demo.yaml --set storage=$(STORAGE)
 	$(PY) -m jobs.finetune jobs/configs/finetune_embed_demo.yaml --set storage=$(STORAGE)
+	$(PY) -m jobs.serve jobs/configs/serve_demo.yaml --set storage=$(STORAGE) --set serve_seconds=0
 	@echo "demo outputs are under $(STORAGE)/: datasets/prepare_demo (Parquet shards, tokenizer.json),"
 	@echo "runs/pretrain_demo (checkpoints, metrics.jsonl, loss.png), models/pretrain_demo (Hugging Face layout),"
 	@echo "models/quantize_demo (int8: model.safetensors, quantization.json, report.json),"
 	@echo "tasks/stdlib_tasks (SFT, classification, retrieval JSONL), models/all-minilm-l6-v2 (imported base),"
 	@echo "adapters/finetune_embed_demo (PEFT LoRA), models/finetune_embed_demo (merged)."
 	@echo "More finetunes on the same storage: jobs/configs/finetune_sft_demo.yaml, finetune_cls_demo.yaml"
+	@echo "Serve them until Ctrl-C: make serve (OpenAI-compatible HTTP on 127.0.0.1:8000)"
+
+serve: install
+	$(PY) -m jobs.serve jobs/configs/serve_demo.yaml --set storage=$(STORAGE)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -168,12 +168,29 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Extends idx (B, T) by up to `max_new_tokens`; temperature 0 is greedy.
 
-        Uses the KV cache: one full forward over the prompt, then one token per
-        step. A row that emits a stop token keeps emitting it (the caller trims);
+        A row that emits a stop token keeps emitting it (the caller trims);
         generation ends early once every row has stopped.
         """
+        steps = self.stream(idx, max_new_tokens, temperature, top_k, top_p, stop_tokens, generator)
+        return torch.cat([idx, *steps], dim=1)
+
+    @torch.no_grad()
+    def stream(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_tokens: Sequence[int] = (),
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """`generate`, one new token per row (B, 1) at a time, as soon as it is sampled.
+
+        Uses the KV cache: one full forward over the prompt, then one token per step.
+        """
         logits, cache = self(idx)
-        out = idx
+        length = idx.size(1)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         stops = torch.tensor(list(stop_tokens), dtype=idx.dtype, device=idx.device)
         for _ in range(max_new_tokens):
@@ -181,11 +198,11 @@ class GPT(nn.Module):
             if len(stops):
                 nxt = torch.where(done[:, None], stops[0], nxt)
                 done |= torch.isin(nxt[:, 0], stops)
-            out = torch.cat([out, nxt], dim=1)
-            if done.all() or out.size(1) >= self.cfg.block_size:
-                break
+            yield nxt
+            length += 1
+            if done.all() or length >= self.cfg.block_size:
+                return
             logits, cache = self(nxt, cache)
-        return out
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

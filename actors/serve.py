@@ -1,0 +1,143 @@
+"""Ray Serve deployments: one per hosted model, behind one OpenAI-compatible HTTP ingress.
+
+- Embedder: mean-pooled, L2-normalised sentence embeddings; requests are
+  batched (`@serve.batch`) and each batch is cut into length-sorted chunks,
+  so a short text is never padded to a long one's length.
+- Classifier: label names and probabilities; batched the same way.
+- Generator: a GPT (float or quantized) with the KV cache and sampling;
+  streams tokens as they are sampled. One request at a time per replica
+  (no batching across requests yet).
+The HTTP ingress that routes to them is actors/serve_api.py.
+
+Heavy state loads in `__init__`; `check_health` makes the model answer a tiny
+forward. Models load through `open_runnable`, which verifies the artifact and
+refuses one its quality gate rejected unless the config forces it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, AsyncIterator
+
+import torch
+import torch.nn.functional as F
+from ray import serve
+
+from actors.model_loader import open_runnable
+from cluster.storage import Storage
+from models.tasks import length_mask
+
+CHUNK = 16  # rows per forward inside a batch
+
+
+def _load(storage: str, artifact: str, force: bool, threads: int) -> tuple[torch.nn.Module, dict]:
+    torch.set_num_threads(max(1, threads))
+    model, art = open_runnable(Storage(storage), artifact, force)
+    return model.eval(), art.manifest
+
+
+def _padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> right-padded ids (B, T) and lengths (B,)."""
+    lengths = torch.tensor([len(r) for r in rows])
+    ids = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return ids, lengths
+
+
+def _by_length(rows: list[list[int]]) -> list[list[int]]:
+    """Indices of `rows` in chunks of similar length (length-aware batching)."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    return [order[i:i + CHUNK] for i in range(0, len(order), CHUNK)]
+
+
+@serve.deployment
+class Embedder:
+    def __init__(self, storage: str, artifact: str, force: bool, pad_id: int, threads: int,
+                 max_batch_size: int, batch_wait_s: float):
+        self.model, self.manifest = _load(storage, artifact, force, threads)
+        self.pad_id = pad_id
+        self.embed.set_max_batch_size(max_batch_size)
+        self.embed.set_batch_wait_timeout_s(batch_wait_s)
+
+    @serve.batch
+    async def embed(self, rows: list[list[int]]) -> list[list[float]]:
+        out: list[list[float]] = [[] for _ in rows]
+        with torch.no_grad():
+            for chunk in _by_length(rows):
+                ids, lengths = _padded([rows[i] for i in chunk], self.pad_id)
+                vecs = F.normalize(self.model.embed(ids, length_mask(lengths, ids.size(1))).float(), dim=-1)
+                for i, v in zip(chunk, vecs.tolist()):
+                    out[i] = v
+        return out
+
+    def check_health(self) -> None:
+        with torch.no_grad():
+            v = self.model.embed(torch.tensor([[self.pad_id + 1, self.pad_id + 2]]))
+        if not torch.isfinite(v).all():
+            raise RuntimeError("the model's embedding of a probe is not finite")
+
+
+@serve.deployment
+class Classifier:
+    def __init__(self, storage: str, artifact: str, force: bool, pad_id: int, threads: int,
+                 max_batch_size: int, batch_wait_s: float, labels: list[str]):
+        self.model, self.manifest = _load(storage, artifact, force, threads)
+        self.pad_id, self.labels = pad_id, labels
+        self.classify.set_max_batch_size(max_batch_size)
+        self.classify.set_batch_wait_timeout_s(batch_wait_s)
+
+    @serve.batch
+    async def classify(self, rows: list[list[int]]) -> list[dict[str, float]]:
+        out: list[dict[str, float]] = [{} for _ in rows]
+        with torch.no_grad():
+            for chunk in _by_length(rows):
+                ids, lengths = _padded([rows[i] for i in chunk], self.pad_id)
+                probs = self.model(ids, lengths).float().softmax(-1)
+                for i, p in zip(chunk, probs.tolist()):
+                    out[i] = dict(zip(self.labels, p))
+        return out
+
+    def check_health(self) -> None:
+        with torch.no_grad():
+            p = self.model(torch.tensor([[self.pad_id + 1]]), torch.tensor([1])).softmax(-1)
+        if not torch.isfinite(p).all():
+            raise RuntimeError("the classifier's answer to a probe is not finite")
+
+
+@serve.deployment
+class Generator:
+    def __init__(self, storage: str, artifact: str, force: bool, threads: int):
+        self.model, self.manifest = _load(storage, artifact, force, threads)
+
+    def generate(self, ids: list[int], params: dict[str, Any]) -> list[int]:
+        return [t for t in self._tokens(ids, params)]
+
+    def stream(self, ids: list[int], params: dict[str, Any]):
+        """Token ids, one at a time (a streaming handle call)."""
+        yield from self._tokens(ids, params)
+
+    def _tokens(self, ids: list[int], p: dict[str, Any]):
+        g = torch.Generator().manual_seed(p["seed"]) if p.get("seed") is not None else None
+        steps = self.model.stream(torch.tensor([ids]), p["max_tokens"], p["temperature"], p.get("top_k"),
+                                  p.get("top_p"), p.get("stop_ids", ()), g)
+        for nxt in steps:
+            token = int(nxt[0, 0])
+            yield token
+            if token in p.get("stop_ids", ()):
+                return
+
+    def check_health(self) -> None:
+        with torch.no_grad():
+            logits, _ = self.model(torch.tensor([[1, 2]]))
+        if not torch.isfinite(logits).all():
+            raise RuntimeError("the model's logits for a probe are not finite")
+
+
+async def stream_tokens(handle, ids: list[int], params: dict[str, Any]) -> AsyncIterator[int]:
+    async for token in handle.options(stream=True).stream.remote(ids, params):
+        yield token
+
+
+def threads_for(num_cpus: float) -> int:
+    return max(1, min(int(round(num_cpus)) or 1, os.cpu_count() or 1))

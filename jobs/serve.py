@@ -1,0 +1,214 @@
+"""Serve model artifacts over an OpenAI-compatible HTTP API on Ray Serve.
+
+    python -m jobs.serve jobs/configs/serve_demo.yaml [--set http.port=8001 ...]
+    serve run jobs.serve:app storage=./runs            # the same application as a Serve builder
+
+Each entry of `models` hosts one model artifact under `storage` as a
+deployment (`generate`: a GPT, float or quantized; `embed`: an encoder;
+`classify`: a sequence classifier), behind one FastAPI ingress on
+`http.host:http.port`. On the embedded default the job keeps serving until
+interrupted; against a running cluster (`RAY_ADDRESS` or `ray_address`) it
+deploys and returns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.cli import UserError, format_summary, run_job
+from cluster.config import ConfigError
+from cluster.storage import Storage
+
+log = logging.getLogger("helio")
+TASKS = ("generate", "embed", "classify")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    id: str  # the name clients send as `model`
+    artifact: str  # a model artifact under storage (float or quantized)
+    task: str = "generate"  # generate | embed | classify
+    replicas: int = 1
+    num_cpus: float = 0.25  # per replica; fractional on small machines
+    max_batch_size: int = 16  # embed / classify: rows per batch
+    batch_wait_s: float = 0.005  # embed / classify: how long a batch waits to fill
+    max_ongoing_requests: int = 16  # per replica
+    force: bool = False  # serve an artifact its quality gate rejected
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task: must be one of {', '.join(TASKS)}, not {self.task!r}")
+        if not self.id or not self.artifact:
+            raise ValueError("id: every model needs an id and an artifact")
+        if self.replicas < 1 or self.max_batch_size < 1 or self.max_ongoing_requests < 1:
+            raise ValueError("replicas: replicas, max_batch_size and max_ongoing_requests must be positive")
+        if not self.num_cpus > 0 or self.batch_wait_s < 0:
+            raise ValueError("num_cpus: must be positive (and batch_wait_s not negative)")
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port: {self.port} is not a TCP port")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    name: str = "serve_demo"  # the Serve application's name
+    storage: str = "./runs"
+    ray_address: str | None = None
+    local_cpus: int | None = None
+    http: HttpConfig = field(default_factory=HttpConfig)
+    models: tuple[ModelEntry, ...] = ()
+    api_keys: tuple[str, ...] = ()  # also HELIO_API_KEYS (comma-separated); none: no auth
+    max_items: int = 64  # inputs per embeddings / classify request
+    ingress_cpus: float = 0.1
+    serve_seconds: float | None = None  # embedded cluster: None serves until interrupted; 0 answers the
+    #                                     sample requests and stops (make demo)
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("models: name at least one model artifact to serve")
+        ids = [m.id for m in self.models]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"models: model ids must be unique, got {ids}")
+
+
+def entries(cfg: ServeConfig) -> list[dict[str, Any]]:
+    """Each model's entry for the ingress (task, tokenizer, context), checked against its artifact."""
+    from actors.model_loader import check_servable
+
+    store = Storage(cfg.storage)
+    out = []
+    for i, m in enumerate(cfg.models):
+        art = store.open("model", m.artifact, verify=False)
+        check_servable(art, m.force)
+        hf = json.loads(art.read_bytes("config.json"))
+        archs = hf.get("architectures") or []
+        kind = ("classify" if any(a.endswith("ForSequenceClassification") for a in archs)
+                else "generate" if hf.get("model_type") == "gpt2" else "embed")
+        if kind != m.task:
+            raise ConfigError(f"models[{i}].task", f"artifact '{m.artifact}' is a {kind} model, not {m.task}")
+        out.append({"id": m.id, "task": m.task, "tokenizer_json": art.read_bytes("tokenizer.json").decode(),
+                    "context": hf.get("n_positions") or hf.get("max_position_embeddings"),
+                    "labels": [hf["id2label"][str(j)] for j in range(len(hf.get("id2label") or {}))]})
+    return out
+
+
+def build_app(cfg: ServeConfig):
+    """The Serve application: one deployment per model, bound into the ingress."""
+    from actors.finetune_data import special_id
+    from actors.serve import Classifier, Embedder, Generator, threads_for
+    from actors.serve_api import Api
+    from tokenizers import Tokenizer
+
+    models = entries(cfg)
+    handles = {}
+    for m, e in zip(cfg.models, models):
+        opts = {"name": f"{e['task']}-{m.id}", "num_replicas": m.replicas,
+                "ray_actor_options": {"num_cpus": m.num_cpus}, "max_ongoing_requests": m.max_ongoing_requests}
+        args = (cfg.storage, m.artifact, m.force)
+        if m.task == "generate":
+            handles[m.id] = Generator.options(**opts).bind(*args, threads_for(m.num_cpus))
+            continue
+        tok = Tokenizer.from_str(e["tokenizer_json"])
+        pad = special_id(tok, ("<|pad|>", "[PAD]", "<pad>"))
+        batch = (pad if pad is not None else 0, threads_for(m.num_cpus), m.max_batch_size, m.batch_wait_s)
+        handles[m.id] = (Embedder.options(**opts).bind(*args, *batch) if m.task == "embed" else
+                         Classifier.options(**opts).bind(*args, *batch, e["labels"]))
+    keys = list(cfg.api_keys) + [k for k in os.environ.get("HELIO_API_KEYS", "").split(",") if k]
+    return Api.options(ray_actor_options={"num_cpus": cfg.ingress_cpus}).bind(
+        models, handles, keys, cfg.max_items, cfg.http.max_body_bytes)
+
+
+def app(args: dict[str, Any]):
+    """The Serve builder (`serve run jobs.serve:app key=value ...`, or a Serve config's import_path):
+    `args` are this job's config keys; `config` names a YAML file to start from."""
+    from cluster.config import load_config
+
+    args = dict(args)
+    path = args.pop("config", os.path.join(os.path.dirname(__file__), "configs", "serve_demo.yaml"))
+    return build_app(load_config(ServeConfig, path, [f"{k}={v}" for k, v in args.items()]))
+
+
+def deploy(cfg: ServeConfig) -> str:
+    """Starts Serve's HTTP proxy where the config says and deploys the application; returns its URL."""
+    from ray import serve
+
+    application = build_app(cfg)  # checks every artifact before anything starts
+    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    serve.run(application, name=cfg.name, route_prefix="/")
+    return f"http://{cfg.http.host}:{cfg.http.port}"
+
+
+def run(cfg: ServeConfig) -> str:
+    from cluster.runtime import connect
+
+    log.info(connect(cfg.ray_address, cfg.local_cpus))
+    try:
+        url = deploy(cfg)
+    except RuntimeError as e:  # a deployment that failed to start (its replica raised in __init__)
+        raise UserError(f"application '{cfg.name}' did not start: {str(e).splitlines()[0]}") from None
+    rows = [(m.id, f"{m.task}: {m.artifact} ({m.replicas} replica(s))") for m in cfg.models]
+    rows += [("HTTP", f"{url}/v1 (OpenAI-compatible), {url}/health")]
+    print(format_summary(f"serving '{cfg.name}'", rows))
+    print(samples(cfg, url), flush=True)
+    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
+        return url
+    if cfg.serve_seconds is None:
+        print("serving until interrupted (Ctrl-C)", flush=True)
+    time.sleep(cfg.serve_seconds if cfg.serve_seconds is not None else float("inf"))
+    return url
+
+
+SAMPLE = {"generate": ("/v1/completions", {"prompt": "def read(path):\n    ", "max_tokens": 40,
+                                           "temperature": 0.8, "top_k": 50, "seed": 0}),
+          "embed": ("/v1/embeddings", {"input": "read a file line by line"}),
+          "classify": ("/v1/classify", {"input": "read a file line by line"})}
+
+
+def samples(cfg: ServeConfig, url: str) -> str:
+    """One request per hosted model over HTTP, as a client would send it, and what came back."""
+    import urllib.request
+
+    keys = list(cfg.api_keys) + [k for k in os.environ.get("HELIO_API_KEYS", "").split(",") if k]
+    lines = []
+    for m in cfg.models:
+        path, body = SAMPLE[m.task]
+        req = urllib.request.Request(url + path, data=json.dumps({"model": m.id, **body}).encode(),
+                                     headers={"content-type": "application/json"})
+        if keys:
+            req.add_header("authorization", f"Bearer {keys[0]}")
+        with urllib.request.urlopen(req, timeout=120) as r:
+            answer = json.loads(r.read())
+        if m.task == "generate":
+            shown = repr(body["prompt"] + answer["choices"][0]["text"])
+        elif m.task == "embed":
+            v = answer["data"][0]["embedding"]
+            shown = f"{len(v)} floats [{', '.join(f'{x:.4f}' for x in v[:4])}, ...]"
+        else:
+            shown = f"{answer['data'][0]['label']} {answer['data'][0]['probabilities']}"
+        lines.append(f"POST {path} {json.dumps({'model': m.id, **body})}\n  -> {shown}")
+    return "\n".join(["", "sample requests over HTTP:"] + lines)
+
+
+CONFIG_CLASS = ServeConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("jobs.serve", __doc__, ServeConfig, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""jobs.serve on a real local Ray Serve, over real HTTP on 127.0.0.1: every route, batching, bad requests.
+
+The hosted models are small and untrained (what is checked is that the
+server answers exactly what the same artifact computes in this process):
+a GPT, its int8 quantization, a BERT-style embedding encoder and a
+classifier, all on one BPE tokenizer trained here on stdlib source.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import socket
+import struct
+import tempfile
+import textwrap
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from actors.model_loader import open_runnable
+from cluster.config import load_config
+from cluster.storage import Storage
+from jobs import serve as serve_job
+from models.encoder import Encoder, EncoderConfig
+from models.gpt import GPT, GPTConfig
+from models.hf import save_classifier, save_model
+from models.quant import QuantSpec, quantize_model, save_quantized
+from models.tasks import SequenceClassifier, embed
+from tiny_data import write_tiny_dataset
+
+pytestmark = pytest.mark.ray
+KEY = "test-key-0123"
+LABELS = ["neg", "pos", "mixed"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _artifact(store: Storage, name: str, write, tokenizer: str, **extra) -> None:
+    with tempfile.TemporaryDirectory() as d, store.create("model", name, {"test": True}) as out:
+        for f in write(d):
+            out.write_bytes(f, Path(d, f).read_bytes())
+        out.write_bytes("tokenizer.json", tokenizer.encode())
+        out.extra.update(extra)
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tmp_path_factory):
+    """A storage root with the four models, served by jobs.serve; yields (base URL, storage)."""
+    import collections
+
+    root = str(tmp_path_factory.mktemp("serve"))
+    store = Storage(root)
+    tok = write_tiny_dataset(store, [collections, textwrap, shutil], 33)[0].to_str()
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=400, block_size=64, n_layer=2, n_head=2, n_embd=64)).eval()
+    _artifact(store, "gpt", lambda d: save_model(gpt, d), tok)
+    q, desc = quantize_model(gpt, QuantSpec(method="int8"))
+
+    def quantized(d: str) -> list[str]:  # what jobs.quantize writes: the float config, the integer weights
+        return sorted(set(save_model(gpt, d)) | set(save_quantized(q, desc, d)))
+
+    _artifact(store, "gpt_int8", quantized, tok)
+    _artifact(store, "gpt_rejected", quantized, tok, rejected=True,
+              quality_gate={"reason": "perplexity moved by +9.00%"})
+    enc = Encoder(EncoderConfig(vocab_size=400, max_position=48, n_layer=2, n_head=2, n_embd=64, pad_id=1))
+    _artifact(store, "enc", lambda d: save_model(enc.drop_mlm_head().eval(), d), tok)
+    clf = SequenceClassifier(Encoder(EncoderConfig(vocab_size=400, max_position=48, n_layer=1, n_head=2, n_embd=64)),
+                             len(LABELS)).eval()
+    _artifact(store, "clf", lambda d: save_classifier(clf, d, LABELS, pad_id=1), tok)
+    port = _free_port()
+    cfg = load_config(serve_job.ServeConfig, None, [
+        f"storage={root}", "name=test_app", f"http.port={port}", f"api_keys=[{KEY}]", "max_items=8",
+        "models=[{id: gpt, artifact: gpt}, {id: gpt-int8, artifact: gpt_int8},"
+        " {id: emb, artifact: enc, task: embed, max_batch_size: 8, batch_wait_s: 0.05},"
+        " {id: clf, artifact: clf, task: classify}]"])
+    url = serve_job.deploy(cfg)
+    yield url, store, cfg
+    from ray import serve
+
+    serve.shutdown()
+
+
+def call(url: str, path: str, body=None, key: str | None = KEY, raw: bytes | None = None) -> tuple[int, dict | str]:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url + path, data=data, method="POST" if data is not None else "GET")
+    req.add_header("content-type", "application/json")
+    if key:
+        req.add_header("authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            text = r.read().decode()
+            status = r.status
+    except urllib.error.HTTPError as e:
+        text, status = e.read().decode(), e.code
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+def _local(store: Storage, name: str):
+    return open_runnable(store, name)[0]
+
+
+def _tok(store: Storage):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(store.open("model", "gpt").read_bytes("tokenizer.json").decode())
+
+
+def test_health_models_and_the_sample_requests_make_demo_prints(server):
+    url, _, cfg = server
+    assert call(url, "/health", key=None) == (200, {"status": "ok", "models": ["clf", "emb", "gpt", "gpt-int8"]})
+    status, body = call(url, "/v1/models")
+    assert status == 200 and {m["id"]: m["task"] for m in body["data"]} == {
+        "gpt": "generate", "gpt-int8": "generate", "emb": "embed", "clf": "classify"}
+    lines = serve_job.samples(cfg, url).splitlines()
+    assert [ln.split('"model": "')[1].split('"')[0] for ln in lines if ln.startswith("POST")] == [
+        "gpt", "gpt-int8", "emb", "clf"]
+    assert "64 floats" in lines[lines.index(next(ln for ln in lines if '"emb"' in ln)) + 1]
+
+
+@pytest.mark.parametrize("model,artifact", [("gpt", "gpt"), ("gpt-int8", "gpt_int8")])
+def test_greedy_completion_is_what_the_artifact_generates_here(server, model, artifact):
+    url, store, _ = server
+    prompt = "def read(path):\n    return"
+    status, body = call(url, "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0})
+    assert status == 200, body
+    tok = _tok(store)
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    expected = _local(store, artifact).generate(torch.tensor([ids]), 12, temperature=0.0)[0, len(ids):].tolist()
+    assert body["choices"][0]["text"] == tok.decode(expected)
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 12, "total_tokens": len(ids) + 12}
+    assert body["choices"][0]["finish_reason"] == "length" and body["object"] == "text_completion"
+
+
+def test_streaming_sends_the_same_text_in_pieces_then_done(server):
+    url, _, _ = server
+    req = {"model": "gpt", "prompt": "import os\n", "max_tokens": 10, "temperature": 0}
+    whole = call(url, "/v1/completions", req)[1]["choices"][0]["text"]
+    status, text = call(url, "/v1/completions", req | {"stream": True})
+    events = [line[len("data: "):] for line in text.split("\n\n") if line]
+    assert status == 200 and events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["usage"]["completion_tokens"] == 10
+
+
+def test_seeded_sampling_repeats_and_stop_strings_cut(server):
+    url, _, _ = server
+    req = {"model": "gpt", "prompt": "class ", "max_tokens": 16, "temperature": 1.0, "top_p": 0.9, "seed": 7}
+    a, b = call(url, "/v1/completions", req)[1], call(url, "/v1/completions", req)[1]
+    assert a["choices"][0]["text"] == b["choices"][0]["text"]
+    text = a["choices"][0]["text"]
+    if len(text) > 2:
+        cut = call(url, "/v1/completions", req | {"stop": [text[2]]})[1]["choices"][0]
+        assert cut["text"] == text[:text.index(text[2])] and cut["finish_reason"] == "stop"
+
+
+def test_embeddings_equal_the_in_process_model_for_every_caller_under_concurrency(server):
+    url, store, _ = server
+    texts = [f"def f{i}(x):\n    return x * {i}" + " + 1" * (i % 7) for i in range(24)]
+    with ThreadPoolExecutor(8) as pool:  # single-text requests that the replica batches together
+        got = list(pool.map(lambda t: call(url, "/v1/embeddings", {"model": "emb", "input": t}), texts))
+    tok = _tok(store)
+    model = _local(store, "enc")
+    for t, (status, body) in zip(texts, got):
+        ids = torch.tensor([tok.encode(t).ids])
+        expected = embed(model, ids, torch.tensor([ids.size(1)]))[0]
+        assert status == 200 and torch.allclose(torch.tensor(body["data"][0]["embedding"]), expected, atol=1e-5)
+    status, body = call(url, "/v1/embeddings", {"model": "emb", "input": texts[:3], "encoding_format": "base64"})
+    floats = [struct.unpack(f"<{64}f", base64.b64decode(d["embedding"])) for d in body["data"]]
+    singles = [torch.tensor(b["data"][0]["embedding"]) for _, b in got[:3]]
+    assert all(torch.allclose(torch.tensor(f), s, atol=1e-5) for f, s in zip(floats, singles))
+    assert body["usage"]["prompt_tokens"] == sum(len(tok.encode(t).ids) for t in texts[:3])
+
+
+def test_classify_names_labels_with_probabilities(server):
+    url, store, _ = server
+    texts = ["good", "bad and long " * 5]
+    status, body = call(url, "/v1/classify", {"model": "clf", "input": texts})
+    assert status == 200
+    tok, model = _tok(store), _local(store, "clf")
+    for text, row in zip(texts, body["data"]):
+        ids = torch.tensor([tok.encode(text).ids])
+        probs = model(ids, torch.tensor([ids.size(1)])).softmax(-1)[0]
+        assert row["label"] == LABELS[int(probs.argmax())]
+        assert torch.allclose(torch.tensor([row["probabilities"][n] for n in LABELS]), probs, atol=1e-5)
+
+
+BAD = [
+    ("/v1/completions", {"prompt": "x"}, 400, "model"),
+    ("/v1/completions", {"model": "gpt"}, 400, "prompt"),
+    ("/v1/completions", {"model": "gpt", "prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"model": "gpt", "prompt": 5}, 400, "prompt"),
+    ("/v1/completions", {"model": "gpt", "prompt": ["a"]}, 400, "prompt"),
+    ("/v1/completions", {"model": "gpt", "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "gpt", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "gpt", "prompt": "x", "max_tokens": 10**9}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "gpt", "prompt": "x", "max_tokens": "10"}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "gpt", "prompt": "x", "max_tokens": 1.5}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "gpt", "prompt": "x", "temperature": -0.1}, 400, "temperature"),
+    ("/v1/completions", {"model": "gpt", "prompt": "x", "temperature": 2.5}, 400, "temperature"),
+    ("/v1/completions", {"model": "gpt", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {"model": "gpt", "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"model": "gpt", "prompt": "x", "top_k": 0}, 400, "top_k"),
+    ("/v1/completions", {"model": "gpt", "prompt": "x", "seed": "s"}, 400, "seed"),
+    ("/v1/completions", {"model": "gpt", "prompt": "x", "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"model": "gpt", "prompt": "x", "n": 2}, 400, "n"),
+    ("/v1/completions", {"model": "gpt", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/completions", {"model": "gpt", "prompt": "x", "stop": [""]}, 400, "stop"),
+    ("/v1/completions", {"model": "gpt", "prompt": "word " * 200}, 400, "prompt"),
+    ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model"),
+    ("/v1/completions", {"model": "emb", "prompt": "x"}, 400, "model"),
+    ("/v1/completions", [1, 2], 400, None),
+    ("/v1/embeddings", {"model": "emb"}, 400, "input"),
+    ("/v1/embeddings", {"model": "emb", "input": []}, 400, "input"),
+    ("/v1/embeddings", {"model": "emb", "input": ""}, 400, "input"),
+    ("/v1/embeddings", {"model": "emb", "input": [1, 2]}, 400, "input"),
+    ("/v1/embeddings", {"model": "emb", "input": ["a"] * 9}, 400, "input"),
+    ("/v1/embeddings", {"model": "emb", "input": "word " * 100}, 400, "input"),
+    ("/v1/embeddings", {"model": "emb", "input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
+    ("/v1/embeddings", {"model": "gpt", "input": "x"}, 400, "model"),
+    ("/v1/classify", {"model": "clf", "input": None}, 400, "input"),
+    ("/v1/classify", {"model": "emb", "input": "x"}, 400, "model"),
+]
+
+
+def test_malformed_requests_get_a_4xx_naming_the_field_and_the_server_keeps_serving(server):
+    url, _, _ = server
+    for path, body, status, param in BAD:
+        got, answer = call(url, path, body)
+        assert got == status, (body, got, answer)
+        assert isinstance(answer, dict) and set(answer["error"]) == {"message", "type", "param", "code"}, answer
+        if param:
+            assert (answer["error"]["param"] or "").split(".")[0] == param, (body, answer)
+    for raw in (b"{not json", b'{"model": "gpt", "prompt": "\xff\xfe"}', b""):
+        got, answer = call(url, "/v1/completions", raw=raw)
+        assert 400 <= got < 500 and "error" in answer, (raw, got, answer)
+    got, answer = call(url, "/v1/completions", raw=b'{"model": "gpt", "prompt": "' + b"a" * (2 << 20) + b'"}')
+    assert got == 413 and answer["error"]["code"] == "body_too_large"
+    assert call(url, "/health", key=None)[0] == 200
+    assert call(url, "/v1/embeddings", {"model": "emb", "input": "word " * 100, "truncate": True})[0] == 200
+    assert call(url, "/v1/completions", {"model": "gpt", "prompt": "x", "max_tokens": 2})[0] == 200
+
+
+def test_api_keys_are_required(server):
+    url, _, _ = server
+    for key in (None, "wrong", KEY + "x"):
+        status, body = call(url, "/v1/models", key=key)
+        assert status == 401 and body["error"]["type"] == "authentication_error"
+    assert call(url, "/v1/completions", {"model": "gpt", "prompt": "x"}, key=None)[0] == 401
+    assert call(url, "/v1/completions", {"prompt": 5}, key=None)[0] == 401  # the key is checked before the body
+
+
+def test_a_rejected_artifact_is_not_served_unless_forced(server, capsys):
+    _, store, _ = server
+    argv = ["--set", f"storage={store.root}", "--set", "models=[{id: r, artifact: gpt_rejected}]"]
+    assert serve_job.main(argv) == 2
+    assert "rejected by its quality gate (perplexity moved by +9.00%)" in capsys.readouterr().err
+    cfg = load_config(serve_job.ServeConfig, None, [f"storage={store.root}",
+                                                   "models=[{id: r, artifact: gpt_rejected, force: true}]"])
+    assert serve_job.entries(cfg)[0]["task"] == "generate"

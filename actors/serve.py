@@ -111,7 +111,7 @@ class Generator:
         self.model, self.manifest = _load(storage, artifact, force, threads)
 
     def generate(self, ids: list[int], params: dict[str, Any]) -> list[int]:
-        return [t for t in self._tokens(ids, params)]
+        return list(self._tokens(ids, params))
 
     def stream(self, ids: list[int], params: dict[str, Any]):
         """Token ids, one at a time (a streaming handle call)."""

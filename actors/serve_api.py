@@ -141,11 +141,6 @@ class Completion:
         yield "data: [DONE]\n\n"
 
 
-async def _gather(responses: list) -> list:
-    """The results of several deployment calls, in order (each row joins the replica's next batch)."""
-    return list(await asyncio.gather(*responses))
-
-
 @serve.deployment
 @serve.ingress(app)
 class Api:
@@ -227,31 +222,30 @@ class Api:
         return {"object": "list", "data": [{"id": m.id, "object": "model", "created": self.created,
                                             "owned_by": "helio", "task": m.task} for m in self.models.values()]}
 
+    async def _per_input(self, request: Request, schema: type[BaseModel], task: str) -> tuple[Any, Served, list, dict]:
+        """Parses a request whose `input` is a text or a list of texts and sends every text to the model's
+        batched method: (request, model, one answer per text, usage)."""
+        body = await self._parse(request, schema)
+        served = self._model(body.model, task)
+        rows = self._encode(served, [body.input] if isinstance(body.input, str) else body.input, body.truncate)
+        method = getattr(served.handle, task)  # embed / classify, each row joins the replica's next batch
+        answers = list(await asyncio.gather(*(method.remote(r) for r in rows)))
+        tokens = sum(len(r) for r in rows)
+        return body, served, answers, {"prompt_tokens": tokens, "total_tokens": tokens}
+
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> dict:
-        body = await self._parse(request, EmbeddingRequest)
-        served = self._model(body.model, "embed")
-        texts = [body.input] if isinstance(body.input, str) else body.input
-        rows = self._encode(served, texts, body.truncate)
-        vectors = await _gather([served.handle.embed.remote(r) for r in rows])
+        body, served, vectors, usage = await self._per_input(request, EmbeddingRequest, "embed")
         data = [{"object": "embedding", "index": i,
                  "embedding": v if body.encoding_format == "float" else
                  base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()} for i, v in enumerate(vectors)]
-        tokens = sum(len(r) for r in rows)
-        return {"object": "list", "data": data, "model": served.id,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return {"object": "list", "data": data, "model": served.id, "usage": usage}
 
     @app.post("/v1/classify")
     async def classify(self, request: Request) -> dict:
-        body = await self._parse(request, ClassifyRequest)
-        served = self._model(body.model, "classify")
-        texts = [body.input] if isinstance(body.input, str) else body.input
-        rows = self._encode(served, texts, body.truncate)
-        results = await _gather([served.handle.classify.remote(r) for r in rows])
+        _, served, results, usage = await self._per_input(request, ClassifyRequest, "classify")
         data = [{"index": i, "label": max(p, key=p.get), "probabilities": p} for i, p in enumerate(results)]
-        tokens = sum(len(r) for r in rows)
-        return {"object": "list", "data": data, "model": served.id,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return {"object": "list", "data": data, "model": served.id, "usage": usage}
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):

@@ -7,6 +7,8 @@ quality gate rejected it unless forced, and loads it.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow.fs as pafs
 import torch
@@ -48,6 +50,14 @@ def load_runnable(uri: str, kernel: str = "auto") -> nn.Module:
         if quantized:
             return load_quantized(empty_model(folder), folder, kernel)[0]
         return load_inference_model(folder)
+
+
+def artifact_kind(art: Artifact) -> str:
+    """What `model_kind` says of the model an artifact holds, read from its config.json alone."""
+    hf = json.loads(art.read_bytes("config.json"))
+    if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []):
+        return "classify"
+    return "lm" if hf.get("model_type") == "gpt2" else "embed"
 
 
 def model_kind(model: nn.Module) -> str:

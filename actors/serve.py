@@ -30,10 +30,9 @@ from models.tasks import length_mask
 CHUNK = 16  # rows per forward inside a batch
 
 
-def _load(storage: str, artifact: str, force: bool, threads: int) -> tuple[torch.nn.Module, dict]:
+def _load(storage: str, artifact: str, force: bool, threads: int) -> torch.nn.Module:
     torch.set_num_threads(max(1, threads))
-    model, art = open_runnable(Storage(storage), artifact, force)
-    return model.eval(), art.manifest
+    return open_runnable(Storage(storage), artifact, force)[0].eval()
 
 
 def _padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +54,7 @@ def _by_length(rows: list[list[int]]) -> list[list[int]]:
 class Embedder:
     def __init__(self, storage: str, artifact: str, force: bool, pad_id: int, threads: int,
                  max_batch_size: int, batch_wait_s: float):
-        self.model, self.manifest = _load(storage, artifact, force, threads)
+        self.model = _load(storage, artifact, force, threads)
         self.pad_id = pad_id
         self.embed.set_max_batch_size(max_batch_size)
         self.embed.set_batch_wait_timeout_s(batch_wait_s)
@@ -82,7 +81,7 @@ class Embedder:
 class Classifier:
     def __init__(self, storage: str, artifact: str, force: bool, pad_id: int, threads: int,
                  max_batch_size: int, batch_wait_s: float, labels: list[str]):
-        self.model, self.manifest = _load(storage, artifact, force, threads)
+        self.model = _load(storage, artifact, force, threads)
         self.pad_id, self.labels = pad_id, labels
         self.classify.set_max_batch_size(max_batch_size)
         self.classify.set_batch_wait_timeout_s(batch_wait_s)
@@ -108,7 +107,7 @@ class Classifier:
 @serve.deployment
 class Generator:
     def __init__(self, storage: str, artifact: str, force: bool, threads: int):
-        self.model, self.manifest = _load(storage, artifact, force, threads)
+        self.model = _load(storage, artifact, force, threads)
 
     def generate(self, ids: list[int], params: dict[str, Any]) -> list[int]:
         return list(self._tokens(ids, params))

@@ -73,7 +73,7 @@ def peers(float_model) -> dict:
 
 
 def bench_model(storage: str, name: str, args) -> dict:
-    from actors.model_loader import load_runnable
+    from actors.model_loader import artifact_kind, load_runnable
     from actors.quantize import latency, score
     from cluster.config import load_config
     from cluster.storage import Storage
@@ -85,7 +85,7 @@ def bench_model(storage: str, name: str, args) -> dict:
         for step in MAKE[name]:
             job(step, storage)
     parent = store.open("model", name)
-    kind = quantize.artifact_kind(parent)
+    kind = artifact_kind(parent)
     float_model = load_runnable(parent.uri)
     variants, reports = {"fp32": float_model}, {}
     for method in METHODS:

@@ -29,6 +29,7 @@ import numpy as np
 
 from cluster.cli import JobFailed, UserError, format_summary, run_job
 from cluster.config import ConfigError, to_dict
+from actors.model_loader import artifact_kind
 from cluster.storage import Artifact, Storage, resolve
 from models.quant import KERNELS, QuantSpec
 
@@ -92,14 +93,6 @@ class QuantizeConfig:
 
 
 # ---- what the model is, and the data that measures it ----------------------------------------------
-
-def artifact_kind(art: Artifact) -> str:
-    """lm (GPT), classify (a *ForSequenceClassification) or embed (an encoder), from config.json."""
-    hf = json.loads(art.read_bytes("config.json"))
-    if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []):
-        return "classify"
-    return "lm" if hf.get("model_type") == "gpt2" else "embed"
-
 
 def lineage_dataset(store: Storage, art: Artifact, depth: int = 4) -> Artifact | None:
     """The nearest dataset artifact among the model's ancestors (a finetune's base's dataset, ...)."""

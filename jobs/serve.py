@@ -87,7 +87,7 @@ class ServeConfig:
 
 def entries(cfg: ServeConfig) -> list[dict[str, Any]]:
     """Each model's entry for the ingress (task, tokenizer, context), checked against its artifact."""
-    from actors.model_loader import check_servable
+    from actors.model_loader import artifact_kind, check_servable
 
     store = Storage(cfg.storage)
     out = []
@@ -95,15 +95,18 @@ def entries(cfg: ServeConfig) -> list[dict[str, Any]]:
         art = store.open("model", m.artifact, verify=False)
         check_servable(art, m.force)
         hf = json.loads(art.read_bytes("config.json"))
-        archs = hf.get("architectures") or []
-        kind = ("classify" if any(a.endswith("ForSequenceClassification") for a in archs)
-                else "generate" if hf.get("model_type") == "gpt2" else "embed")
+        kind = artifact_kind(art).replace("lm", "generate")  # a GPT is served for generation
         if kind != m.task:
             raise ConfigError(f"models[{i}].task", f"artifact '{m.artifact}' is a {kind} model, not {m.task}")
         out.append({"id": m.id, "task": m.task, "tokenizer_json": art.read_bytes("tokenizer.json").decode(),
                     "context": hf.get("n_positions") or hf.get("max_position_embeddings"),
                     "labels": [hf["id2label"][str(j)] for j in range(len(hf.get("id2label") or {}))]})
     return out
+
+
+def api_keys(cfg: ServeConfig) -> list[str]:
+    """The config's keys and HELIO_API_KEYS' (comma-separated)."""
+    return list(cfg.api_keys) + [k for k in os.environ.get("HELIO_API_KEYS", "").split(",") if k]
 
 
 def build_app(cfg: ServeConfig):
@@ -127,9 +130,8 @@ def build_app(cfg: ServeConfig):
         batch = (pad if pad is not None else 0, threads_for(m.num_cpus), m.max_batch_size, m.batch_wait_s)
         handles[m.id] = (Embedder.options(**opts).bind(*args, *batch) if m.task == "embed" else
                          Classifier.options(**opts).bind(*args, *batch, e["labels"]))
-    keys = list(cfg.api_keys) + [k for k in os.environ.get("HELIO_API_KEYS", "").split(",") if k]
     return Api.options(ray_actor_options={"num_cpus": cfg.ingress_cpus}).bind(
-        models, handles, keys, cfg.max_items, cfg.http.max_body_bytes)
+        models, handles, api_keys(cfg), cfg.max_items, cfg.http.max_body_bytes)
 
 
 def app(args: dict[str, Any]):
@@ -182,7 +184,7 @@ def samples(cfg: ServeConfig, url: str) -> str:
     """One request per hosted model over HTTP, as a client would send it, and what came back."""
     import urllib.request
 
-    keys = list(cfg.api_keys) + [k for k in os.environ.get("HELIO_API_KEYS", "").split(",") if k]
+    keys = api_keys(cfg)
     lines = []
     for m in cfg.models:
         path, body = SAMPLE[m.task]

@@ -494,5 +494,4 @@ def load_quantized(skeleton: nn.Module, folder: str | Path, kernel: str = "auto"
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:300]
         raise ValueError(f"{folder}/{WEIGHTS} does not match {QUANT_CONFIG}: {detail}") from None
-    tie(skeleton, description["layers"])
     return skeleton.eval(), description

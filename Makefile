@@ -7,7 +7,7 @@ STORAGE    ?= ./runs
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.helio-installed
 
-.PHONY: install demo serve test bench clean
+.PHONY: install demo serve test bench proto clean
 
 install: $(STAMP)
 
@@ -45,6 +45,11 @@ bench: install
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/finetune.py
 	$(PY) benchmarks/quantize.py --storage $(STORAGE)
+	$(PY) benchmarks/serve.py --storage $(STORAGE)
+
+# after editing actors/proto/helio.proto (tests/test_serve_config.py checks the committed stubs are current)
+proto: install
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. actors/proto/helio.proto
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -5,8 +5,9 @@
   so a short text is never padded to a long one's length.
 - Classifier: label names and probabilities; batched the same way.
 - Generator: a GPT (float or quantized) with the KV cache and sampling;
-  streams tokens as they are sampled. One request at a time per replica
-  (no batching across requests yet).
+  streams tokens as they are sampled. Concurrent requests share decode steps
+  through iteration-level batching (actors/engine.py): a new request joins
+  the running batch at the next step.
 The HTTP ingress that routes to them is actors/serve_api.py.
 
 Heavy state loads in `__init__`; `check_health` makes the model answer a tiny
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from ray import serve
 
+from actors.engine import Engine
 from actors.model_loader import open_runnable
 from cluster.storage import Storage
 from models.tasks import length_mask
@@ -31,8 +33,14 @@ CHUNK = 16  # rows per forward inside a batch
 
 
 def _load(storage: str, artifact: str, force: bool, threads: int) -> torch.nn.Module:
+    """The artifact's model, on the replica's GPU when Serve gave it one (`num_gpus`), else on CPU."""
     torch.set_num_threads(max(1, threads))
-    return open_runnable(Storage(storage), artifact, force)[0].eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return open_runnable(Storage(storage), artifact, force)[0].eval().to(device)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +58,18 @@ def _by_length(rows: list[list[int]]) -> list[list[int]]:
     return [order[i:i + CHUNK] for i in range(0, len(order), CHUNK)]
 
 
+@torch.no_grad()
+def encode(model: torch.nn.Module, rows: list[list[int]], pad_id: int) -> list[list[float]]:
+    """Token lists -> L2-normalised mean-pooled embeddings, in length-sorted chunks (what Embedder runs)."""
+    out: list[list[float]] = [[] for _ in rows]
+    for chunk in _by_length(rows):
+        ids, lengths = (t.to(_device(model)) for t in _padded([rows[i] for i in chunk], pad_id))
+        vecs = F.normalize(model.embed(ids, length_mask(lengths, ids.size(1))).float(), dim=-1)
+        for i, v in zip(chunk, vecs.tolist()):
+            out[i] = v
+    return out
+
+
 @serve.deployment
 class Embedder:
     def __init__(self, storage: str, artifact: str, force: bool, pad_id: int, threads: int,
@@ -61,14 +81,7 @@ class Embedder:
 
     @serve.batch
     async def embed(self, rows: list[list[int]]) -> list[list[float]]:
-        out: list[list[float]] = [[] for _ in rows]
-        with torch.no_grad():
-            for chunk in _by_length(rows):
-                ids, lengths = _padded([rows[i] for i in chunk], self.pad_id)
-                vecs = F.normalize(self.model.embed(ids, length_mask(lengths, ids.size(1))).float(), dim=-1)
-                for i, v in zip(chunk, vecs.tolist()):
-                    out[i] = v
-        return out
+        return encode(self.model, rows, self.pad_id)
 
     def check_health(self) -> None:
         with torch.no_grad():
@@ -91,7 +104,8 @@ class Classifier:
         out: list[dict[str, float]] = [{} for _ in rows]
         with torch.no_grad():
             for chunk in _by_length(rows):
-                ids, lengths = _padded([rows[i] for i in chunk], self.pad_id)
+                rows_in = _padded([rows[i] for i in chunk], self.pad_id)
+                ids, lengths = (t.to(_device(self.model)) for t in rows_in)
                 probs = self.model(ids, lengths).float().softmax(-1)
                 for i, p in zip(chunk, probs.tolist()):
                     out[i] = dict(zip(self.labels, p))
@@ -106,25 +120,18 @@ class Classifier:
 
 @serve.deployment
 class Generator:
-    def __init__(self, storage: str, artifact: str, force: bool, threads: int):
+    def __init__(self, storage: str, artifact: str, force: bool, threads: int, max_batch_size: int,
+                 stream_interval_s: float):
         self.model = _load(storage, artifact, force, threads)
+        self.engine = Engine(self.model, max_batch_size, stream_interval_s)
 
-    def generate(self, ids: list[int], params: dict[str, Any]) -> list[int]:
-        return list(self._tokens(ids, params))
+    async def generate(self, ids: list[int], params: dict[str, Any]) -> list[int]:
+        return [t async for piece in self.engine.generate(ids, params) for t in piece]
 
-    def stream(self, ids: list[int], params: dict[str, Any]):
-        """Token ids, one at a time (a streaming handle call)."""
-        yield from self._tokens(ids, params)
-
-    def _tokens(self, ids: list[int], p: dict[str, Any]):
-        g = torch.Generator().manual_seed(p["seed"]) if p.get("seed") is not None else None
-        steps = self.model.stream(torch.tensor([ids]), p["max_tokens"], p["temperature"], p.get("top_k"),
-                                  p.get("top_p"), p.get("stop_ids", ()), g)
-        for nxt in steps:
-            token = int(nxt[0, 0])
-            yield token
-            if token in p.get("stop_ids", ()):
-                return
+    async def stream(self, ids: list[int], params: dict[str, Any]) -> AsyncIterator[list[int]]:
+        """Token ids as they are sampled, in pieces (a streaming handle call)."""
+        async for piece in self.engine.generate(ids, params):
+            yield piece
 
     def check_health(self) -> None:
         with torch.no_grad():

@@ -1,270 +1,196 @@
-"""The OpenAI-compatible HTTP ingress: keys, validation, tokenization, routing to the model deployments.
+"""The ingress: an OpenAI-compatible HTTP API (FastAPI) and the gRPC API (actors/proto/helio.proto) on
+one Serve deployment, both over actors/serve_requests.py.
 
-Routes: GET /health, GET /v1/models, POST /v1/completions (SSE with
-`stream: true`), POST /v1/embeddings, POST /v1/classify. A client's mistake
-is a 4xx whose body is OpenAI's error shape
-(`{"error": {"message", "type", "param", "code"}}`), never a 500.
+HTTP: GET /health, GET /v1/models, POST /v1/completions and /v1/chat/completions (SSE with
+`stream: true`), POST /v1/embeddings, POST /v1/classify. A client's mistake is a 4xx whose body is
+OpenAI's error shape (`{"error": {"message", "type", "param", "code"}}`), never a 500; an overloaded
+or restarting model is a 503 with Retry-After; a request past its deadline is a 504.
+
+gRPC (through Serve's gRPC proxy, which calls the method of the same name here): helio.v1.Helio's
+Complete (server streaming), Embed, Classify, and grpc.health.v1.Health's Check, which asks every
+model deployment to answer a tiny forward. Errors carry INVALID_ARGUMENT, NOT_FOUND,
+UNAUTHENTICATED, RESOURCE_EXHAUSTED, UNAVAILABLE or DEADLINE_EXCEEDED.
 """
-
+# No `from __future__ import annotations` here: FastAPI reads the route signatures at run time.
 
 import asyncio
 import base64
-import hmac
 import json
 import struct
-import time
-import uuid
-from typing import Any, Literal
+from typing import Any, AsyncIterator
 
+import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from grpc_health.v1 import health_pb2
 from ray import serve
-from tokenizers import Tokenizer
+from ray.serve.grpc_util import RayServegRPCContext
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from actors.finetune_data import special_id
-from actors.serve import stream_tokens
+from actors.proto import helio_pb2 as pb
+from actors.serve_requests import (ApiError, ChatRequest, ClassifyRequest, CompletionRequest, EmbeddingRequest,
+                                   Frontend, answer)
 
 app = FastAPI(title="Helio", docs_url=None, redoc_url=None)
-Number = StrictFloat | StrictInt
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-
-def error_body(status: int, message: str, param: str | None, code: str | None, kind: str) -> JSONResponse:
-    return JSONResponse(status_code=status,
-                        content={"error": {"message": message, "type": kind, "param": param, "code": code}})
+def error_response(e: ApiError) -> JSONResponse:
+    headers = {"retry-after": str(int(-(-e.retry_after_s // 1)))} if e.retry_after_s is not None else None
+    return JSONResponse(status_code=e.status, content=e.body(), headers=headers)
 
 
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, e: ApiError) -> JSONResponse:
-    return error_body(e.status, e.message, e.param, e.code, e.kind)
+    return error_response(e)
 
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
     # raised by the framework itself: a body it cannot parse (invalid UTF-8), an unknown route, ...
-    return error_body(e.status_code, str(e.detail), None, None, "invalid_request_error")
+    return error_response(ApiError(e.status_code, str(e.detail)))
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields Helio does not use
+async def sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+    """Server-sent events, ending in `data: [DONE]`; an error after the first byte is an error event."""
+    try:
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk)}\n\n"
+    except ApiError as e:
+        yield f"data: {json.dumps(e.body())}\n\n"
+    yield "data: [DONE]\n\n"
 
 
-class CompletionRequest(Strict):
-    model: StrictStr
-    prompt: StrictStr = Field(min_length=1)
-    max_tokens: StrictInt = Field(16, ge=1, le=4096)
-    temperature: Number = Field(1.0, ge=0, le=2)
-    top_p: Number = Field(1.0, gt=0, le=1)
-    top_k: StrictInt | None = Field(None, ge=1)
-    seed: StrictInt | None = None
-    stop: StrictStr | list[StrictStr] | None = None
-    stream: StrictBool = False
-    n: StrictInt = Field(1, ge=1, le=1)
-
-
-class EmbeddingRequest(Strict):
-    model: StrictStr
-    input: StrictStr | list[StrictStr]
-    encoding_format: Literal["float", "base64"] = "float"
-    truncate: StrictBool = False  # Helio's: cut inputs longer than the model's context instead of refusing them
-
-
-class ClassifyRequest(Strict):
-    model: StrictStr
-    input: StrictStr | list[StrictStr]
-    truncate: StrictBool = False
-
-
-class Served:
-    """What the ingress knows of one hosted model: its deployment handle, task and tokenizer."""
-
-    def __init__(self, entry: dict[str, Any], handle: Any):
-        self.id, self.task, self.handle = entry["id"], entry["task"], handle
-        self.tokenizer = Tokenizer.from_str(entry["tokenizer_json"])
-        self.tokenizer.no_padding()
-        self.tokenizer.no_truncation()
-        self.context = entry["context"]
-        self.eos_id = special_id(self.tokenizer, ("<|endoftext|>", "</s>", "[SEP]"))
-
-
-class Completion:
-    """Turns generated token ids into OpenAI completion bodies: stop strings, finish reason, usage."""
-
-    def __init__(self, served: Served, prompt_tokens: int, stops: list[str], max_tokens: int):
-        self.served, self.prompt_tokens, self.stops, self.max_tokens = served, prompt_tokens, stops, max_tokens
-        self.id, self.created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        self.used = 0
-
-    def finish(self, tokens: list[int]) -> tuple[str, str | None]:
-        """(text so far, cut at a stop string or the end-of-text token; finish reason or None)."""
-        self.used = len(tokens)
-        eos = self.served.eos_id
-        ended = eos is not None and eos in tokens
-        text = self.served.tokenizer.decode(tokens[:tokens.index(eos)] if ended else tokens)
-        for s in self.stops:
-            if s in text:
-                return text[:text.index(s)], "stop"
-        if ended:
-            return text, "stop"
-        return text, "length" if len(tokens) >= self.max_tokens else None
-
-    def body(self, text: str, finish: str | None, chunk: bool = False) -> dict:
-        out = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.served.id,
-               "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
-        if not chunk or finish is not None:
-            out["usage"] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.used,
-                            "total_tokens": self.prompt_tokens + self.used}
-        return out
-
-    async def sse(self, tokens) -> Any:
-        """Server-sent events: a chunk per new piece of text, a last chunk with the finish reason, [DONE]."""
-        got: list[int] = []
-        sent, finish = "", None
-        async for t in tokens:
-            got.append(t)
-            text, finish = self.finish(got)
-            if len(text) > len(sent) and finish is None:
-                yield f"data: {json.dumps(self.body(text[len(sent):], None, chunk=True))}\n\n"
-                sent = text
-            if finish is not None:
-                break
-        text, finish = self.finish(got)
-        yield f"data: {json.dumps(self.body(text[len(sent):], finish or 'length', chunk=True))}\n\n"
-        yield "data: [DONE]\n\n"
+def grpc_fields(message: Any) -> dict:
+    """The fields a client set on a request message, as the HTTP schema's dict."""
+    return {f.name: v if isinstance(v, str | int | float | bool) else list(v) for f, v in message.ListFields()}
 
 
 @serve.deployment
 @serve.ingress(app)
-class Api:
-    def __init__(self, models: list[dict[str, Any]], handles: dict[str, Any], api_keys: list[str],
-                 max_items: int, max_body_bytes: int):
-        self.models = {m["id"]: Served(m, handles[m["id"]]) for m in models}
-        self.keys = [k.encode() for k in api_keys]
-        self.max_items, self.max_body_bytes = max_items, max_body_bytes
-        self.created = int(time.time())
+class Api(Frontend):
+    # ---- HTTP ----
 
-    # ---- checks every request goes through, in this order ----
-
-    def _check(self, request: Request) -> None:
-        """The body's declared size, then the API key: before anything is read or parsed."""
+    async def _body(self, request: Request, schema: type) -> Any:
+        """The declared size, then the API key, then the body: nothing is read before the key is checked."""
         size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > self.max_body_bytes:
-            raise ApiError(413, f"the request body has {size} bytes, more than the limit of {self.max_body_bytes}",
-                           code="body_too_large")
-        if self.keys:
-            auth = request.headers.get("authorization", "")
-            token = auth[7:].encode() if auth.lower().startswith("bearer ") else b""
-            if not any(hmac.compare_digest(token, k) for k in self.keys):
-                raise ApiError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
-                               code="invalid_api_key", kind="authentication_error")
-
-    async def _parse(self, request: Request, schema: type[BaseModel]) -> Any:
-        self._check(request)
+        if size is not None and size.isdigit():
+            self.check_size(int(size))
+        self.authorize(request.headers.get("authorization", ""))
         raw = await request.body()
-        if len(raw) > self.max_body_bytes:
-            raise ApiError(413, f"the request body is over the limit of {self.max_body_bytes} bytes",
-                           code="body_too_large")
-        try:
-            return schema.model_validate_json(raw)
-        except ValidationError as e:
-            first = e.errors()[0]
-            if first.get("type") == "json_invalid":
-                raise ApiError(400, "the request body is not valid JSON (in UTF-8)", code="invalid_json") from None
-            param = ".".join(str(p) for p in first.get("loc", ())) or None
-            raise ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param, first.get("type")) \
-                from None
-
-    def _model(self, name: str, task: str) -> Served:
-        served = self.models.get(name)
-        if served is None:
-            raise ApiError(404, f"model '{name}' does not exist; GET /v1/models lists the hosted ones", "model",
-                           "model_not_found")
-        if served.task != task:
-            raise ApiError(400, f"model '{name}' serves {served.task}, not {task}", "model", "wrong_task")
-        return served
-
-    def _encode(self, served: Served, texts: list[str], truncate: bool) -> list[list[int]]:
-        if not texts:
-            raise ApiError(400, "input: must hold at least one string", "input")
-        if len(texts) > self.max_items:
-            raise ApiError(400, f"input: {len(texts)} items, more than the limit of {self.max_items}", "input")
-        rows = []
-        for i, enc in enumerate(served.tokenizer.encode_batch(texts)):
-            if not texts[i].strip():
-                raise ApiError(400, f"input[{i}]: is empty", "input")
-            ids = enc.ids
-            if len(ids) > served.context:
-                if not truncate:
-                    raise ApiError(400, f"input[{i}]: {len(ids)} tokens, longer than the model's context of "
-                                        f"{served.context}; send truncate: true to cut it", "input",
-                                   "context_length_exceeded")
-                ids = ids[:served.context - 1] + ids[-1:]  # keep the closing special token ([SEP])
-            rows.append(ids)
-        return rows
-
-    # ---- routes ----
+        self.check_size(len(raw))
+        return self.validate(schema, raw)
 
     @app.get("/health")
     async def health(self) -> dict:
         return {"status": "ok", "models": sorted(self.models)}
 
     @app.get("/v1/models")
-    async def list_models(self, request: Request) -> dict:
-        self._check(request)
-        return {"object": "list", "data": [{"id": m.id, "object": "model", "created": self.created,
-                                            "owned_by": "helio", "task": m.task} for m in self.models.values()]}
-
-    async def _per_input(self, request: Request, schema: type[BaseModel], task: str) -> tuple[Any, Served, list, dict]:
-        """Parses a request whose `input` is a text or a list of texts and sends every text to the model's
-        batched method: (request, model, one answer per text, usage)."""
-        body = await self._parse(request, schema)
-        served = self._model(body.model, task)
-        rows = self._encode(served, [body.input] if isinstance(body.input, str) else body.input, body.truncate)
-        method = getattr(served.handle, task)  # embed / classify, each row joins the replica's next batch
-        answers = list(await asyncio.gather(*(method.remote(r) for r in rows)))
-        tokens = sum(len(r) for r in rows)
-        return body, served, answers, {"prompt_tokens": tokens, "total_tokens": tokens}
+    async def http_models(self, request: Request) -> dict:
+        self.authorize(request.headers.get("authorization", ""))
+        return {"object": "list", "data": self.list_models()}
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> dict:
-        body, served, vectors, usage = await self._per_input(request, EmbeddingRequest, "embed")
+        body = await self._body(request, EmbeddingRequest)
+        served, vectors, usage = await self.per_input(body, "embed")
         data = [{"object": "embedding", "index": i,
                  "embedding": v if body.encoding_format == "float" else
                  base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()} for i, v in enumerate(vectors)]
         return {"object": "list", "data": data, "model": served.id, "usage": usage}
 
     @app.post("/v1/classify")
-    async def classify(self, request: Request) -> dict:
-        _, served, results, usage = await self._per_input(request, ClassifyRequest, "classify")
+    async def http_classify(self, request: Request) -> dict:
+        body = await self._body(request, ClassifyRequest)
+        served, results, usage = await self.per_input(body, "classify")
         data = [{"index": i, "label": max(p, key=p.get), "probabilities": p} for i, p in enumerate(results)]
         return {"object": "list", "data": data, "model": served.id, "usage": usage}
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
-        body = await self._parse(request, CompletionRequest)
-        served = self._model(body.model, "generate")
-        ids = served.tokenizer.encode(body.prompt, add_special_tokens=False).ids
-        if len(ids) >= served.context:
-            raise ApiError(400, f"prompt: {len(ids)} tokens, the model's context is {served.context}", "prompt",
-                           "context_length_exceeded")
-        stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ApiError(400, "stop: at most 4 non-empty strings", "stop")
-        params = {"max_tokens": min(body.max_tokens, served.context - len(ids)), "temperature": float(body.temperature),
-                  "top_p": float(body.top_p) if body.top_p < 1 else None, "top_k": body.top_k, "seed": body.seed,
-                  "stop_ids": [served.eos_id] if served.eos_id is not None else []}
-        completion = Completion(served, len(ids), stops, params["max_tokens"])
-        if body.stream:
-            return StreamingResponse(completion.sse(stream_tokens(served.handle, ids, params)),
-                                     media_type="text/event-stream")
-        tokens = await served.handle.generate.remote(ids, params)
-        text, finish = completion.finish(tokens)
-        return completion.body(text, finish)
+        return await self._complete(await self._body(request, CompletionRequest))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._complete(await self._body(request, ChatRequest))
+
+    async def _complete(self, body: CompletionRequest | ChatRequest):
+        served, ids, params, completion = self.completion(body)
+        if not body.stream:
+            text, finish = completion.finish(await self.generate(served, ids, params))
+            return completion.body(text, finish)
+        tokens = self.stream(served, ids, params)
+        first = await anext(tokens, None)  # a failure before the first token is still a status code
+
+        async def chunks() -> AsyncIterator[dict]:
+            async def again() -> AsyncIterator[list[int]]:
+                if first is not None:
+                    yield first
+                async for piece in tokens:
+                    yield piece
+
+            async for text, finish in completion.pieces(again()):
+                yield completion.body(text, finish, chunk=True)
+
+        return StreamingResponse(sse(chunks()), media_type="text/event-stream")
+
+    # ---- gRPC ----
+
+    def _grpc(self, context: RayServegRPCContext, e: ApiError) -> ApiError:
+        context.set_code(e.grpc_code)
+        context.set_details(e.message)
+        return e
+
+    def _grpc_request(self, context: RayServegRPCContext, message: Any, schema: type) -> Any:
+        self.check_size(message.ByteSize())
+        self.authorize(dict(context.invocation_metadata()).get("authorization", ""))
+        return self.validate(schema, grpc_fields(message))
+
+    async def Complete(self, request: pb.CompleteRequest, grpc_context: RayServegRPCContext
+                       ) -> AsyncIterator[pb.CompleteChunk]:
+        try:
+            served, ids, params, completion = self.completion(
+                self._grpc_request(grpc_context, request, CompletionRequest))
+            async for text, finish in completion.pieces(self.stream(served, ids, params)):
+                last = finish is not None
+                yield pb.CompleteChunk(text=text, finish_reason=finish or "",
+                                       usage=pb.Usage(**completion.usage()) if last else None)
+        except ApiError as e:
+            raise self._grpc(grpc_context, e) from None
+
+    async def Embed(self, request: pb.EmbedRequest, grpc_context: RayServegRPCContext) -> pb.EmbedReply:
+        try:
+            served, vectors, usage = await self.per_input(
+                self._grpc_request(grpc_context, request, EmbeddingRequest), "embed")
+        except ApiError as e:
+            raise self._grpc(grpc_context, e) from None
+        return pb.EmbedReply(data=[pb.Embedding(values=v) for v in vectors], usage=pb.Usage(**usage))
+
+    async def Classify(self, request: pb.ClassifyRequest, grpc_context: RayServegRPCContext) -> pb.ClassifyReply:
+        try:
+            served, results, usage = await self.per_input(
+                self._grpc_request(grpc_context, request, ClassifyRequest), "classify")
+        except ApiError as e:
+            raise self._grpc(grpc_context, e) from None
+        return pb.ClassifyReply(data=[pb.Classification(label=max(p, key=p.get), probabilities=p) for p in results],
+                                usage=pb.Usage(**usage))
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext
+                    ) -> health_pb2.HealthCheckResponse:
+        """The standard health check: service '' (or helio.v1.Helio) is every model, a model id is that
+        model; SERVING when each answers its tiny forward in time."""
+        service = request.service
+        if service in ("", "helio.v1.Helio"):
+            names = list(self.models)
+        elif service in self.models:
+            names = [service]
+        else:
+            grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+            grpc_context.set_details(f"unknown service '{service}': '' , helio.v1.Helio or a model id")
+            return health_pb2.HealthCheckResponse()
+        try:
+            await answer(asyncio.gather(*(self.models[n].handle.check_health.remote() for n in names)),
+                         self.deadline())
+            status = health_pb2.HealthCheckResponse.SERVING
+        except Exception:  # noqa: BLE001 - any failure of a probe means not serving
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)

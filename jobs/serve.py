@@ -2,13 +2,15 @@
 
     python -m jobs.serve jobs/configs/serve_demo.yaml [--set http.port=8001 ...]
     serve run jobs.serve:app storage=./runs            # the same application as a Serve builder
+    serve deploy jobs/configs/serve_app.yaml           # onto a running cluster, with a Serve config file
 
 Each entry of `models` hosts one model artifact under `storage` as a
 deployment (`generate`: a GPT, float or quantized; `embed`: an encoder;
-`classify`: a sequence classifier), behind one FastAPI ingress on
-`http.host:http.port`. On the embedded default the job keeps serving until
-interrupted; against a running cluster (`RAY_ADDRESS` or `ray_address`) it
-deploys and returns.
+`classify`: a sequence classifier), behind one ingress that answers
+OpenAI-compatible HTTP on `http.host:http.port` and gRPC
+(actors/proto/helio.proto) on `grpc.port`. On the embedded default the job
+keeps serving until interrupted; against a running cluster (`RAY_ADDRESS` or
+`ray_address`) it deploys and returns.
 """
 
 from __future__ import annotations
@@ -22,11 +24,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.cli import UserError, format_summary, run_job
-from cluster.config import ConfigError
+from cluster.config import ConfigError, to_dict
 from cluster.storage import Storage
 
 log = logging.getLogger("helio")
 TASKS = ("generate", "embed", "classify")
+BACKPRESSURE = {"status_code": 503, "retry_after_s": 1}  # a request over max_queued_requests
+GRPC_SERVICERS = ("actors.proto.helio_pb2_grpc.add_HelioServicer_to_server",
+                  "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server")
+
+
+@dataclass(frozen=True)
+class Autoscaling:
+    """Serve's autoscaling_config: replicas between min and max, aiming at target ongoing requests each."""
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 4.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
+            raise ValueError("min_replicas: need 0 <= min_replicas <= max_replicas and max_replicas >= 1")
+        if not self.target_ongoing_requests > 0:
+            raise ValueError("target_ongoing_requests: must be positive")
 
 
 @dataclass(frozen=True)
@@ -34,11 +53,15 @@ class ModelEntry:
     id: str  # the name clients send as `model`
     artifact: str  # a model artifact under storage (float or quantized)
     task: str = "generate"  # generate | embed | classify
-    replicas: int = 1
+    replicas: int = 1  # a fixed count, unless autoscaling is set
+    autoscaling: Autoscaling | None = None
     num_cpus: float = 0.25  # per replica; fractional on small machines
-    max_batch_size: int = 16  # embed / classify: rows per batch
-    batch_wait_s: float = 0.005  # embed / classify: how long a batch waits to fill
-    max_ongoing_requests: int = 16  # per replica
+    num_gpus: float = 0.0  # per replica; on a cluster with GPU nodes
+    max_batch_size: int = 16  # rows per batch (generate: sequences decoded together)
+    batch_wait_s: float = 0.002  # embed / classify: how long a batch waits to fill
+    stream_interval_s: float = 0.05  # generate: at most one streamed piece per interval (the first at once)
+    max_ongoing_requests: int = 16  # per replica, before requests queue
+    max_queued_requests: int = 64  # per caller, before a 503 with Retry-After
     force: bool = False  # serve an artifact its quality gate rejected
 
     def __post_init__(self) -> None:
@@ -46,20 +69,36 @@ class ModelEntry:
             raise ValueError(f"task: must be one of {', '.join(TASKS)}, not {self.task!r}")
         if not self.id or not self.artifact:
             raise ValueError("id: every model needs an id and an artifact")
-        if self.replicas < 1 or self.max_batch_size < 1 or self.max_ongoing_requests < 1:
-            raise ValueError("replicas: replicas, max_batch_size and max_ongoing_requests must be positive")
-        if not self.num_cpus > 0 or self.batch_wait_s < 0:
-            raise ValueError("num_cpus: must be positive (and batch_wait_s not negative)")
+        for name in ("replicas", "max_batch_size", "max_ongoing_requests", "max_queued_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be positive")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests: {self.max_ongoing_requests} is below max_batch_size "
+                             f"({self.max_batch_size}), so a replica could never fill a batch")
+        if not self.num_cpus > 0 or min(self.num_gpus, self.batch_wait_s, self.stream_interval_s) < 0:
+            raise ValueError("num_cpus: must be positive (num_gpus, batch_wait_s, stream_interval_s not negative)")
 
 
 @dataclass(frozen=True)
 class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    max_body_bytes: int = 1 << 20
+    max_body_bytes: int = 1 << 20  # also the limit for a gRPC request message
+    request_timeout_s: float = 60.0  # Helio's deadline for a model's answer (504); also Serve's proxy timeout
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
+            raise ValueError(f"port: {self.port} is not a TCP port")
+        if not self.request_timeout_s > 0:
+            raise ValueError("request_timeout_s: must be positive")
+
+
+@dataclass(frozen=True)
+class GrpcConfig:
+    port: int = 9000  # 0: no gRPC API
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
             raise ValueError(f"port: {self.port} is not a TCP port")
 
 
@@ -70,10 +109,13 @@ class ServeConfig:
     ray_address: str | None = None
     local_cpus: int | None = None
     http: HttpConfig = field(default_factory=HttpConfig)
+    grpc: GrpcConfig = field(default_factory=GrpcConfig)
     models: tuple[ModelEntry, ...] = ()
     api_keys: tuple[str, ...] = ()  # also HELIO_API_KEYS (comma-separated); none: no auth
     max_items: int = 64  # inputs per embeddings / classify request
     ingress_cpus: float = 0.1
+    ingress_max_ongoing_requests: int = 256  # requests one ingress replica holds at once
+    ingress_max_queued_requests: int = 512  # waiting at the proxy before a 503 with Retry-After
     serve_seconds: float | None = None  # embedded cluster: None serves until interrupted; 0 answers the
     #                                     sample requests and stops (make demo)
 
@@ -119,37 +161,60 @@ def build_app(cfg: ServeConfig):
     models = entries(cfg)
     handles = {}
     for m, e in zip(cfg.models, models):
-        opts = {"name": f"{e['task']}-{m.id}", "num_replicas": m.replicas,
-                "ray_actor_options": {"num_cpus": m.num_cpus}, "max_ongoing_requests": m.max_ongoing_requests}
+        opts = {"name": f"{e['task']}-{m.id}", "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
+                "max_ongoing_requests": m.max_ongoing_requests, "max_queued_requests": m.max_queued_requests,
+                "backpressure_config": BACKPRESSURE}
+        if m.autoscaling is not None:
+            opts["autoscaling_config"] = to_dict(m.autoscaling)
+        else:
+            opts["num_replicas"] = m.replicas
         args = (cfg.storage, m.artifact, m.force)
         if m.task == "generate":
-            handles[m.id] = Generator.options(**opts).bind(*args, threads_for(m.num_cpus))
+            handles[m.id] = Generator.options(**opts).bind(*args, threads_for(m.num_cpus), m.max_batch_size,
+                                                           m.stream_interval_s)
             continue
         tok = Tokenizer.from_str(e["tokenizer_json"])
         pad = special_id(tok, ("<|pad|>", "[PAD]", "<pad>"))
         batch = (pad if pad is not None else 0, threads_for(m.num_cpus), m.max_batch_size, m.batch_wait_s)
         handles[m.id] = (Embedder.options(**opts).bind(*args, *batch) if m.task == "embed" else
                          Classifier.options(**opts).bind(*args, *batch, e["labels"]))
-    return Api.options(ray_actor_options={"num_cpus": cfg.ingress_cpus}).bind(
-        models, handles, api_keys(cfg), cfg.max_items, cfg.http.max_body_bytes)
+    return Api.options(ray_actor_options={"num_cpus": cfg.ingress_cpus}, backpressure_config=BACKPRESSURE,
+                       max_ongoing_requests=cfg.ingress_max_ongoing_requests,
+                       max_queued_requests=cfg.ingress_max_queued_requests).bind(
+        models, handles, api_keys(cfg), cfg.max_items, cfg.http.max_body_bytes, cfg.http.request_timeout_s)
 
 
 def app(args: dict[str, Any]):
     """The Serve builder (`serve run jobs.serve:app key=value ...`, or a Serve config's import_path):
     `args` are this job's config keys; `config` names a YAML file to start from."""
+    return build_app(config_from_args(args))
+
+
+def config_from_args(args: dict[str, Any]) -> ServeConfig:
     from cluster.config import load_config
 
     args = dict(args)
     path = args.pop("config", os.path.join(os.path.dirname(__file__), "configs", "serve_demo.yaml"))
-    return build_app(load_config(ServeConfig, path, [f"{k}={v}" for k, v in args.items()]))
+    return load_config(ServeConfig, path, [f"{k}={v}" for k, v in args.items()])
+
+
+def proxy_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Serve's HTTP and gRPC proxy settings (`serve.start`'s, a Serve config file's `http_options` and
+    `grpc_options`). The proxy's timeout sits a little past Helio's own, which answers first."""
+    out: dict[str, Any] = {"http_options": {"host": cfg.http.host, "port": cfg.http.port,
+                                            "request_timeout_s": cfg.http.request_timeout_s + 5}}
+    if cfg.grpc.port:
+        out["grpc_options"] = {"port": cfg.grpc.port, "grpc_servicer_functions": list(GRPC_SERVICERS),
+                               "request_timeout_s": cfg.http.request_timeout_s + 5}
+    return out
 
 
 def deploy(cfg: ServeConfig) -> str:
-    """Starts Serve's HTTP proxy where the config says and deploys the application; returns its URL."""
+    """Starts Serve's proxies where the config says and deploys the application; returns its HTTP URL."""
     from ray import serve
 
     application = build_app(cfg)  # checks every artifact before anything starts
-    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    serve.start(**proxy_options(cfg))
     serve.run(application, name=cfg.name, route_prefix="/")
     return f"http://{cfg.http.host}:{cfg.http.port}"
 
@@ -164,6 +229,8 @@ def run(cfg: ServeConfig) -> str:
         raise UserError(f"application '{cfg.name}' did not start: {str(e).splitlines()[0]}") from None
     rows = [(m.id, f"{m.task}: {m.artifact} ({m.replicas} replica(s))") for m in cfg.models]
     rows += [("HTTP", f"{url}/v1 (OpenAI-compatible), {url}/health")]
+    if cfg.grpc.port:
+        rows += [("gRPC", f"{cfg.http.host}:{cfg.grpc.port} (helio.v1.Helio, grpc.health.v1.Health)")]
     print(format_summary(f"serving '{cfg.name}'", rows))
     print(samples(cfg, url), flush=True)
     if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
@@ -202,7 +269,20 @@ def samples(cfg: ServeConfig, url: str) -> str:
         else:
             shown = f"{answer['data'][0]['label']} {answer['data'][0]['probabilities']}"
         lines.append(f"POST {path} {json.dumps({'model': m.id, **body})}\n  -> {shown}")
-    return "\n".join(["", "sample requests over HTTP:"] + lines)
+    if cfg.grpc.port:
+        lines.append(f"gRPC {cfg.http.host}:{cfg.grpc.port} grpc.health.v1.Health/Check -> {grpc_health(cfg)}")
+    return "\n".join(["", "sample requests over HTTP and gRPC:"] + lines)
+
+
+def grpc_health(cfg: ServeConfig, service: str = "") -> str:
+    """The standard gRPC health check against the application (SERVING when every model answers)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"{cfg.http.host}:{cfg.grpc.port}") as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                         metadata=(("application", cfg.name),), timeout=60)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
 CONFIG_CLASS = ServeConfig

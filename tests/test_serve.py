@@ -15,6 +15,7 @@ import socket
 import struct
 import tempfile
 import textwrap
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -77,12 +78,14 @@ def server(ray_cluster, tmp_path_factory):
     clf = SequenceClassifier(Encoder(EncoderConfig(vocab_size=400, max_position=48, n_layer=1, n_head=2, n_embd=64)),
                              len(LABELS)).eval()
     _artifact(store, "clf", lambda d: save_classifier(clf, d, LABELS, pad_id=1), tok)
-    port = _free_port()
     cfg = load_config(serve_job.ServeConfig, None, [
-        f"storage={root}", "name=test_app", f"http.port={port}", f"api_keys=[{KEY}]", "max_items=8",
-        "models=[{id: gpt, artifact: gpt}, {id: gpt-int8, artifact: gpt_int8},"
-        " {id: emb, artifact: enc, task: embed, max_batch_size: 8, batch_wait_s: 0.05},"
-        " {id: clf, artifact: clf, task: classify}]"])
+        f"storage={root}", "name=test_app", f"http.port={_free_port()}", f"grpc.port={_free_port()}",
+        f"api_keys=[{KEY}]", "max_items=8",
+        "models=[{id: gpt, artifact: gpt, num_cpus: 0.2}, {id: gpt-int8, artifact: gpt_int8, num_cpus: 0.2},"
+        " {id: gpt-narrow, artifact: gpt, num_cpus: 0.2, max_batch_size: 1, max_ongoing_requests: 1,"
+        "  max_queued_requests: 1},"
+        " {id: emb, artifact: enc, task: embed, max_batch_size: 8, batch_wait_s: 0.05, replicas: 2, num_cpus: 0.2},"
+        " {id: clf, artifact: clf, task: classify, num_cpus: 0.2}]"])
     url = serve_job.deploy(cfg)
     yield url, store, cfg
     from ray import serve
@@ -90,22 +93,26 @@ def server(ray_cluster, tmp_path_factory):
     serve.shutdown()
 
 
-def call(url: str, path: str, body=None, key: str | None = KEY, raw: bytes | None = None) -> tuple[int, dict | str]:
+def call(url: str, path: str, body=None, key: str | None = KEY, raw: bytes | None = None,
+         headers: dict | None = None, with_headers: bool = False):
+    """(status, JSON body or text), plus the response headers when asked."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     req = urllib.request.Request(url + path, data=data, method="POST" if data is not None else "GET")
     req.add_header("content-type", "application/json")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
     if key:
         req.add_header("authorization", f"Bearer {key}")
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
-            text = r.read().decode()
-            status = r.status
+            text, status, got = r.read().decode(), r.status, dict(r.headers)
     except urllib.error.HTTPError as e:
-        text, status = e.read().decode(), e.code
+        text, status, got = e.read().decode(), e.code, dict(e.headers)
     try:
-        return status, json.loads(text)
+        answer = json.loads(text)
     except json.JSONDecodeError:
-        return status, text
+        answer = text
+    return (status, answer, {k.lower(): v for k, v in got.items()}) if with_headers else (status, answer)
 
 
 def _local(store: Storage, name: str):
@@ -119,15 +126,20 @@ def _tok(store: Storage):
 
 
 def test_health_models_and_the_sample_requests_make_demo_prints(server):
-    url, _, cfg = server
-    assert call(url, "/health", key=None) == (200, {"status": "ok", "models": ["clf", "emb", "gpt", "gpt-int8"]})
+    from ray import serve
+
+    url, store, cfg = server
+    assert call(url, "/health", key=None) == (200, {"status": "ok", "models": [
+        "clf", "emb", "gpt", "gpt-int8", "gpt-narrow"]})
     status, body = call(url, "/v1/models")
     assert status == 200 and {m["id"]: m["task"] for m in body["data"]} == {
-        "gpt": "generate", "gpt-int8": "generate", "emb": "embed", "clf": "classify"}
+        "gpt": "generate", "gpt-int8": "generate", "gpt-narrow": "generate", "emb": "embed", "clf": "classify"}
     lines = serve_job.samples(cfg, url).splitlines()
     assert [ln.split('"model": "')[1].split('"')[0] for ln in lines if ln.startswith("POST")] == [
-        "gpt", "gpt-int8", "emb", "clf"]
+        "gpt", "gpt-int8", "gpt-narrow", "emb", "clf"]
     assert "64 floats" in lines[lines.index(next(ln for ln in lines if '"emb"' in ln)) + 1]
+    assert lines[-1].endswith("grpc.health.v1.Health/Check -> SERVING")
+    assert isinstance(serve_job.app({"storage": store.root, "models": "[{id: g, artifact: gpt}]"}), serve.Application)
 
 
 @pytest.mark.parametrize("model,artifact", [("gpt", "gpt"), ("gpt-int8", "gpt_int8")])
@@ -271,3 +283,180 @@ def test_a_rejected_artifact_is_not_served_unless_forced(server, capsys):
     cfg = load_config(serve_job.ServeConfig, None, [f"storage={store.root}",
                                                    "models=[{id: r, artifact: gpt_rejected, force: true}]"])
     assert serve_job.entries(cfg)[0]["task"] == "generate"
+
+
+def _greedy_local(store: Storage, artifact: str, prompt: str, n: int) -> str:
+    tok = _tok(store)
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    return tok.decode(_local(store, artifact).generate(torch.tensor([ids]), n, temperature=0.0)[0, len(ids):].tolist())
+
+
+def test_concurrent_generations_are_batched_and_each_caller_gets_its_own(server):
+    url, store, _ = server
+    prompts = [f"def f{i}(" + "x, " * i for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:  # the replica decodes these in one running batch
+        got = list(pool.map(lambda p: call(url, "/v1/completions", {
+            "model": "gpt", "prompt": p, "max_tokens": 20, "temperature": 0}), prompts))
+    for p, (status, body) in zip(prompts, got):
+        assert status == 200 and body["choices"][0]["text"] == _greedy_local(store, "gpt", p, 20)
+
+
+def test_chat_completions_apply_the_template_whole_and_streamed(server):
+    from actors.serve_requests import CHAT_STOP, chat_prompt, ChatMessage
+
+    url, store, _ = server
+    messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "open a file"}]
+    req = {"model": "gpt", "messages": messages, "max_tokens": 16, "temperature": 0}
+    status, body = call(url, "/v1/chat/completions", req)
+    assert status == 200 and body["object"] == "chat.completion", body
+    expected = _greedy_local(store, "gpt", chat_prompt([ChatMessage(**m) for m in messages]), 16).split(CHAT_STOP)[0]
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": expected}
+    assert body["usage"]["completion_tokens"] <= 16
+    status, text = call(url, "/v1/chat/completions", req | {"stream": True})
+    events = [e[len("data: "):] for e in text.split("\n\n") if e]
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert events[-1] == "[DONE]" and all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == expected
+    for bad in ({"model": "gpt", "messages": []}, {"model": "gpt", "messages": [{"role": "robot", "content": "x"}]},
+                {"model": "gpt", "messages": [{"role": "user"}]}, {"model": "gpt", "messages": "hi"}):
+        status, answer = call(url, "/v1/chat/completions", bad)
+        assert status == 400 and answer["error"]["param"].startswith("messages"), (bad, answer)
+
+
+def _grpc(cfg):
+    import grpc
+
+    from actors.proto import helio_pb2_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{cfg.grpc.port}")
+    return channel, helio_pb2_grpc.HelioStub(channel)
+
+
+AUTH = (("authorization", f"Bearer {KEY}"),)
+
+
+def test_grpc_api_answers_what_http_answers(server):
+    from actors.proto import helio_pb2 as pb
+
+    url, _, cfg = server
+    channel, stub = _grpc(cfg)
+    with channel:
+        req = pb.CompleteRequest(model="gpt", prompt="import os\n", max_tokens=10, temperature=0)
+        chunks = list(stub.Complete(req, metadata=AUTH, timeout=60))
+        http = call(url, "/v1/completions", {"model": "gpt", "prompt": "import os\n", "max_tokens": 10,
+                                              "temperature": 0})[1]
+        assert "".join(c.text for c in chunks) == http["choices"][0]["text"]
+        assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 10
+        assert all(not c.finish_reason and not c.HasField("usage") for c in chunks[:-1])
+        texts = ["read a file", "sort a list of numbers"]
+        reply = stub.Embed(pb.EmbedRequest(model="emb", input=texts), metadata=AUTH, timeout=60)
+        http = call(url, "/v1/embeddings", {"model": "emb", "input": texts})[1]
+        for got, want in zip(reply.data, http["data"]):
+            assert torch.allclose(torch.tensor(list(got.values)), torch.tensor(want["embedding"]), atol=1e-6)
+        assert reply.usage.prompt_tokens == http["usage"]["prompt_tokens"]
+        reply = stub.Classify(pb.ClassifyRequest(model="clf", input=texts), metadata=AUTH, timeout=60)
+        http = call(url, "/v1/classify", {"model": "clf", "input": texts})[1]
+        assert [c.label for c in reply.data] == [d["label"] for d in http["data"]]
+        assert all(abs(c.probabilities[k] - v) < 1e-6 for c, d in zip(reply.data, http["data"])
+                   for k, v in d["probabilities"].items())
+
+
+def test_grpc_errors_carry_status_codes_and_the_health_service_answers(server):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from actors.proto import helio_pb2 as pb
+
+    _, _, cfg = server
+    channel, stub = _grpc(cfg)
+
+    def code(rpc, req, metadata=AUTH, timeout=60):
+        try:
+            out = rpc(req, metadata=metadata, timeout=timeout)
+            list(out) if rpc is stub.Complete else out
+        except grpc.RpcError as e:
+            return e.code(), e.details()
+        return grpc.StatusCode.OK, ""
+
+    with channel:
+        assert code(stub.Embed, pb.EmbedRequest(model="emb", input=["x"]), metadata=None)[0] == \
+            grpc.StatusCode.UNAUTHENTICATED
+        assert code(stub.Embed, pb.EmbedRequest(model="emb", input=["x"]),
+                    metadata=(("authorization", "Bearer nope"),))[0] == grpc.StatusCode.UNAUTHENTICATED
+        status, details = code(stub.Complete, pb.CompleteRequest(model="gpt", prompt="x", max_tokens=0))
+        assert status == grpc.StatusCode.INVALID_ARGUMENT and "max_tokens" in details
+        status, details = code(stub.Complete, pb.CompleteRequest(model="gpt", prompt="x", temperature=3))
+        assert status == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in details
+        assert code(stub.Embed, pb.EmbedRequest(model="emb"))[0] == grpc.StatusCode.INVALID_ARGUMENT
+        assert code(stub.Classify, pb.ClassifyRequest(model="nope", input=["x"]))[0] == grpc.StatusCode.NOT_FOUND
+        assert code(stub.Complete, pb.CompleteRequest(model="gpt", prompt="x", max_tokens=50),
+                    timeout=0.001)[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "helio.v1.Helio", "emb", "gpt-int8"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=60)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+        with pytest.raises(grpc.RpcError) as e:
+            health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=60)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert code(stub.Embed, pb.EmbedRequest(model="emb", input=["x"]))[0] == grpc.StatusCode.OK
+
+
+def test_an_overloaded_model_answers_503_with_retry_after_never_500(server):
+    url, _, _ = server
+    req = {"model": "gpt-narrow", "prompt": "def ", "max_tokens": 60, "temperature": 0}
+    with ThreadPoolExecutor(12) as pool:  # one running, one queued, the rest turned away
+        got = list(pool.map(lambda _: call(url, "/v1/completions", req, with_headers=True), range(12)))
+    statuses = sorted(s for s, _, _ in got)
+    assert set(statuses) <= {200, 503} and statuses[0] == 200 and statuses[-1] == 503, statuses
+    for status, body, headers in got:
+        if status == 503:
+            assert headers["retry-after"] == "1" and body["error"]["code"] == "overloaded", (body, headers)
+    assert call(url, "/v1/completions", req)[0] == 200
+
+
+def test_the_deadline_holds_whatever_timeout_headers_a_client_sends(server):
+    from ray import serve
+
+    url, store, cfg = server
+    quick = load_config(serve_job.ServeConfig, None, [
+        f"storage={store.root}", "name=quick_app", "http.request_timeout_s=0.001",
+        "models=[{id: gpt, artifact: gpt, num_cpus: 0.1}]"])
+    serve.run(serve_job.build_app(quick), name="quick_app", route_prefix="/quick")
+    try:
+        req = {"model": "gpt", "prompt": "def ", "max_tokens": 60, "temperature": 0}
+        for headers in ({}, {"x-request-timeout-seconds": "0"}, {"x-request-timeout-seconds": "3600",
+                                                                 "x-request-disconnect-disabled": "?1"}):
+            status, body = call(url, "/quick/v1/completions", req, headers=headers, key=None)
+            assert status == 504 and body["error"]["code"] == "timeout", (headers, status, body)
+        assert call(url, "/quick/health", key=None)[0] == 200
+    finally:
+        serve.delete("quick_app")
+
+
+def test_a_replica_killed_under_load_fails_only_in_flight_requests_and_comes_back(server):
+    import ray
+    from ray import serve
+
+    url, _, _ = server
+    name = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["namespace"] == "serve" and "embed-emb#" in a["name"])
+    statuses: list[int] = []
+
+    def one(i: int) -> int:
+        if i == 60:  # a third of the way through, with 8 requests in flight
+            ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+        return call(url, "/v1/embeddings", {"model": "emb", "input": f"def f{i}(): pass"})[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(one, range(200)))
+    failed = [s for s in statuses if s != 200]
+    assert len(failed) <= 8 and set(failed) <= {503}, statuses
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # Serve replaces the replica
+        dep = serve.status().applications["test_app"].deployments["embed-emb"]
+        if dep.status == "HEALTHY" and dep.replica_states.get("RUNNING") == 2:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"embed-emb did not come back to 2 running replicas: {dep}")
+    assert call(url, "/v1/embeddings", {"model": "emb", "input": "still here"})[0] == 200

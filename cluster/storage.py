@@ -216,6 +216,23 @@ class Storage:
     def create(self, kind: str, name: str, config: dict[str, Any], parents: list[dict] | None = None) -> ArtifactWriter:
         return ArtifactWriter(self, kind, name, config, parents)
 
+    def write_json(self, rel: str, data: Any) -> None:
+        """A small mutable file under the root (a monitor's state, a deployment's references), not an
+        artifact: replaced atomically, so a reader sees the old or the new version, never half."""
+        write_file_atomic(self.fs, posixpath.join(self.root_path, rel), json.dumps(data, indent=1).encode())
+
+    def read_json(self, rel: str) -> Any | None:
+        """What `write_json` wrote at `rel`, or None when there is nothing there."""
+        path = posixpath.join(self.root_path, rel)
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as f:
+            raw = f.read()
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ArtifactError(f"'{self.to_uri(path)}' is not valid JSON ({e})") from None
+
     def exists(self, kind: str, name: str) -> bool:
         path = posixpath.join(self.artifact_path(kind, name), MANIFEST)
         return self.fs.get_file_info(path).type == pafs.FileType.File

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.cli import UserError, format_summary, run_job
-from cluster.config import ConfigError, to_dict
+from cluster.config import ConfigError, load_config, to_dict
 from cluster.storage import Storage
 
 log = logging.getLogger("helio")
@@ -116,6 +116,7 @@ class ServeConfig:
     ingress_cpus: float = 0.1
     ingress_max_ongoing_requests: int = 256  # requests one ingress replica holds at once
     ingress_max_queued_requests: int = 512  # waiting at the proxy before a 503 with Retry-After
+    monitor: str | None = None  # a jobs.monitor config: start the app's monitor once it serves
     serve_seconds: float | None = None  # embedded cluster: None serves until interrupted; 0 answers the
     #                                     sample requests and stops (make demo)
 
@@ -191,8 +192,6 @@ def app(args: dict[str, Any]):
 
 
 def config_from_args(args: dict[str, Any]) -> ServeConfig:
-    from cluster.config import load_config
-
     args = dict(args)
     path = args.pop("config", os.path.join(os.path.dirname(__file__), "configs", "serve_demo.yaml"))
     return load_config(ServeConfig, path, [f"{k}={v}" for k, v in args.items()])
@@ -231,14 +230,58 @@ def run(cfg: ServeConfig) -> str:
     rows += [("HTTP", f"{url}/v1 (OpenAI-compatible), {url}/health")]
     if cfg.grpc.port:
         rows += [("gRPC", f"{cfg.http.host}:{cfg.grpc.port} (helio.v1.Helio, grpc.health.v1.Health)")]
+    refs = record_references(cfg, url)
+    rows += [("references", f"{len(refs['models'])} models' answers to their probes, for jobs.monitor")]
     print(format_summary(f"serving '{cfg.name}'", rows))
     print(samples(cfg, url), flush=True)
+    if cfg.monitor:
+        from jobs import monitor as monitor_job
+
+        monitor_job.run(load_config(monitor_job.MonitorConfig, cfg.monitor, [
+            f"storage={cfg.storage}", f"app={cfg.name}", "monitor_seconds=0"]))
     if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
         return url
     if cfg.serve_seconds is None:
         print("serving until interrupted (Ctrl-C)", flush=True)
     time.sleep(cfg.serve_seconds if cfg.serve_seconds is not None else float("inf"))
     return url
+
+
+PROBE = {"generate": ("/v1/completions", {"prompt": "def read(path):\n    ", "max_tokens": 16, "temperature": 0}),
+         "embed": ("/v1/embeddings", {"input": ["read a file line by line", "sort a list of numbers",
+                                               "open a socket and send bytes"]}),
+         "classify": ("/v1/classify", {"input": ["read a file line by line", "sort a list of numbers",
+                                                "open a socket and send bytes"]})}
+
+
+def record_references(cfg: ServeConfig, url: str) -> dict[str, Any]:
+    """What every model answers to its fixed probe right after deployment (greedy text, embedding
+    vectors, labels), written to storage for jobs.monitor's semantic probes."""
+    from actors.monitor import references_path
+
+    doc: dict[str, Any] = {"app": cfg.name, "recorded": time.time(), "http": url,
+                           "grpc": f"{cfg.http.host}:{cfg.grpc.port}" if cfg.grpc.port else None, "models": {}}
+    for m in cfg.models:
+        path, body = PROBE[m.task]
+        answer = post(url + path, {"model": m.id, **body}, api_keys(cfg))
+        expected = (answer["choices"][0]["text"] if m.task == "generate" else
+                    [d["embedding"] for d in answer["data"]] if m.task == "embed" else
+                    [d["label"] for d in answer["data"]])
+        doc["models"][m.id] = {"task": m.task, "artifact": m.artifact, "deployment": f"{m.task}-{m.id}",
+                               "path": path, "request": {"model": m.id, **body}, "expected": expected}
+    Storage(cfg.storage).write_json(references_path(cfg.name), doc)
+    return doc
+
+
+def post(url: str, body: dict, keys: list[str], timeout: float = 120) -> dict:
+    """One JSON POST as a client sends it (with the first API key, if any); the JSON answer."""
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    if keys:
+        req.add_header("authorization", f"Bearer {keys[0]}")
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
 
 
 SAMPLE = {"generate": ("/v1/completions", {"prompt": "def read(path):\n    ", "max_tokens": 40,
@@ -249,18 +292,11 @@ SAMPLE = {"generate": ("/v1/completions", {"prompt": "def read(path):\n    ", "m
 
 def samples(cfg: ServeConfig, url: str) -> str:
     """One request per hosted model over HTTP, as a client would send it, and what came back."""
-    import urllib.request
-
     keys = api_keys(cfg)
     lines = []
     for m in cfg.models:
         path, body = SAMPLE[m.task]
-        req = urllib.request.Request(url + path, data=json.dumps({"model": m.id, **body}).encode(),
-                                     headers={"content-type": "application/json"})
-        if keys:
-            req.add_header("authorization", f"Bearer {keys[0]}")
-        with urllib.request.urlopen(req, timeout=120) as r:
-            answer = json.loads(r.read())
+        answer = post(url + path, {"model": m.id, **body}, keys)
         if m.task == "generate":
             shown = repr(body["prompt"] + answer["choices"][0]["text"])
         elif m.task == "embed":

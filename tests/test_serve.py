@@ -11,15 +11,12 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import socket
 import struct
-import tempfile
 import textwrap
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
@@ -33,25 +30,11 @@ from models.gpt import GPT, GPTConfig
 from models.hf import save_classifier, save_model
 from models.quant import QuantSpec, quantize_model, save_quantized
 from models.tasks import SequenceClassifier, embed
-from tiny_data import write_tiny_dataset
+from tiny_data import free_port, write_model_artifact, write_tiny_dataset
 
 pytestmark = pytest.mark.ray
 KEY = "test-key-0123"
 LABELS = ["neg", "pos", "mixed"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _artifact(store: Storage, name: str, write, tokenizer: str, **extra) -> None:
-    with tempfile.TemporaryDirectory() as d, store.create("model", name, {"test": True}) as out:
-        for f in write(d):
-            out.write_bytes(f, Path(d, f).read_bytes())
-        out.write_bytes("tokenizer.json", tokenizer.encode())
-        out.extra.update(extra)
 
 
 @pytest.fixture(scope="module")
@@ -64,22 +47,22 @@ def server(ray_cluster, tmp_path_factory):
     tok = write_tiny_dataset(store, [collections, textwrap, shutil], 33)[0].to_str()
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(vocab_size=400, block_size=64, n_layer=2, n_head=2, n_embd=64)).eval()
-    _artifact(store, "gpt", lambda d: save_model(gpt, d), tok)
+    write_model_artifact(store, "gpt", lambda d: save_model(gpt, d), tok)
     q, desc = quantize_model(gpt, QuantSpec(method="int8"))
 
     def quantized(d: str) -> list[str]:  # what jobs.quantize writes: the float config, the integer weights
         return sorted(set(save_model(gpt, d)) | set(save_quantized(q, desc, d)))
 
-    _artifact(store, "gpt_int8", quantized, tok)
-    _artifact(store, "gpt_rejected", quantized, tok, rejected=True,
+    write_model_artifact(store, "gpt_int8", quantized, tok)
+    write_model_artifact(store, "gpt_rejected", quantized, tok, rejected=True,
               quality_gate={"reason": "perplexity moved by +9.00%"})
     enc = Encoder(EncoderConfig(vocab_size=400, max_position=48, n_layer=2, n_head=2, n_embd=64, pad_id=1))
-    _artifact(store, "enc", lambda d: save_model(enc.drop_mlm_head().eval(), d), tok)
+    write_model_artifact(store, "enc", lambda d: save_model(enc.drop_mlm_head().eval(), d), tok)
     clf = SequenceClassifier(Encoder(EncoderConfig(vocab_size=400, max_position=48, n_layer=1, n_head=2, n_embd=64)),
                              len(LABELS)).eval()
-    _artifact(store, "clf", lambda d: save_classifier(clf, d, LABELS, pad_id=1), tok)
+    write_model_artifact(store, "clf", lambda d: save_classifier(clf, d, LABELS, pad_id=1), tok)
     cfg = load_config(serve_job.ServeConfig, None, [
-        f"storage={root}", "name=test_app", f"http.port={_free_port()}", f"grpc.port={_free_port()}",
+        f"storage={root}", "name=test_app", f"http.port={free_port()}", f"grpc.port={free_port()}",
         f"api_keys=[{KEY}]", "max_items=8",
         "models=[{id: gpt, artifact: gpt, num_cpus: 0.2}, {id: gpt-int8, artifact: gpt_int8, num_cpus: 0.2},"
         " {id: gpt-narrow, artifact: gpt, num_cpus: 0.2, max_batch_size: 1, max_ongoing_requests: 1,"
@@ -414,6 +397,27 @@ def test_an_overloaded_model_answers_503_with_retry_after_never_500(server):
     assert call(url, "/v1/completions", req)[0] == 200
 
 
+def test_an_overloaded_model_is_resource_exhausted_over_grpc(server):
+    import grpc
+
+    from actors.proto import helio_pb2 as pb
+
+    _, _, cfg = server
+    channel, stub = _grpc(cfg)
+
+    def one(_) -> grpc.StatusCode:
+        try:
+            list(stub.Complete(pb.CompleteRequest(model="gpt-narrow", prompt="def ", max_tokens=60, temperature=0),
+                               metadata=AUTH, timeout=60))
+        except grpc.RpcError as e:
+            return e.code()
+        return grpc.StatusCode.OK
+
+    with channel, ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(one, range(12)))
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+
+
 def test_the_deadline_holds_whatever_timeout_headers_a_client_sends(server):
     from ray import serve
 
@@ -429,6 +433,15 @@ def test_the_deadline_holds_whatever_timeout_headers_a_client_sends(server):
             status, body = call(url, "/quick/v1/completions", req, headers=headers, key=None)
             assert status == 504 and body["error"]["code"] == "timeout", (headers, status, body)
         assert call(url, "/quick/health", key=None)[0] == 200
+        import grpc
+
+        from actors.proto import helio_pb2 as pb
+
+        channel, stub = _grpc(cfg)
+        with channel, pytest.raises(grpc.RpcError) as e:  # the same deadline over gRPC
+            list(stub.Complete(pb.CompleteRequest(model="gpt", prompt="def ", max_tokens=60),
+                               metadata=(("application", "quick_app"),), timeout=60))
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e.value
     finally:
         serve.delete("quick_app")
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import socket
+import tempfile
+from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -38,3 +41,19 @@ def write_tiny_dataset(store: Storage, modules: list[ModuleType], block_len: int
         out.extra["dataset"] = {"block_size": block_len - 1, "block_len": block_len, "vocab_size": tok.get_vocab_size(),
                                 "splits": splits}
     return tok, train, val
+
+
+def write_model_artifact(store: Storage, name: str, write, tokenizer: str, **extra) -> None:
+    """A model artifact of the files `write(folder)` saves (and names), plus tokenizer.json and
+    `extra` manifest fields."""
+    with tempfile.TemporaryDirectory() as d, store.create("model", name, {"test": True}) as out:
+        for f in write(d):
+            out.write_bytes(f, Path(d, f).read_bytes())
+        out.write_bytes("tokenizer.json", tokenizer.encode())
+        out.extra.update(extra)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

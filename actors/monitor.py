@@ -1,0 +1,251 @@
+"""The monitor: one detached, named Ray actor per watched Serve application that probes every hosted
+model on its own schedule, keeps each one's health (actors/health.py), exports metrics, and alerts.
+
+Probes per model, each with pass/fail, latency and reason, every `period_s`, each under `timeout_s`:
+- liveness: HTTP GET /health lists the model; the gRPC health service answers SERVING for it;
+  Serve's own status of its deployment is HEALTHY;
+- semantic: the model's answer to its fixed probe against the reference jobs.serve recorded when the
+  version was deployed: the same greedy text, embeddings at cosine >= `min_cosine`, the same labels
+  on the canary texts at the recorded rate;
+- performance: rolling p50 / p99 latency and error rate of the semantic probe against the SLOs.
+
+The actor restarts itself (`max_restarts=-1`) and reloads its state (health, incidents, sent alerts)
+from storage, where it writes it after every round. Metrics go through `ray.util.metrics` to Ray's
+Prometheus endpoint; alerts go to the log as one JSON line each and, optionally, to a webhook (a
+failing webhook is logged and counted, never fatal).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import threading
+import time
+from typing import Any
+
+import ray
+
+from actors.health import STATES, Alerts, Health, ProbeResult
+from cluster.storage import Storage
+
+log = logging.getLogger("helio.monitor")
+NAMESPACE = "helio"
+
+
+def actor_name(app: str) -> str:
+    return f"helio-monitor-{app}"
+
+
+def state_path(app: str) -> str:
+    return f"monitor/{app}/state.json"
+
+
+def references_path(app: str) -> str:
+    """Where jobs.serve records what each model answered when its version was deployed."""
+    return f"serving/{app}/references.json"
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)) or 1.0)
+
+
+def semantic_check(task: str, expected: Any, answer: dict, min_cosine: float) -> str:
+    """'' when the answer matches the reference, else why not."""
+    if task == "generate":
+        text = answer["choices"][0]["text"]
+        return "" if text == expected else f"greedy completion {text[:40]!r} differs from {expected[:40]!r}"
+    if task == "embed":
+        worst = min(cosine(d["embedding"], e) for d, e in zip(answer["data"], expected))
+        return "" if worst >= min_cosine else f"embedding cosine {worst:.4f} to the reference < {min_cosine}"
+    right = sum(d["label"] == e for d, e in zip(answer["data"], expected)) / len(expected)
+    return "" if right >= 1.0 else f"canary labels right {right:.0%}, recorded 100%"
+
+
+class Probes:
+    """One model's probes and the rolling window its performance probe reads."""
+
+    def __init__(self, model_id: str, settings: dict[str, Any], headers: dict[str, str]):
+        self.id, self.s, self.headers = model_id, settings, headers
+        self.window: list[tuple[float, bool]] = []  # (latency, ok) of the semantic probe
+
+    async def run(self, session, ref: dict[str, Any], refs: dict[str, Any]) -> list[ProbeResult]:
+        probes = [self._timed("http", self._http(session, refs["http"])),
+                  self._timed("serve_status", asyncio.to_thread(self._serve_status, refs["app"], ref["deployment"])),
+                  self._timed("semantic", self._semantic(session, refs["http"], ref))]
+        if refs.get("grpc"):
+            probes.append(self._timed("grpc", self._grpc(refs["grpc"], refs["app"])))
+        results = list(await asyncio.gather(*probes))
+        semantic = next(r for r in results if r.probe == "semantic")
+        self.window = (self.window + [(semantic.latency_s, semantic.ok)])[-self.s["slo"]["window"]:]
+        return results + [self._performance()]
+
+    async def _timed(self, name: str, probe) -> ProbeResult:
+        t = time.perf_counter()
+        try:
+            reason = await asyncio.wait_for(probe, self.s["timeout_s"])
+        except TimeoutError:
+            reason = f"no answer within {self.s['timeout_s']}s"
+        except Exception as e:  # noqa: BLE001 - a probe that fails in any way is a failed probe
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        return ProbeResult(name, not reason, time.perf_counter() - t, reason)
+
+    async def _http(self, session, url: str) -> str:
+        async with session.get(url + "/health") as r:
+            if r.status != 200:
+                return f"GET /health answered {r.status}"
+            models = (await r.json()).get("models", [])
+        return "" if self.id in models else f"GET /health does not list '{self.id}'"
+
+    async def _grpc(self, target: str, app: str) -> str:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        async with grpc.aio.insecure_channel(target) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=self.id), metadata=(("application", app),))
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        return "" if status == "SERVING" else f"gRPC health is {status}"
+
+    @staticmethod
+    def _serve_status(app: str, deployment: str) -> str:
+        from ray import serve
+
+        application = serve.status().applications.get(app)
+        if application is None:
+            return f"Serve has no application '{app}'"
+        dep = application.deployments.get(deployment)
+        if dep is None:
+            return f"application '{app}' has no deployment '{deployment}'"
+        return "" if dep.status == "HEALTHY" else f"Serve reports {dep.status}: {dep.message[:120]}"
+
+    async def _semantic(self, session, url: str, ref: dict[str, Any]) -> str:
+        async with session.post(url + ref["path"], json=ref["request"], headers=self.headers) as r:
+            if r.status != 200:
+                return f"POST {ref['path']} answered {r.status}: {(await r.text())[:120]}"
+            answer = await r.json()
+        return semantic_check(ref["task"], ref["expected"], answer, self.s["min_cosine"])
+
+    def _performance(self) -> ProbeResult:
+        slo = self.s["slo"]
+        latencies = sorted(t for t, _ in self.window)
+        p50, p99 = (latencies[min(len(latencies) - 1, int(q * len(latencies)))] for q in (0.5, 0.99))
+        errors = sum(not ok for _, ok in self.window) / len(self.window)
+        broken = [f"p50 {1e3 * p50:.0f} ms > {slo['p50_ms']} ms" if 1e3 * p50 > slo["p50_ms"] else "",
+                  f"p99 {1e3 * p99:.0f} ms > {slo['p99_ms']} ms" if 1e3 * p99 > slo["p99_ms"] else "",
+                  f"error rate {errors:.0%} > {slo['error_rate']:.0%}" if errors > slo["error_rate"] else ""]
+        return ProbeResult("performance", not any(broken), 0.0, ", ".join(b for b in broken if b))
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class Monitor:
+    """Started by jobs.monitor as a detached, named actor; `status()` is what jobs.status prints."""
+
+    def __init__(self, settings: dict[str, Any]):
+        self.s = settings
+        self.store = Storage(settings["storage"])
+        saved = self.store.read_json(state_path(settings["app"])) or {}
+        self.health = {d: Health.from_dict(h) for d, h in saved.get("health", {}).items()}
+        self.alerts = Alerts(settings["webhook"]["cooldown_s"], saved.get("alerts"))
+        self.starts = saved.get("starts", 0) + 1
+        self.webhook_failures = saved.get("webhook_failures", 0)
+        self.lock = threading.Lock()
+        self._metrics()
+        threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True, name="helio-monitor").start()
+
+    def _metrics(self) -> None:
+        from ray.util import metrics
+
+        # On Ray's Prometheus endpoint as ray_helio_probes_total, ray_helio_probe_latency_seconds_bucket,
+        # ray_helio_model_state, ray_helio_incidents_total (cluster/grafana/helio_monitor.json plots them).
+        keys = ("app", "model", "probe")
+        self.m_probes = metrics.Counter("helio_probes", "Health probes run, by result.", keys + ("result",))
+        self.m_latency = metrics.Histogram("helio_probe_latency_seconds", "Health probe latency.",
+                                           [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10], keys)
+        self.m_state = metrics.Gauge("helio_model_state", "0 healthy, 1 degraded, 2 unhealthy.", ("app", "model"))
+        self.m_incidents = metrics.Counter("helio_incidents", "Incidents opened.", ("app", "model"))
+
+    # ---- what callers ask ----
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            return {"app": self.s["app"], "starts": self.starts, "pid": os.getpid(),
+                    "webhook_failures": self.webhook_failures,
+                    "models": {d: h.to_dict() for d, h in self.health.items()}}
+
+    # ---- the probing loop (its own thread and event loop) ----
+
+    async def _main(self) -> None:
+        import aiohttp
+
+        keys = [k for k in os.environ.get("HELIO_API_KEYS", "").split(",") if k] + list(self.s["api_keys"])
+        headers = {"authorization": f"Bearer {keys[0]}"} if keys else {}
+        running: dict[str, asyncio.Task] = {}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.s["timeout_s"])) as session:
+            while True:
+                refs = self._references()
+                for model_id in (refs or {}).get("models", {}):
+                    if model_id not in running or running[model_id].done():
+                        running[model_id] = asyncio.create_task(
+                            self._watch(session, Probes(model_id, self.s, headers)))
+                await asyncio.sleep(self.s["period_s"])
+
+    def _references(self) -> dict | None:
+        try:
+            return self.store.read_json(references_path(self.s["app"]))
+        except Exception as e:  # noqa: BLE001 - a bad file is reported and retried, not fatal
+            log.warning("monitor %s: cannot read the references: %s", self.s["app"], e)
+            return None
+
+    async def _watch(self, session, probes: Probes) -> None:
+        """One model's schedule: a round of probes every period, whatever the other models do."""
+        while True:
+            start = time.monotonic()
+            refs = self._references()
+            ref = (refs or {}).get("models", {}).get(probes.id)
+            if ref is None:
+                return  # the model is no longer part of the application
+            results = await probes.run(session, ref, refs)
+            alert = self._record(probes.id, results)
+            if alert is not None:
+                await self._alert(session, alert)
+            await asyncio.sleep(max(0.0, self.s["period_s"] - (time.monotonic() - start)))
+
+    def _record(self, model_id: str, results: list[ProbeResult]) -> dict | None:
+        tags = {"app": self.s["app"], "model": model_id}
+        for r in results:
+            self.m_probes.inc(1, {**tags, "probe": r.probe, "result": "pass" if r.ok else "fail"})
+            self.m_latency.observe(r.latency_s, {**tags, "probe": r.probe})
+        with self.lock:
+            health = self.health.setdefault(model_id, Health(model_id))
+            alert = health.record(results, self.s["fail_after"], self.s["recover_after"], self.s["history"])
+            admitted = alert is not None and self.alerts.admit(alert)
+            self._save()
+        self.m_state.set(STATES.index(health.state), tags)
+        if alert is not None and alert["from"] == "healthy":
+            self.m_incidents.inc(1, tags)
+        return alert if admitted else None
+
+    def _save(self) -> None:
+        self.store.write_json(state_path(self.s["app"]), {
+            "health": {d: h.to_dict() for d, h in self.health.items()}, "alerts": self.alerts.sent,
+            "starts": self.starts, "webhook_failures": self.webhook_failures})
+
+    async def _alert(self, session, alert: dict) -> None:
+        line = json.dumps({"event": "helio_alert", "app": self.s["app"], **alert})
+        (log.error if alert["to"] == "unhealthy" else log.warning)(line)
+        print(line, flush=True)  # the actor's stdout is in Ray's logs (and the driver's, when it listens)
+        url = self.s["webhook"]["url"]
+        if not url:
+            return
+        try:
+            async with session.post(url, json={"app": self.s["app"], **alert}) as r:
+                if r.status >= 300:
+                    raise RuntimeError(f"answered {r.status}")
+        except Exception as e:  # noqa: BLE001 - a failing webhook never stops the monitor
+            with self.lock:
+                self.webhook_failures += 1
+            log.warning("monitor %s: the webhook %s failed: %s", self.s["app"], url, e)

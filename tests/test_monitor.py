@@ -1,0 +1,148 @@
+"""jobs.monitor on a real local Ray Serve: a model that stops answering turns unhealthy and is alerted
+once, the monitor survives being killed with its history, and recovery is reported when the model
+is back. The webhook is a real HTTP server on 127.0.0.1 that counts what it receives."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import re
+import shutil
+import textwrap
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.config import load_config
+from cluster.storage import Storage
+from jobs import monitor as monitor_job
+from jobs import serve as serve_job
+from models.encoder import Encoder, EncoderConfig
+from models.gpt import GPT, GPTConfig
+from models.hf import save_model
+from tiny_data import free_port, write_model_artifact, write_tiny_dataset
+
+pytestmark = pytest.mark.ray
+
+
+class Receiver(BaseHTTPRequestHandler):
+    alerts: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 - the http.server API
+        Receiver.alerts.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def poll(what, check, timeout_s: float = 90.0, every: float = 0.25):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = what()
+        if check(value):
+            return value
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout_s}s; last value: {value}")
+
+
+@pytest.fixture(scope="module")
+def watched(ray_cluster, tmp_path_factory):
+    """A served app (a GPT and an encoder) with references, a webhook receiver; yields the configs."""
+    root = str(tmp_path_factory.mktemp("monitor"))
+    store = Storage(root)
+    tok = write_tiny_dataset(store, [collections, textwrap, shutil], 33)[0].to_str()
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=400, block_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
+    write_model_artifact(store, "gpt", lambda d: save_model(gpt, d), tok)
+    enc = Encoder(EncoderConfig(vocab_size=400, max_position=48, n_layer=1, n_head=2, n_embd=32, pad_id=1))
+    write_model_artifact(store, "enc", lambda d: save_model(enc.drop_mlm_head().eval(), d), tok)
+    serve_cfg = load_config(serve_job.ServeConfig, None, [
+        f"storage={root}", "name=mon_app", f"http.port={free_port()}", f"grpc.port={free_port()}",
+        "models=[{id: gpt, artifact: gpt, num_cpus: 0.2}, {id: emb, artifact: enc, task: embed, num_cpus: 0.2}]"])
+    url = serve_job.deploy(serve_cfg)
+    serve_job.record_references(serve_cfg, url)
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    mon_cfg = load_config(monitor_job.MonitorConfig, None, [
+        f"storage={root}", "app=mon_app", "period_s=0.5", "timeout_s=5", "fail_after=2", "recover_after=2",
+        f"webhook.url=http://127.0.0.1:{receiver.server_port}/alerts", "restart=true"])
+    yield serve_cfg, mon_cfg
+    import ray
+    from ray import serve
+
+    from actors.monitor import NAMESPACE, actor_name
+
+    ray.kill(ray.get_actor(actor_name("mon_app"), namespace=NAMESPACE), no_restart=True)
+    receiver.shutdown()
+    serve.shutdown()
+
+
+def test_down_is_unhealthy_and_alerted_once_the_monitor_survives_a_kill_and_recovery_is_reported(watched):
+    import ray
+    from ray import serve
+
+    serve_cfg, mon_cfg = watched
+    status = monitor_job.run(dataclasses.replace(mon_cfg, monitor_seconds=0))
+    assert set(status["models"]) == {"gpt", "emb"}
+    actor = monitor_job.start(dataclasses.replace(mon_cfg, restart=False))  # the running one
+    states = lambda: {m: h["state"] for m, h in ray.get(actor.status.remote())["models"].items()}  # noqa: E731
+    poll(states, lambda s: s == {"gpt": "healthy", "emb": "healthy"})
+    healthy = ray.get(actor.status.remote())
+    for h in healthy["models"].values():  # every probe ran and passed against the references
+        assert {p["probe"] for p in h["rounds"][-1]["probes"]} == {"http", "grpc", "serve_status", "semantic",
+                                                                    "performance"}
+        assert all(p["ok"] for p in h["rounds"][-1]["probes"]), h["rounds"][-1]
+
+    serve.delete("mon_app")  # both models stop answering
+    poll(states, lambda s: s == {"gpt": "unhealthy", "emb": "unhealthy"}, timeout_s=60)
+    time.sleep(2)  # a few more failing rounds: still one alert per incident
+    down = [a for a in Receiver.alerts if a["to"] == "unhealthy"]
+    assert sorted(a["deployment"] for a in down) == ["emb", "gpt"]
+    assert len({a["incident"]["id"] for a in down}) == 2 and all(a["from"] == "healthy" for a in down)
+
+    before = ray.get(actor.status.remote())
+    pid = before["pid"]
+    ray.kill(actor, no_restart=False)  # the monitor dies; Ray restarts it and it reloads its state
+    after = poll(lambda: ray.get(actor.status.remote(), timeout=30), lambda s: s["pid"] != pid, timeout_s=60)
+    assert after["starts"] == before["starts"] + 1
+    assert after["models"]["gpt"]["incidents"][0]["id"] == before["models"]["gpt"]["incidents"][0]["id"]
+    rounds = len(after["models"]["gpt"]["rounds"])
+    poll(lambda: len(ray.get(actor.status.remote())["models"]["gpt"]["rounds"]), lambda n: n > rounds + 2)
+
+    url = serve_job.deploy(serve_cfg)  # the models are back
+    poll(states, lambda s: s == {"gpt": "healthy", "emb": "healthy"}, timeout_s=90)
+    time.sleep(1)
+    up = [a for a in Receiver.alerts if a["to"] == "healthy"]
+    assert sorted(a["deployment"] for a in up) == ["emb", "gpt"]
+    assert {a["incident"]["id"] for a in up} == {a["incident"]["id"] for a in down}
+    assert all(a["incident"]["closed"] for a in up)
+    assert len(Receiver.alerts) == 4  # no duplicates from the restart or the extra failing rounds
+    assert urllib.request.urlopen(url + "/health", timeout=30).status == 200
+
+
+def test_probe_metrics_reach_rays_metrics_endpoint(watched):
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    dashboard = json.loads((Path(__file__).resolve().parent.parent / "cluster" / "grafana" /
+                            "helio_monitor.json").read_text())
+    plotted = {name for p in dashboard["panels"] for t in p["targets"]
+               for name in re.findall(r"ray_helio_[a-z_]+", t["expr"])}
+    assert len(plotted) == 4
+    text = poll(scrape, lambda t: all(name in t for name in plotted), timeout_s=120, every=2)  # every plotted metric
+    passed = [ln for ln in text.splitlines() if ln.startswith("ray_helio_probes_total{")
+              and 'probe="semantic"' in ln and 'result="pass"' in ln]
+    assert passed and float(passed[0].rsplit(" ", 1)[1]) > 0, text[:2000]

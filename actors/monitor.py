@@ -43,6 +43,11 @@ def state_path(app: str) -> str:
     return f"monitor/{app}/state.json"
 
 
+def routing_path(app: str) -> str:
+    """Each model's canary rollout: share of traffic, status (canary, promoted, rolled_back), reason."""
+    return f"serving/{app}/routing.json"
+
+
 def references_path(app: str) -> str:
     """Where jobs.serve records what each model answered when its version was deployed."""
     return f"serving/{app}/references.json"
@@ -65,16 +70,32 @@ def semantic_check(task: str, expected: Any, answer: dict, min_cosine: float) ->
     return "" if right >= 1.0 else f"canary labels right {right:.0%}, recorded 100%"
 
 
-class Probes:
-    """One model's probes and the rolling window its performance probe reads."""
+def set_rollout(store: Storage, app: str, model_id: str, status: str, reason: str) -> dict:
+    """Promotes (all traffic to the canary) or rolls back (none) a model's canary in the routing file
+    the ingress reads; returns the model's new routing."""
+    routing = store.read_json(routing_path(app)) or {"models": {}}
+    route = routing["models"].get(model_id)
+    if route is None:
+        raise ValueError(f"model '{model_id}' of application '{app}' has no canary rollout")
+    route.update(status=status, share=1.0 if status == "promoted" else 0.0, reason=reason, since=time.time())
+    store.write_json(routing_path(app), routing)
+    return route
 
-    def __init__(self, model_id: str, settings: dict[str, Any], headers: dict[str, str]):
-        self.id, self.s, self.headers = model_id, settings, headers
+
+class Probes:
+    """One version's probes (a model's stable version, or its canary during a rollout, held to the
+    stable version's references) and the rolling window its performance probe reads."""
+
+    def __init__(self, model_id: str, version: str, settings: dict[str, Any], headers: dict[str, str]):
+        self.id, self.version, self.s = model_id, version, settings
+        self.key = model_id if version == "stable" else f"{model_id}@canary"
+        self.headers = {**headers, "x-helio-version": version}
         self.window: list[tuple[float, bool]] = []  # (latency, ok) of the semantic probe
 
     async def run(self, session, ref: dict[str, Any], refs: dict[str, Any]) -> list[ProbeResult]:
+        deployment = ref["deployment"] + ("-canary" if self.version == "canary" else "")
         probes = [self._timed("http", self._http(session, refs["http"])),
-                  self._timed("serve_status", asyncio.to_thread(self._serve_status, refs["app"], ref["deployment"])),
+                  self._timed("serve_status", asyncio.to_thread(self._serve_status, refs["app"], deployment)),
                   self._timed("semantic", self._semantic(session, refs["http"], ref))]
         if refs.get("grpc"):
             probes.append(self._timed("grpc", self._grpc(refs["grpc"], refs["app"])))
@@ -173,7 +194,7 @@ class Monitor:
     def status(self) -> dict[str, Any]:
         with self.lock:
             return {"app": self.s["app"], "starts": self.starts, "pid": os.getpid(),
-                    "webhook_failures": self.webhook_failures,
+                    "webhook_failures": self.webhook_failures, "routing": self._routing(),
                     "models": {d: h.to_dict() for d, h in self.health.items()}}
 
     # ---- the probing loop (its own thread and event loop) ----
@@ -186,12 +207,20 @@ class Monitor:
         running: dict[str, asyncio.Task] = {}
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.s["timeout_s"])) as session:
             while True:
-                refs = self._references()
-                for model_id in (refs or {}).get("models", {}):
-                    if model_id not in running or running[model_id].done():
-                        running[model_id] = asyncio.create_task(
-                            self._watch(session, Probes(model_id, self.s, headers)))
+                versions = [(m, "stable") for m in (self._references() or {}).get("models", {})]
+                versions += [(m, "canary") for m, r in self._routing().items() if r["status"] in ("canary", "promoted")]
+                for model_id, version in versions:
+                    probes = Probes(model_id, version, self.s, headers)
+                    if probes.key not in running or running[probes.key].done():
+                        running[probes.key] = asyncio.create_task(self._watch(session, probes))
                 await asyncio.sleep(self.s["period_s"])
+
+    def _routing(self) -> dict[str, dict]:
+        try:
+            return (self.store.read_json(routing_path(self.s["app"])) or {}).get("models", {})
+        except Exception as e:  # noqa: BLE001 - reported and retried, not fatal
+            log.warning("monitor %s: cannot read the routing: %s", self.s["app"], e)
+            return {}
 
     def _references(self) -> dict | None:
         try:
@@ -202,17 +231,42 @@ class Monitor:
 
     async def _watch(self, session, probes: Probes) -> None:
         """One model's schedule: a round of probes every period, whatever the other models do."""
+        rollout = None  # a canary's health is its own rollout's: a new rollout starts it afresh
         while True:
             start = time.monotonic()
             refs = self._references()
             ref = (refs or {}).get("models", {}).get(probes.id)
-            if ref is None:
-                return  # the model is no longer part of the application
+            route = self._routing().get(probes.id) if probes.version == "canary" else None
+            if ref is None or (probes.version == "canary" and (route is None or route["status"] == "rolled_back")):
+                return  # the model (or its canary) is no longer part of the application
+            if route is not None and route["since"] != rollout and route["status"] == "canary":
+                rollout, probes.window = route["since"], []
+                with self.lock:
+                    self.health[probes.key] = Health(probes.key)
             results = await probes.run(session, ref, refs)
-            alert = self._record(probes.id, results)
+            alert = self._record(probes.key, results)
             if alert is not None:
                 await self._alert(session, alert)
+            if route is not None and route["status"] == "canary":
+                await self._judge_canary(session, probes, route)
             await asyncio.sleep(max(0.0, self.s["period_s"] - (time.monotonic() - start)))
+
+    async def _judge_canary(self, session, probes: Probes, route: dict) -> None:
+        """Rolls a canary back as soon as it is unhealthy; promotes it after `promote_after` good rounds."""
+        with self.lock:
+            health = self.health[probes.key]
+            if health.state == "unhealthy":
+                status, reason = "rolled_back", f"canary {route['canary']} unhealthy: {health.incidents[-1]['reason']}"
+                health.incidents[-1]["action"] = f"rolled back to {route['stable']}"
+            elif health.state == "healthy" and health.streak_verdict == "ok" and \
+                    health.streak >= route["promote_after"]:
+                status, reason = "promoted", f"canary {route['canary']} healthy for {health.streak} rounds"
+            else:
+                return
+            self._save()
+        set_rollout(self.store, self.s["app"], probes.id, status, reason)
+        await self._alert(session, {"deployment": probes.key, "from": "canary", "to": status, "time": time.time(),
+                                    "reason": reason, "incident": health.incidents[-1] if health.incidents else None})
 
     def _record(self, model_id: str, results: list[ProbeResult]) -> dict | None:
         tags = {"app": self.s["app"], "model": model_id}

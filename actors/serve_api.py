@@ -32,6 +32,7 @@ from actors.serve_requests import (ApiError, ChatRequest, ClassifyRequest, Compl
                                    Frontend, answer)
 
 app = FastAPI(title="Helio", docs_url=None, redoc_url=None)
+VERSION = "x-helio-version"  # header / metadata: answer with the stable or the canary version of a model
 
 
 def error_response(e: ApiError) -> JSONResponse:
@@ -92,7 +93,7 @@ class Api(Frontend):
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> dict:
         body = await self._body(request, EmbeddingRequest)
-        served, vectors, usage = await self.per_input(body, "embed")
+        served, vectors, usage = await self.per_input(body, "embed", request.headers.get(VERSION))
         data = [{"object": "embedding", "index": i,
                  "embedding": v if body.encoding_format == "float" else
                  base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()} for i, v in enumerate(vectors)]
@@ -101,20 +102,20 @@ class Api(Frontend):
     @app.post("/v1/classify")
     async def http_classify(self, request: Request) -> dict:
         body = await self._body(request, ClassifyRequest)
-        served, results, usage = await self.per_input(body, "classify")
+        served, results, usage = await self.per_input(body, "classify", request.headers.get(VERSION))
         data = [{"index": i, "label": max(p, key=p.get), "probabilities": p} for i, p in enumerate(results)]
         return {"object": "list", "data": data, "model": served.id, "usage": usage}
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
-        return await self._complete(await self._body(request, CompletionRequest))
+        return await self._complete(await self._body(request, CompletionRequest), request.headers.get(VERSION))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        return await self._complete(await self._body(request, ChatRequest))
+        return await self._complete(await self._body(request, ChatRequest), request.headers.get(VERSION))
 
-    async def _complete(self, body: CompletionRequest | ChatRequest):
-        served, ids, params, completion = self.completion(body)
+    async def _complete(self, body: CompletionRequest | ChatRequest, asked: str | None):
+        served, ids, params, completion = self.completion(body, asked)
         if not body.stream:
             text, finish = completion.finish(await self.generate(served, ids, params))
             return completion.body(text, finish)
@@ -140,16 +141,18 @@ class Api(Frontend):
         context.set_details(e.message)
         return e
 
-    def _grpc_request(self, context: RayServegRPCContext, message: Any, schema: type) -> Any:
+    def _grpc_request(self, context: RayServegRPCContext, message: Any, schema: type) -> tuple[Any, str | None]:
+        """(the validated request, the version asked for in the metadata)."""
         self.check_size(message.ByteSize())
-        self.authorize(dict(context.invocation_metadata()).get("authorization", ""))
-        return self.validate(schema, grpc_fields(message))
+        metadata = dict(context.invocation_metadata())
+        self.authorize(metadata.get("authorization", ""))
+        return self.validate(schema, grpc_fields(message)), metadata.get(VERSION)
 
     async def Complete(self, request: pb.CompleteRequest, grpc_context: RayServegRPCContext
                        ) -> AsyncIterator[pb.CompleteChunk]:
         try:
             served, ids, params, completion = self.completion(
-                self._grpc_request(grpc_context, request, CompletionRequest))
+                *self._grpc_request(grpc_context, request, CompletionRequest))
             async for text, finish in completion.pieces(self.stream(served, ids, params)):
                 last = finish is not None
                 yield pb.CompleteChunk(text=text, finish_reason=finish or "",
@@ -159,16 +162,16 @@ class Api(Frontend):
 
     async def Embed(self, request: pb.EmbedRequest, grpc_context: RayServegRPCContext) -> pb.EmbedReply:
         try:
-            served, vectors, usage = await self.per_input(
-                self._grpc_request(grpc_context, request, EmbeddingRequest), "embed")
+            body, asked = self._grpc_request(grpc_context, request, EmbeddingRequest)
+            served, vectors, usage = await self.per_input(body, "embed", asked)
         except ApiError as e:
             raise self._grpc(grpc_context, e) from None
         return pb.EmbedReply(data=[pb.Embedding(values=v) for v in vectors], usage=pb.Usage(**usage))
 
     async def Classify(self, request: pb.ClassifyRequest, grpc_context: RayServegRPCContext) -> pb.ClassifyReply:
         try:
-            served, results, usage = await self.per_input(
-                self._grpc_request(grpc_context, request, ClassifyRequest), "classify")
+            body, asked = self._grpc_request(grpc_context, request, ClassifyRequest)
+            served, results, usage = await self.per_input(body, "classify", asked)
         except ApiError as e:
             raise self._grpc(grpc_context, e) from None
         return pb.ClassifyReply(data=[pb.Classification(label=max(p, key=p.get), probabilities=p) for p in results],

@@ -6,7 +6,9 @@ request means the same, and fails the same way, over either.
 """
 
 import asyncio
+import copy
 import hmac
+import random
 import time
 import uuid
 from typing import Any, AsyncIterator, Literal
@@ -18,6 +20,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from tokenizers import Tokenizer
 
 from actors.finetune_data import special_id
+from actors.monitor import routing_path
+from cluster.storage import Storage
 
 Number = StrictFloat | StrictInt
 GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
@@ -99,15 +103,26 @@ CHAT_STOP = "\nuser:"  # the reply ends where the model starts the user's next t
 
 
 class Served:
-    """What the front end knows of one hosted model: its deployment handle, task and tokenizer."""
+    """What the front end knows of one hosted model: its deployment handle (and its canary's, during a
+    rollout), task and tokenizer. `as_version` is the view one request is answered by."""
 
-    def __init__(self, entry: dict[str, Any], handle: Any):
-        self.id, self.task, self.handle = entry["id"], entry["task"], handle
+    def __init__(self, entry: dict[str, Any], handle: Any, canary: Any = None):
+        self.id, self.task, self.handle, self.canary = entry["id"], entry["task"], handle, canary
+        self.artifacts = {"stable": entry["artifact"], "canary": entry.get("canary_artifact")}
+        self.version = "stable"
         self.tokenizer = Tokenizer.from_str(entry["tokenizer_json"])
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.context = entry["context"]
         self.eos_id = special_id(self.tokenizer, ("<|endoftext|>", "</s>", "[SEP]"))
+
+    def as_version(self, version: str) -> "Served":
+        view = copy.copy(self)
+        view.version, view.handle = version, self.canary if version == "canary" else self.handle
+        return view
+
+    def fingerprint(self) -> str:
+        return f"helio:{self.version}:{self.artifacts[self.version]}"
 
 
 class Completion:
@@ -159,7 +174,8 @@ class Completion:
                       "finish_reason": finish}
         else:
             kind, choice = "text_completion", {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
-        out = {"id": self.id, "object": kind, "created": self.created, "model": self.served.id, "choices": [choice]}
+        out = {"id": self.id, "object": kind, "created": self.created, "model": self.served.id,
+               "system_fingerprint": self.served.fingerprint(), "choices": [choice]}
         if not chunk or finish is not None:
             out["usage"] = self.usage()
         return out
@@ -197,11 +213,25 @@ class Frontend:
     """Keys, validation and routing, whatever the transport."""
 
     def __init__(self, models: list[dict[str, Any]], handles: dict[str, Any], api_keys: list[str],
-                 max_items: int, max_body_bytes: int, request_timeout_s: float):
-        self.models = {m["id"]: Served(m, handles[m["id"]]) for m in models}
+                 max_items: int, max_body_bytes: int, request_timeout_s: float, storage: str, app: str):
+        self.models = {m["id"]: Served(m, handles[m["id"]], handles.get(f"{m['id']}@canary")) for m in models}
         self.keys = [k.encode() for k in api_keys]
         self.max_items, self.max_body_bytes, self.timeout = max_items, max_body_bytes, request_timeout_s
         self.created = int(time.time())
+        self.store, self.routing_file = Storage(storage), routing_path(app)
+        self.routing: dict[str, Any] = {}
+        self.routing_read = float("-inf")
+
+    def canary_share(self, model_id: str) -> float:
+        """The share of a model's traffic its canary gets now: from the routing file that jobs.serve,
+        jobs.rollout and the monitor write, read at most once a second."""
+        if time.monotonic() - self.routing_read > 1.0:
+            self.routing_read = time.monotonic()
+            try:
+                self.routing = (self.store.read_json(self.routing_file) or {}).get("models", {})
+            except Exception:  # noqa: BLE001 - keep the last good routing; the next read may succeed
+                pass
+        return float(self.routing.get(model_id, {}).get("share", 0.0))
 
     def deadline(self) -> float:
         return asyncio.get_running_loop().time() + self.timeout
@@ -233,14 +263,24 @@ class Frontend:
             raise ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param, first.get("type")) \
                 from None
 
-    def model(self, name: str, task: str) -> Served:
+    def model(self, name: str, task: str, asked: str | None = None) -> Served:
+        """The model a request names, as the version that answers it: the one `asked` for (the
+        x-helio-version header or gRPC metadata: stable or canary), else its canary for the routed share
+        of requests."""
         served = self.models.get(name)
         if served is None:
             raise ApiError(404, f"model '{name}' does not exist; GET /v1/models lists the hosted ones", "model",
                            "model_not_found")
         if served.task != task:
             raise ApiError(400, f"model '{name}' serves {served.task}, not {task}", "model", "wrong_task")
-        return served
+        if asked not in (None, "", "stable", "canary"):
+            raise ApiError(400, f"x-helio-version: must be stable or canary, not {asked!r}", "x-helio-version")
+        if served.canary is None:
+            if asked == "canary":
+                raise ApiError(404, f"model '{name}' has no canary version", "x-helio-version", "no_canary")
+            return served
+        version = asked or ("canary" if random.random() < self.canary_share(name) else "stable")
+        return served.as_version(version)
 
     def list_models(self) -> list[dict]:
         return [{"id": m.id, "object": "model", "created": self.created, "owned_by": "helio", "task": m.task}
@@ -265,19 +305,21 @@ class Frontend:
             rows.append(ids)
         return rows
 
-    async def per_input(self, body: EmbeddingRequest | ClassifyRequest, task: str) -> tuple[Served, list, dict]:
+    async def per_input(self, body: EmbeddingRequest | ClassifyRequest, task: str,
+                        asked: str | None = None) -> tuple[Served, list, dict]:
         """Sends every text of `input` to the model's batched method (each joins the replica's next batch):
         (model, one answer per text, usage)."""
-        served = self.model(body.model, task)
+        served = self.model(body.model, task, asked)
         rows = self._encode(served, [body.input] if isinstance(body.input, str) else body.input, body.truncate)
         method = getattr(served.handle, task)  # embed / classify
         answers = await answer(asyncio.gather(*(method.remote(r) for r in rows)), self.deadline())
         tokens = sum(len(r) for r in rows)
         return served, list(answers), {"prompt_tokens": tokens, "total_tokens": tokens}
 
-    def completion(self, body: CompletionRequest | ChatRequest) -> tuple[Served, list[int], dict, Completion]:
+    def completion(self, body: CompletionRequest | ChatRequest,
+                   asked: str | None = None) -> tuple[Served, list[int], dict, Completion]:
         """A completion or chat request -> (model, prompt ids, sampling parameters, its Completion)."""
-        served = self.model(body.model, "generate")
+        served = self.model(body.model, "generate", asked)
         chat = isinstance(body, ChatRequest)
         field = "messages" if chat else "prompt"
         ids = served.tokenizer.encode(chat_prompt(body.messages) if chat else body.prompt,

@@ -107,7 +107,9 @@ def wait_for_rounds(actor, models: list[str], rounds: int, timeout_s: float) -> 
 
 
 def format_status(status: dict) -> str:
-    rows = []
+    rows = [(f"{model} rollout", f"{r['status']}: {r['stable']} {1 - r['share']:.0%} / {r['canary']} (canary) "
+                                 f"{r['share']:.0%}" + (f"; {r['reason'][:70]}" if r["reason"] else ""))
+            for model, r in sorted(status.get("routing", {}).items())]
     for model, h in sorted(status["models"].items()):
         last = h["rounds"][-1] if h["rounds"] else {"verdict": "-", "reason": "", "probes": []}
         probes = " ".join(f"{p['probe']}={'ok' if p['ok'] else 'FAIL'}({1e3 * p['latency_s']:.0f}ms)"

@@ -49,6 +49,22 @@ class Autoscaling:
 
 
 @dataclass(frozen=True)
+class Canary:
+    """A new version of a model, rolled out beside the stable one: it answers `share` of the requests;
+    the monitor promotes it after `promote_after` healthy rounds or rolls it back when it turns
+    unhealthy (jobs.rollout does either by hand)."""
+    artifact: str
+    share: float = 0.1
+    promote_after: int = 10
+
+    def __post_init__(self) -> None:
+        if not 0 < self.share < 1:
+            raise ValueError(f"share: must be between 0 and 1, got {self.share}")
+        if self.promote_after < 1:
+            raise ValueError("promote_after: must be at least 1")
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     id: str  # the name clients send as `model`
     artifact: str  # a model artifact under storage (float or quantized)
@@ -63,6 +79,7 @@ class ModelEntry:
     max_ongoing_requests: int = 16  # per replica, before requests queue
     max_queued_requests: int = 64  # per caller, before a 503 with Retry-After
     force: bool = False  # serve an artifact its quality gate rejected
+    canary: Canary | None = None  # a new version of this model, rolled out beside it
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -141,9 +158,19 @@ def entries(cfg: ServeConfig) -> list[dict[str, Any]]:
         kind = artifact_kind(art).replace("lm", "generate")  # a GPT is served for generation
         if kind != m.task:
             raise ConfigError(f"models[{i}].task", f"artifact '{m.artifact}' is a {kind} model, not {m.task}")
-        out.append({"id": m.id, "task": m.task, "tokenizer_json": art.read_bytes("tokenizer.json").decode(),
-                    "context": hf.get("n_positions") or hf.get("max_position_embeddings"),
-                    "labels": [hf["id2label"][str(j)] for j in range(len(hf.get("id2label") or {}))]})
+        entry = {"id": m.id, "task": m.task, "artifact": m.artifact,
+                 "tokenizer_json": art.read_bytes("tokenizer.json").decode(),
+                 "context": hf.get("n_positions") or hf.get("max_position_embeddings"),
+                 "labels": [hf["id2label"][str(j)] for j in range(len(hf.get("id2label") or {}))]}
+        if m.canary is not None:
+            new = store.open("model", m.canary.artifact, verify=False)
+            check_servable(new, m.force)
+            if artifact_kind(new) != artifact_kind(art) or new.read_bytes("tokenizer.json").decode() != \
+                    entry["tokenizer_json"]:
+                raise ConfigError(f"models[{i}].canary.artifact", f"'{m.canary.artifact}' is not a new version of "
+                                  f"'{m.artifact}': a canary needs the same kind of model and the same tokenizer")
+            entry["canary_artifact"] = m.canary.artifact
+        out.append(entry)
     return out
 
 
@@ -169,20 +196,23 @@ def build_app(cfg: ServeConfig):
             opts["autoscaling_config"] = to_dict(m.autoscaling)
         else:
             opts["num_replicas"] = m.replicas
-        args = (cfg.storage, m.artifact, m.force)
-        if m.task == "generate":
-            handles[m.id] = Generator.options(**opts).bind(*args, threads_for(m.num_cpus), m.max_batch_size,
-                                                           m.stream_interval_s)
-            continue
         tok = Tokenizer.from_str(e["tokenizer_json"])
         pad = special_id(tok, ("<|pad|>", "[PAD]", "<pad>"))
         batch = (pad if pad is not None else 0, threads_for(m.num_cpus), m.max_batch_size, m.batch_wait_s)
-        handles[m.id] = (Embedder.options(**opts).bind(*args, *batch) if m.task == "embed" else
-                         Classifier.options(**opts).bind(*args, *batch, e["labels"]))
+        versions = [(m.id, opts["name"], m.artifact)]
+        if m.canary is not None:
+            versions.append((f"{m.id}@canary", f"{opts['name']}-canary", m.canary.artifact))
+        for key, name, artifact in versions:
+            args, dep = (cfg.storage, artifact, m.force), {**opts, "name": name}
+            handles[key] = (
+                Generator.options(**dep).bind(*args, threads_for(m.num_cpus), m.max_batch_size, m.stream_interval_s)
+                if m.task == "generate" else Embedder.options(**dep).bind(*args, *batch) if m.task == "embed" else
+                Classifier.options(**dep).bind(*args, *batch, e["labels"]))
     return Api.options(ray_actor_options={"num_cpus": cfg.ingress_cpus}, backpressure_config=BACKPRESSURE,
                        max_ongoing_requests=cfg.ingress_max_ongoing_requests,
                        max_queued_requests=cfg.ingress_max_queued_requests).bind(
-        models, handles, api_keys(cfg), cfg.max_items, cfg.http.max_body_bytes, cfg.http.request_timeout_s)
+        models, handles, api_keys(cfg), cfg.max_items, cfg.http.max_body_bytes, cfg.http.request_timeout_s,
+        cfg.storage, cfg.name)
 
 
 def app(args: dict[str, Any]):
@@ -208,13 +238,25 @@ def proxy_options(cfg: ServeConfig) -> dict[str, Any]:
     return out
 
 
+def routing(cfg: ServeConfig) -> dict[str, Any]:
+    """The routing file a deployment starts from: every canary at its configured share."""
+    return {"models": {m.id: {"status": "canary", "share": m.canary.share, "promote_after": m.canary.promote_after,
+                              "stable": m.artifact, "canary": m.canary.artifact, "since": time.time(), "reason": ""}
+                       for m in cfg.models if m.canary is not None}}
+
+
 def deploy(cfg: ServeConfig) -> str:
     """Starts Serve's proxies where the config says and deploys the application; returns its HTTP URL."""
     from ray import serve
 
+    from actors.monitor import routing_path
+
     application = build_app(cfg)  # checks every artifact before anything starts
+    store = Storage(cfg.storage)
+    store.write_json(routing_path(cfg.name), {"models": {}})  # no canary gets traffic or probes while deploying
     serve.start(**proxy_options(cfg))
     serve.run(application, name=cfg.name, route_prefix="/")
+    store.write_json(routing_path(cfg.name), routing(cfg))  # once every version serves
     return f"http://{cfg.http.host}:{cfg.http.port}"
 
 

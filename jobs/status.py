@@ -16,7 +16,7 @@ from jobs.monitor import MonitorConfig, format_status
 
 
 def run(cfg: MonitorConfig) -> dict:
-    from actors.monitor import NAMESPACE, actor_name, state_path
+    from actors.monitor import NAMESPACE, actor_name, routing_path, state_path
     from cluster.storage import Storage
 
     status = None
@@ -35,7 +35,8 @@ def run(cfg: MonitorConfig) -> dict:
         if saved is None:
             raise UserError(f"no monitor has watched application '{cfg.app}' under {cfg.storage}")
         status = {"app": cfg.app, "starts": saved["starts"], "webhook_failures": saved["webhook_failures"],
-                  "models": saved["health"]}
+                  "models": saved["health"],
+                  "routing": (Storage(cfg.storage).read_json(routing_path(cfg.app)) or {}).get("models", {})}
     print(format_status(status))
     return status
 

@@ -62,6 +62,10 @@ def watched(ray_cluster, tmp_path_factory):
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(vocab_size=400, block_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
     write_model_artifact(store, "gpt", lambda d: save_model(gpt, d), tok)
+    write_model_artifact(store, "gpt_copy", lambda d: save_model(gpt, d), tok)  # a good new version
+    torch.manual_seed(1)
+    bad = GPT(gpt.cfg).eval()  # a broken new version: other weights, so other answers
+    write_model_artifact(store, "gpt_bad", lambda d: save_model(bad, d), tok)
     enc = Encoder(EncoderConfig(vocab_size=400, max_position=48, n_layer=1, n_head=2, n_embd=32, pad_id=1))
     write_model_artifact(store, "enc", lambda d: save_model(enc.drop_mlm_head().eval(), d), tok)
     serve_cfg = load_config(serve_job.ServeConfig, None, [
@@ -146,3 +150,56 @@ def test_probe_metrics_reach_rays_metrics_endpoint(watched):
     passed = [ln for ln in text.splitlines() if ln.startswith("ray_helio_probes_total{")
               and 'probe="semantic"' in ln and 'result="pass"' in ln]
     assert passed and float(passed[0].rsplit(" ", 1)[1]) > 0, text[:2000]
+
+
+def completions(url: str, n: int) -> list[dict]:
+    req = {"model": "gpt", "prompt": "def read(path):\n    ", "max_tokens": 16, "temperature": 0}
+    return [serve_job.post(url + "/v1/completions", req, []) for _ in range(n)]
+
+
+def test_a_bad_canary_is_rolled_back_and_a_good_one_promoted(watched):
+    import ray
+
+    from actors.monitor import routing_path
+
+    serve_cfg, mon_cfg = watched
+    store = Storage(serve_cfg.storage)
+    reference = store.read_json(f"serving/{serve_cfg.name}/references.json")["models"]["gpt"]["expected"]
+    actor = monitor_job.start(dataclasses.replace(mon_cfg, restart=False))
+    route = lambda: store.read_json(routing_path("mon_app"))["models"]["gpt"]  # noqa: E731
+
+    def with_canary(artifact: str):
+        models = [dataclasses.replace(m, canary=serve_job.Canary(artifact, share=0.5, promote_after=3))
+                  if m.id == "gpt" else m for m in serve_cfg.models]
+        return dataclasses.replace(serve_cfg, models=tuple(models))
+
+    url = serve_job.deploy(with_canary("gpt_bad"))
+    assert route()["status"] == "canary"
+    rolled = poll(route, lambda r: r["status"] != "canary", timeout_s=60)
+    assert rolled["status"] == "rolled_back" and rolled["share"] == 0.0
+    assert "gpt_bad unhealthy" in rolled["reason"] and "semantic: greedy completion" in rolled["reason"]
+    time.sleep(1.5)  # the ingress rereads the routing within a second
+    answers = completions(url, 12)
+    assert {a["system_fingerprint"] for a in answers} == {"helio:stable:gpt"}
+    assert all(a["choices"][0]["text"] == reference for a in answers)
+    status = ray.get(actor.status.remote())
+    assert status["models"]["gpt@canary"]["incidents"][-1]["action"] == "rolled back to gpt"
+    assert any(a["to"] == "rolled_back" and a["deployment"] == "gpt@canary" for a in Receiver.alerts)
+
+    url = serve_job.deploy(with_canary("gpt_copy"))
+    promoted = poll(route, lambda r: r["status"] != "canary", timeout_s=60)
+    assert promoted["status"] == "promoted" and promoted["share"] == 1.0, promoted
+    time.sleep(1.5)
+    answers = completions(url, 6)
+    assert {a["system_fingerprint"] for a in answers} == {"helio:canary:gpt_copy"}
+    assert all(a["choices"][0]["text"] == reference for a in answers)
+    assert "gpt rollout" in monitor_job.format_status(ray.get(actor.status.remote()))
+
+    from jobs import rollout
+
+    assert rollout.main(["--set", f"storage={serve_cfg.storage}", "--set", "app=mon_app", "--set", "model=gpt",
+                         "--set", "action=rollback"]) == 0  # by hand
+    time.sleep(1.5)
+    assert {a["system_fingerprint"] for a in completions(url, 4)} == {"helio:stable:gpt"}
+    assert rollout.main(["--set", f"storage={serve_cfg.storage}", "--set", "app=mon_app", "--set", "model=emb",
+                         "--set", "action=promote"]) == 2  # no canary to promote

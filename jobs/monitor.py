@@ -93,15 +93,16 @@ def start(cfg: MonitorConfig):
                            get_if_exists=True).remote(to_dict(cfg))
 
 
-def wait_for_rounds(actor, models: list[str], rounds: int, timeout_s: float) -> dict:
-    """Polls the monitor until every model has at least `rounds` rounds; its status."""
+def wait_for_round(actor, models: list[str], after: float, timeout_s: float) -> dict:
+    """Polls the monitor until every model has a round newer than `after` (not just history it
+    reloaded); its status."""
     import ray
 
     deadline = time.monotonic() + timeout_s
     while True:
         status = ray.get(actor.status.remote(), timeout=60)
-        done = [m for m in models if len(status["models"].get(m, {}).get("rounds", [])) >= rounds]
-        if len(done) == len(models) or time.monotonic() > deadline:
+        fresh = [m for m in models if any(r["time"] > after for r in status["models"].get(m, {}).get("rounds", []))]
+        if len(fresh) == len(models) or time.monotonic() > deadline:
             return status
         time.sleep(0.2)
 
@@ -137,9 +138,9 @@ def run(cfg: MonitorConfig) -> dict:
         raise UserError(f"no references for application '{cfg.app}' under {cfg.storage}: deploy it with "
                         "jobs.serve first (it records what each model answers)")
     log.info(connect(cfg.ray_address, cfg.local_cpus))
+    started = time.time()
     actor = start(cfg)
-    models = sorted(refs["models"])
-    status = wait_for_rounds(actor, models, 1, timeout_s=cfg.period_s + 6 * cfg.timeout_s)
+    status = wait_for_round(actor, sorted(refs["models"]), started, timeout_s=2 * cfg.period_s + 6 * cfg.timeout_s)
     print(format_status(status), flush=True)
     if cfg.ray_address or os.environ.get("RAY_ADDRESS") or cfg.monitor_seconds == 0:
         return status

@@ -118,8 +118,8 @@ def test_down_is_unhealthy_and_alerted_once_the_monitor_survives_a_kill_and_reco
     after = poll(lambda: ray.get(actor.status.remote(), timeout=30), lambda s: s["pid"] != pid, timeout_s=60)
     assert after["starts"] == before["starts"] + 1
     assert after["models"]["gpt"]["incidents"][0]["id"] == before["models"]["gpt"]["incidents"][0]["id"]
-    rounds = len(after["models"]["gpt"]["rounds"])
-    poll(lambda: len(ray.get(actor.status.remote())["models"]["gpt"]["rounds"]), lambda n: n > rounds + 2)
+    last = after["models"]["gpt"]["rounds"][-1]["time"]
+    poll(lambda: ray.get(actor.status.remote())["models"]["gpt"]["rounds"][-1]["time"], lambda t: t > last + 1)
 
     url = serve_job.deploy(serve_cfg)  # the models are back
     poll(states, lambda s: s == {"gpt": "healthy", "emb": "healthy"}, timeout_s=90)
@@ -203,3 +203,22 @@ def test_a_bad_canary_is_rolled_back_and_a_good_one_promoted(watched):
     assert {a["system_fingerprint"] for a in completions(url, 4)} == {"helio:stable:gpt"}
     assert rollout.main(["--set", f"storage={serve_cfg.storage}", "--set", "app=mon_app", "--set", "model=emb",
                          "--set", "action=promote"]) == 2  # no canary to promote
+
+
+def test_a_failing_webhook_is_counted_and_never_stops_the_monitor(watched):
+    import ray
+
+    from actors.monitor import routing_path
+
+    serve_cfg, mon_cfg = watched
+    actor = monitor_job.start(dataclasses.replace(mon_cfg, webhook=monitor_job.Webhook(
+        url=f"http://127.0.0.1:{free_port()}/nobody-listens", cooldown_s=0)))  # restart=true: new settings
+    models = [dataclasses.replace(m, canary=serve_job.Canary("gpt_bad", share=0.5, promote_after=3))
+              if m.id == "gpt" else m for m in serve_cfg.models]
+    serve_job.deploy(dataclasses.replace(serve_cfg, models=tuple(models)))  # a canary to roll back: an alert
+    store = Storage(serve_cfg.storage)
+    poll(lambda: store.read_json(routing_path("mon_app"))["models"]["gpt"]["status"], lambda s: s == "rolled_back",
+         timeout_s=60)
+    failed = poll(lambda: ray.get(actor.status.remote()), lambda s: s["webhook_failures"] >= 1, timeout_s=30)
+    last = failed["models"]["emb"]["rounds"][-1]["time"]  # and it keeps probing
+    poll(lambda: ray.get(actor.status.remote())["models"]["emb"]["rounds"][-1]["time"], lambda t: t > last + 1)

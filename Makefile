@@ -30,9 +30,10 @@ demo: install
 	@echo "runs/pretrain_demo (checkpoints, metrics.jsonl, loss.png), models/pretrain_demo (Hugging Face layout),"
 	@echo "models/quantize_demo (int8: model.safetensors, quantization.json, report.json),"
 	@echo "tasks/stdlib_tasks (SFT, classification, retrieval JSONL), models/all-minilm-l6-v2 (imported base),"
-	@echo "adapters/finetune_embed_demo (PEFT LoRA), models/finetune_embed_demo (merged)."
+	@echo "adapters/finetune_embed_demo (PEFT LoRA), models/finetune_embed_demo (merged),"
+	@echo "serving/serve_demo (references the monitor compares with, canary routing), monitor/serve_demo (its state)."
 	@echo "More finetunes on the same storage: jobs/configs/finetune_sft_demo.yaml, finetune_cls_demo.yaml"
-	@echo "Serve them until Ctrl-C: make serve (OpenAI-compatible HTTP on 127.0.0.1:8000)"
+	@echo "Serve them until Ctrl-C: make serve (OpenAI-compatible HTTP on 127.0.0.1:8000, gRPC on 9000, monitored)"
 
 serve: install
 	$(PY) -m jobs.serve jobs/configs/serve_demo.yaml --set storage=$(STORAGE)

@@ -160,22 +160,24 @@ class Api(Frontend):
         except ApiError as e:
             raise self._grpc(grpc_context, e) from None
 
-    async def Embed(self, request: pb.EmbedRequest, grpc_context: RayServegRPCContext) -> pb.EmbedReply:
+    async def _grpc_per_input(self, context: RayServegRPCContext, message: Any, schema: type,
+                              task: str) -> tuple[list, Any]:
+        """Embed / Classify: (one answer per input, usage), or the error's status code on the context."""
         try:
-            body, asked = self._grpc_request(grpc_context, request, EmbeddingRequest)
-            served, vectors, usage = await self.per_input(body, "embed", asked)
+            body, asked = self._grpc_request(context, message, schema)
+            _, answers, usage = await self.per_input(body, task, asked)
         except ApiError as e:
-            raise self._grpc(grpc_context, e) from None
-        return pb.EmbedReply(data=[pb.Embedding(values=v) for v in vectors], usage=pb.Usage(**usage))
+            raise self._grpc(context, e) from None
+        return answers, pb.Usage(**usage)
+
+    async def Embed(self, request: pb.EmbedRequest, grpc_context: RayServegRPCContext) -> pb.EmbedReply:
+        vectors, usage = await self._grpc_per_input(grpc_context, request, EmbeddingRequest, "embed")
+        return pb.EmbedReply(data=[pb.Embedding(values=v) for v in vectors], usage=usage)
 
     async def Classify(self, request: pb.ClassifyRequest, grpc_context: RayServegRPCContext) -> pb.ClassifyReply:
-        try:
-            body, asked = self._grpc_request(grpc_context, request, ClassifyRequest)
-            served, results, usage = await self.per_input(body, "classify", asked)
-        except ApiError as e:
-            raise self._grpc(grpc_context, e) from None
+        results, usage = await self._grpc_per_input(grpc_context, request, ClassifyRequest, "classify")
         return pb.ClassifyReply(data=[pb.Classification(label=max(p, key=p.get), probabilities=p) for p in results],
-                                usage=pb.Usage(**usage))
+                                usage=usage)
 
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext
                     ) -> health_pb2.HealthCheckResponse:

@@ -196,9 +196,9 @@ def build_app(cfg: ServeConfig):
             opts["autoscaling_config"] = to_dict(m.autoscaling)
         else:
             opts["num_replicas"] = m.replicas
-        tok = Tokenizer.from_str(e["tokenizer_json"])
-        pad = special_id(tok, ("<|pad|>", "[PAD]", "<pad>"))
-        batch = (pad if pad is not None else 0, threads_for(m.num_cpus), m.max_batch_size, m.batch_wait_s)
+        if m.task != "generate":  # the batched encoders pad with the tokenizer's pad token
+            pad = special_id(Tokenizer.from_str(e["tokenizer_json"]), ("<|pad|>", "[PAD]", "<pad>"))
+            batch = (pad if pad is not None else 0, threads_for(m.num_cpus), m.max_batch_size, m.batch_wait_s)
         versions = [(m.id, opts["name"], m.artifact)]
         if m.canary is not None:
             versions.append((f"{m.id}@canary", f"{opts['name']}-canary", m.canary.artifact))

@@ -7,7 +7,7 @@ STORAGE    ?= ./runs
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.helio-installed
 
-.PHONY: install demo serve test bench proto clean
+.PHONY: install demo stop test bench proto clean
 
 install: $(STAMP)
 
@@ -19,24 +19,33 @@ $(STAMP): pyproject.toml Makefile
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation -e '.[test]'
 	touch $(STAMP)
 
+# The local Ray head make demo starts (token auth on; the venv's python runs the jobs) and its job API.
+RAYENV     := RAY_AUTH_MODE=token PATH="$(abspath $(VENV))/bin:$$PATH"
+DASHBOARD  ?= http://127.0.0.1:8265
+DEMO_SETS  := --set storage=$(abspath $(STORAGE))
+
+# The whole pipeline, submitted to a local Ray head as to any cluster; the served app stays up.
 demo: install
-	$(PY) -m jobs.prepare jobs/configs/prepare_demo.yaml --set storage=$(STORAGE)
-	$(PY) -m jobs.pretrain jobs/configs/pretrain_demo.yaml --set storage=$(STORAGE)
-	$(PY) -m jobs.quantize jobs/configs/quantize_demo.yaml --set storage=$(STORAGE)
-	$(PY) -m jobs.make_tasks jobs/configs/make_tasks_demo.yaml --set storage=$(STORAGE)
-	$(PY) -m jobs.finetune jobs/configs/finetune_embed_demo.yaml --set storage=$(STORAGE)
-	$(PY) -m jobs.serve jobs/configs/serve_demo.yaml --set storage=$(STORAGE) --set serve_seconds=0
+	@$(RAYENV) ray get-auth-token --generate >/dev/null  # the cluster's token: ~/.ray/auth_token, made once
+	@$(RAYENV) ray status >/dev/null 2>&1 && echo "using the Ray head that is already running" || \
+	    $(RAYENV) ray start --head --dashboard-host=127.0.0.1 --disable-usage-stats
+	$(RAYENV) ray job submit --address $(DASHBOARD) --working-dir . -- \
+	    python -m jobs.pipeline jobs/configs/demo.yaml $(DEMO_SETS)
+	$(PY) -m jobs.query jobs/configs/demo.yaml $(DEMO_SETS)
+	@echo
 	@echo "demo outputs are under $(STORAGE)/: datasets/prepare_demo (Parquet shards, tokenizer.json),"
 	@echo "runs/pretrain_demo (checkpoints, metrics.jsonl, loss.png), models/pretrain_demo (Hugging Face layout),"
+	@echo "tasks/stdlib_tasks (SFT, classification, retrieval JSONL), models/finetune_sft_demo (docstring -> code),"
+	@echo "models/all-minilm-l6-v2 (imported base), adapters/finetune_embed_demo (PEFT LoRA), models/finetune_embed_demo,"
 	@echo "models/quantize_demo (int8: model.safetensors, quantization.json, report.json),"
-	@echo "tasks/stdlib_tasks (SFT, classification, retrieval JSONL), models/all-minilm-l6-v2 (imported base),"
-	@echo "adapters/finetune_embed_demo (PEFT LoRA), models/finetune_embed_demo (merged),"
-	@echo "serving/serve_demo (references the monitor compares with, canary routing), monitor/serve_demo (its state)."
-	@echo "More finetunes on the same storage: jobs/configs/finetune_sft_demo.yaml, finetune_cls_demo.yaml"
-	@echo "Serve them until Ctrl-C: make serve (OpenAI-compatible HTTP on 127.0.0.1:8000, gRPC on 9000, monitored)"
+	@echo "serving/serve_demo (references, canary routing), monitor/serve_demo (state), pipelines/demo.json (stage keys)."
+	@echo "Still serving on the local Ray head: HTTP on 127.0.0.1:8000, gRPC on 127.0.0.1:9000; dashboard $(DASHBOARD)."
+	@echo "make demo again skips every stage whose artifact is current; make stop shuts it all down."
 
-serve: install
-	$(PY) -m jobs.serve jobs/configs/serve_demo.yaml --set storage=$(STORAGE)
+# Stops the served application and the local Ray head make demo started.
+stop:
+	-@$(RAYENV) serve shutdown -y --address $(DASHBOARD) 2>/dev/null
+	$(RAYENV) ray stop
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -99,7 +99,7 @@ def bench_model(storage: str, name: str, args) -> dict:
         variants[f"helio {method}"] = load_runnable(art.uri)
     import ray  # the held-out data, read as the job reads it (Ray Data), after the jobs' own clusters are gone
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         cfg = load_config(quantize.QuantizeConfig, None, [f"storage={storage}", f"model={name}",
                                                           f"eval.max_examples={args.examples}"])

@@ -184,7 +184,7 @@ def main() -> int:
     import ray
     from ray import serve
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # 2 replicas of 1 CPU + ingress, proxy
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # 2 replicas of 1 CPU + ingress, proxy
     try:
         url, _ = deploy(args.storage)
         emb = [{"model": "emb", "input": s} for s in snippets]

@@ -22,8 +22,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
     if address:
         ray.init(address=address, log_to_driver=True)
         return f"connected to the Ray cluster at {address}"
-    # The dashboard also serves the state API that Ray Train's placement-group cleaner polls.
-    ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)
+    # "local": a new cluster of its own, even where `ray start` left a head running (make demo does);
+    # the dashboard also serves the state API that Ray Train's placement-group cleaner polls.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)
     cpus = int(ray.cluster_resources().get("CPU", 0))
     return f"started an embedded local Ray cluster with {cpus} CPUs"
 

@@ -50,12 +50,21 @@ class ResourcesConfig:
 class FailureConfig:
     max_failures: int = 1  # worker-group restarts from the latest checkpoint; -1: unlimited
     num_to_keep: int = 2  # checkpoints kept in the run folder
+    # A worker group that cannot be placed (a lost node that never comes back, resources the cluster
+    # will never have) is retried this many times, each after start_timeout_s, then the job fails
+    # instead of waiting forever. -1: retry forever (an autoscaler that is slow to add nodes).
+    controller_failure_limit: int = 3
+    start_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.max_failures < -1:
             raise ValueError("max_failures: must be -1 (unlimited) or >= 0")
+        if self.controller_failure_limit < -1:
+            raise ValueError("controller_failure_limit: must be -1 (unlimited) or >= 0")
         if self.num_to_keep < 1:
             raise ValueError("num_to_keep: must be at least 1")
+        if not self.start_timeout_s > 0:
+            raise ValueError("start_timeout_s: must be positive")
 
 
 @dataclass(frozen=True)
@@ -210,6 +219,8 @@ def fit(name: str, store: Storage, loop: LoopConfig, train_uris: list[str], reso
     from actors.train_report import CURVE_FILE, Progress, loss_curve_png, read_metrics
 
     run_uri = store.to_uri(f"{store.root_path}/runs/{name}")
+    # Read by Ray Train's controller, to which Ray propagates it from this driver.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(failure.start_timeout_s)
     ray.data.DataContext.get_current().enable_progress_bars = False  # workers print progress lines instead
     datasets = {"train": ray.data.read_parquet(train_uris, columns=columns)}
     exec_opts = ray.data.ExecutionOptions(preserve_order=True)  # the same order on every worker, every attempt
@@ -220,7 +231,8 @@ def fit(name: str, store: Storage, loop: LoopConfig, train_uris: list[str], reso
                                                resources_per_worker={"CPU": resources.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=store.to_uri(f"{store.root_path}/runs"),
-            failure_config=ray.train.FailureConfig(max_failures=failure.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=failure.max_failures,
+                                                   controller_failure_limit=failure.controller_failure_limit),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=failure.num_to_keep),
             callbacks=[Progress(run_uri)]),
         datasets=datasets,
@@ -230,7 +242,8 @@ def fit(name: str, store: Storage, loop: LoopConfig, train_uris: list[str], reso
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        raise JobFailed(f"training failed (failure.max_failures={failure.max_failures}): {_cause(e)}; "
+        raise JobFailed(f"training failed (failure.max_failures={failure.max_failures}, controller_failure_limit="
+                        f"{failure.controller_failure_limit}): {_cause(e)}; "
                         f"checkpoints are in {run_uri}: run the job again with the same name and storage to "
                         f"resume from the latest") from None
     seconds = time.time() - t0

@@ -135,7 +135,7 @@ class ServeConfig:
     ingress_max_queued_requests: int = 512  # waiting at the proxy before a 503 with Retry-After
     monitor: str | None = None  # a jobs.monitor config: start the app's monitor once it serves
     serve_seconds: float | None = None  # embedded cluster: None serves until interrupted; 0 answers the
-    #                                     sample requests and stops (make demo)
+    #                                     sample requests and stops (jobs.pipeline)
 
     def __post_init__(self) -> None:
         if not self.models:

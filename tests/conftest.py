@@ -15,7 +15,8 @@ def ray_cluster():
     """A real local Ray cluster with 2 CPUs, shared by every test that asks for it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": its own cluster, even with a `ray start` head running on this machine (make demo's)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield ray
     finally:

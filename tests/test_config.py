@@ -16,7 +16,10 @@ CONFIGS = sorted(p for p in (JOBS / "configs").glob("*.yaml") if p.name != "serv
 
 def job_of(config: Path) -> str:
     """The job a shipped config belongs to: the longest `_`-prefix of its name that is a module
-    of jobs/ (make_tasks_demo -> jobs.make_tasks, pretrain_mlm_demo -> jobs.pretrain)."""
+    of jobs/ (make_tasks_demo -> jobs.make_tasks, pretrain_mlm_demo -> jobs.pretrain); demo.yaml is
+    the whole pipeline's."""
+    if config.stem == "demo":
+        return "jobs.pipeline"
     parts = config.stem.split("_")
     for n in range(len(parts), 0, -1):
         if (JOBS / f"{'_'.join(parts[:n])}.py").is_file():

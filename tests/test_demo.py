@@ -25,10 +25,10 @@ def test_pretrain_demo_learns_below_unigram_entropy(ray_cluster, tmp_path):
     assert (tmp_path / "runs" / "pretrain_demo" / "loss.png").stat().st_size > 1000
     assert manifest["parents"][0]["name"] == "prepare_demo"
 
-    # make demo's next step: int8 of that model, gated at +2% perplexity; on the demo GPT it costs far less
+    # int8 of that model (the demo quantizes its SFT descendant), gated at +2% perplexity; it costs far less
     from jobs import quantize
 
-    q = quantize.run(load_config(quantize.QuantizeConfig, CONFIGS / "quantize_demo.yaml", [storage]))
+    q = quantize.run(load_config(quantize.QuantizeConfig, CONFIGS / "quantize_demo.yaml", [storage, "model=pretrain_demo"]))
     assert q["rejected"] is False and q["parents"][0]["name"] == "pretrain_demo"
     assert abs(q["metrics"]["quality_delta"]) < 0.01 and q["metrics"]["linear_size_ratio"] <= 0.27
 

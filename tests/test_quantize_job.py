@@ -11,6 +11,7 @@ than noise around an undertrained model.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import textwrap
@@ -89,14 +90,19 @@ def test_int8_job_scores_in_parallel_what_one_process_computes(storage, ray_clus
     assert report["size"]["linear_ratio"] <= 0.27
     assert report["gate"]["passed"] and 0 < report["quality"]["delta"] <= 0.01
 
-    # the sharded scores equal one process scoring all 24 blocks, float and quantized
+    # the parallel scores (two tasks of 12 blocks) equal one process scoring the same two batches of
+    # 12, float and quantized: int8 activations are quantized per batch, so the batches must match
     blocks = torch.from_numpy(quantize.val_blocks(store.open("dataset", "tiny"), 24).astype(np.int64))
     float_model = load_runnable(store.open("model", "tiny_gpt").uri)
     quant_model = load_runnable(art.uri)
     for model, key in ((float_model, "float"), (quant_model, "quantized")):
+        nll = 0.0
         with torch.no_grad():
-            logits = model(blocks[:, :-1])[0]
-        ppl = torch.exp(F.cross_entropy(logits.reshape(-1, logits.size(-1)), blocks[:, 1:].reshape(-1))).item()
+            for part in blocks.split(12):
+                logits = model(part[:, :-1])[0]
+                nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), part[:, 1:].reshape(-1),
+                                       reduction="sum").item()
+        ppl = math.exp(nll / blocks[:, 1:].numel())
         assert abs(ppl - report["quality"][key]) < 1e-3 * ppl, (key, ppl, report["quality"][key])
 
     # what was written is what quantizing in this process gives

@@ -1,0 +1,126 @@
+"""A real Ray head started with `ray start --head` (token auth on) beside the session's embedded cluster.
+
+`ray stop` would stop every Ray on the machine, the test session's own cluster too, so a head is
+started with a token file and a temp dir of its own and stopped by ending exactly the processes that
+belong to it: those whose environment names that token file or whose command line names that
+folder (the head's, its fake worker nodes', every worker's: they all inherit the head's environment).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tiny_data import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's ray and python: what a job's `python` must be
+
+
+class RayHead:
+    def __init__(self, num_cpus: int = 2, autoscaling_config: str | None = None):
+        # a short folder of its own: Ray's socket paths under it must stay within 107 bytes
+        self.root = Path(tempfile.mkdtemp(prefix="hh", dir="/tmp"))
+        self.temp_dir = self.root / "ray"
+        self.token = self.root / "auth_token"
+        self.token.write_text("helio-test-" + os.urandom(16).hex())
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.num_cpus, self.autoscaling_config = num_cpus, autoscaling_config
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token), PATH=f"{BIN}:{env.get('PATH', '')}",
+                   RAY_USAGE_STATS_ENABLED="0", **extra)
+        return env
+
+    def start(self) -> "RayHead":
+        cmd = [str(BIN / "ray"), "start", "--head", f"--port={self.port}", f"--dashboard-port={self.dashboard_port}",
+               "--dashboard-host=127.0.0.1", f"--num-cpus={self.num_cpus}", f"--temp-dir={self.temp_dir}",
+               # the agent's default port (52365) is taken while the session's own cluster runs
+               f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]
+        extra = {}
+        if self.autoscaling_config:
+            cmd.append(f"--autoscaling-config={self.autoscaling_config}")
+            extra = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+        done = subprocess.run(cmd, env=self.env(**extra), capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            self.stop()
+            raise RuntimeError(f"ray start failed: {done.stderr[-3000:]}")
+        self.wait_for_job_api()
+        return self
+
+    def wait_for_job_api(self, timeout: float = 90) -> None:
+        """Until the head's job agent takes a job ("No available agent" for a few seconds after start)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            done = self.cli("job", "submit", "--address", self.address, "--no-wait", "--", "true")
+            if done.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the job API of {self.address} never took a job: {done.stderr[-2000:]}")
+            time.sleep(1)
+
+    def gcs_address(self) -> str:
+        """host:port of the head's GCS (the address `ray start` chose to advertise)."""
+        return (self.temp_dir / "ray_current_cluster").read_text().strip()
+
+    def submit(self, entrypoint: list[str], timeout: float, runtime_env: dict | None = None,
+               wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
+        """`ray job submit --working-dir <repo> -- ENTRYPOINT`, as a user runs it (following the logs)."""
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", self.address, "--working-dir", str(REPO)]
+        if runtime_env:
+            cmd += ["--runtime-env-json", json.dumps(runtime_env)]
+        cmd += ["--", *entrypoint]
+        if not wait:
+            return subprocess.Popen(cmd, env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=timeout)
+
+    def cli(self, *args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "ray"), *args], env=env or self.env(), capture_output=True, text=True,
+                              timeout=timeout)
+
+    def alive_nodes(self) -> int:
+        """Alive nodes, asked from a separate driver (this process is connected to another cluster)."""
+        code = (f"import ray; ray.init(address={self.gcs_address()!r}, logging_level='ERROR'); "
+                "print(sum(1 for n in ray.nodes() if n['Alive']))")
+        out = subprocess.run([sys.executable, "-c", code], env=self.env(), capture_output=True, text=True, timeout=60)
+        if out.returncode:
+            raise RuntimeError(out.stderr[-2000:])
+        return int(out.stdout.strip().splitlines()[-1])
+
+    def stop(self) -> None:
+        """Ends every process whose command line names this head's temp dir, then waits for them."""
+        pids = self.pids()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 10
+            while (pids := self.pids()) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if not pids:
+                break
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def pids(self) -> list[int]:
+        folder, token = str(self.temp_dir).encode(), f"RAY_AUTH_TOKEN_PATH={self.token}".encode()
+        out = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            try:
+                if folder in (proc / "cmdline").read_bytes() or token in (proc / "environ").read_bytes().split(b"\0"):
+                    out.append(int(proc.name))
+            except OSError:
+                pass
+        return out

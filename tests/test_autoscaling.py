@@ -1,0 +1,171 @@
+"""The autoscaler and node failures on one machine: Ray's fake_multinode provider starts each worker
+node as a raylet here, from cluster/fake_multinode.yaml (a zero-CPU head, 1-CPU workers, 6 s idle
+timeout). Jobs go in with `ray job submit`, against token auth, as on a cloud cluster."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import shutil
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.storage import Storage
+from ray_head import REPO, RayHead
+from tiny_data import write_tiny_dataset
+
+pytestmark = pytest.mark.ray
+TINY_GPT = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "train.micro_batch=2", "train.log_every=2",
+            "train.eval_every=1000", "train.eval_batches=1", "train.shuffle_buffer=16", "optim.warmup_steps=2",
+            "resources.num_workers=2", "resources.cpus_per_worker=0.5", "sample.count=0"]
+
+
+def wait_for(what: str, check, timeout: float, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray._private.services as services
+
+    head = RayHead(num_cpus=0)
+    config = yaml.safe_load((REPO / "cluster" / "fake_multinode.yaml").read_text())
+    config["provider"]["gcs_address"] = f"{services.get_node_ip_address()}:{head.port}"
+    (head.root / "fake.yaml").write_text(yaml.safe_dump(config))
+    head.autoscaling_config = str(head.root / "fake.yaml")
+    head.start()
+    try:
+        yield head
+    finally:
+        head.stop()
+        assert not head.pids(), f"processes of the fake cluster still running: {head.pids()}"
+
+
+def test_a_job_asking_for_more_cpus_than_the_head_has_gets_nodes_that_go_when_idle(cluster):
+    assert cluster.alive_nodes() == 1  # the head, with 0 CPUs
+    script = textwrap.dedent("""
+        import ray, time
+        ray.init()
+        @ray.remote(num_cpus=1)
+        def where(i):
+            time.sleep(2)
+            return ray.get_runtime_context().get_node_id()
+        print("distinct nodes:", len(set(ray.get([where.remote(i) for i in range(2)]))))
+    """)
+    done = cluster.submit(["python", "-c", script], timeout=180)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0 and "distinct nodes: 2" in log, log[-3000:]
+    # both workers idle now: removed after the 6 s idle timeout, back to the head alone
+    wait_for("the idle workers to be removed", lambda: cluster.alive_nodes() == 1, timeout=90, every=2)
+
+
+MARK = b"RAY_OVERRIDE_NODE_ID_FOR_TESTING="  # the fake provider starts each node's raylet with its id
+
+
+def _node_of(pid: int) -> bytes | None:
+    env = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+    return next((e[len(MARK):] for e in env if e.startswith(MARK)), None)
+
+
+def _train_worker_nodes() -> set[bytes]:
+    """The fake nodes the Ray Train workers run on, read off /proc at once (no driver to start)."""
+    nodes = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                nodes.add(_node_of(int(proc.name)))
+        except OSError:
+            pass
+    return nodes - {None}
+
+
+def _kill_node(node_id: bytes) -> int:
+    """Kills a fake node as a machine dies: its raylet and agents (started with its id in their
+    environment) and every process below them (the workers the raylet forked), all at once."""
+    mark = MARK + node_id
+    parents: dict[int, int] = {}
+    doomed: set[int] = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit():
+                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if mark in (proc / "environ").read_bytes().split(b"\0"):
+                    doomed.add(int(proc.name))
+        except OSError:
+            pass
+    while grown := {pid for pid, ppid in parents.items() if ppid in doomed and pid not in doomed}:
+        doomed |= grown
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(doomed)
+
+
+def _reported_checkpoint(run: Path) -> int | None:
+    """The step of the last checkpoint Ray Train has registered (metrics.jsonl records it), if any."""
+    try:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    except (OSError, json.JSONDecodeError):
+        return None
+    return next((r["step"] for r in reversed(records) if r.get("checkpoint")), None)
+
+
+def test_killing_a_worker_node_mid_training_resumes_from_the_last_checkpoint(cluster, tmp_path):
+    import json as json_mod
+    import posixpath
+
+    storage = tmp_path / "runs"
+    write_tiny_dataset(Storage(str(storage)), [collections, json_mod.decoder, posixpath, textwrap, shutil], 33)
+    job = cluster.submit(["python", "-m", "jobs.pretrain", "--set", f"storage={storage}", "--set", "dataset=tiny",
+                          "--set", "name=survivor", "--set", "train.steps=40", "--set", "train.checkpoint_every=10",
+                          "--set", "failure.max_failures=2", *[a for o in TINY_GPT for a in ("--set", o)]],
+                         timeout=0, wait=False)
+    try:
+        run = storage / "runs" / "survivor"
+        first = wait_for("a reported checkpoint", lambda: _reported_checkpoint(run), timeout=240, every=0.1)
+        nodes = _train_worker_nodes()
+        assert nodes, "no Ray Train worker is running"
+        for node in nodes:
+            print(f"killing node {node.decode()}: {_kill_node(node)} processes")
+        at = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+        assert at < 40, "training had ended before the node was killed"
+        out, _ = job.communicate(timeout=400)
+        print(out[-3000:])
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, out[-4000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 40
+    assert records[-1]["attempt_start_step"] >= first, records[-1]  # restarted from a checkpoint, not from 0
+    assert (storage / "models" / "survivor" / "helio.json").is_file()
+
+
+def test_a_worker_group_that_can_never_be_placed_fails_the_job_instead_of_waiting(cluster, tmp_path):
+    storage = tmp_path / "runs"
+    write_tiny_dataset(Storage(str(storage)), [collections, textwrap, shutil], 33)
+    started = time.monotonic()
+    done = cluster.submit(["python", "-m", "jobs.pretrain", "--set", f"storage={storage}", "--set", "dataset=tiny",
+                           "--set", "name=stranded", "--set", "train.steps=4", *[a for o in TINY_GPT for a in ("--set", o)],
+                           "--set", "resources.cpus_per_worker=4",  # no node type has 4 CPUs: never placed
+                           "--set", "failure.controller_failure_limit=1", "--set", "failure.start_timeout_s=5"],
+                          timeout=300)
+    log = done.stdout + done.stderr
+    assert done.returncode != 0, log[-3000:]
+    assert "training failed" in log and "controller_failure_limit=1" in log, log[-3000:]
+    print(f"failed after {time.monotonic() - started:.0f} s")

@@ -1,0 +1,197 @@
+"""jobs.pipeline on the shipped demo config at tiny sizes, for real: every stage on the session's Ray
+(a run that fails in pretraining, then the rerun that continues from it), a second run that skips
+every stage, and the same pipeline submitted with `ray job submit` to a real local head with token
+auth, whose served application then answers over HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import sysconfig
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cluster.cli import JobFailed
+from cluster.config import ConfigError, load_config
+from cluster.storage import Storage
+from jobs import pipeline
+from ray_head import RayHead
+from tiny_data import free_port
+
+pytestmark = pytest.mark.ray
+DEMO = str(Path(pipeline.__file__).parent / "configs" / "demo.yaml")
+LIB = sysconfig.get_paths()["stdlib"]
+TINY = [
+    f"prepare.source.paths=[{LIB}/json, {LIB}/email]", "prepare.source.extensions=[.py]",
+    "prepare.tokenizer.vocab_size=512", "prepare.pack.block_size=64", "prepare.pack.val_fraction=0.1",
+    "pretrain.model.n_layer=2", "pretrain.model.n_head=2", "pretrain.model.n_embd=32", "pretrain.train.steps=6",
+    "pretrain.train.micro_batch=2", "pretrain.train.log_every=2", "pretrain.train.eval_every=3",
+    "pretrain.train.eval_batches=1", "pretrain.train.checkpoint_every=2", "pretrain.train.shuffle_buffer=16",
+    "pretrain.optim.warmup_steps=2", "pretrain.sample.count=0", "pretrain.failure.num_to_keep=3",
+    f"make_tasks.paths=[{LIB}/email, {LIB}/xml]", "make_tasks.val_fraction=0.3", "make_tasks.classify_labels=2",
+    "finetune.sft.train.steps=2", "finetune.sft.train.micro_batch=2", "finetune.sft.train.eval_every=2",
+    "finetune.sft.train.checkpoint_every=2", "finetune.sft.train.eval_batches=1", "finetune.sft.data.max_len=64",
+    "finetune.sft.eval.max_examples=4", "finetune.sft.eval.max_new_tokens=8", "finetune.sft.optim.warmup_steps=1",
+    "finetune.embed.train.steps=2", "finetune.embed.train.micro_batch=4", "finetune.embed.train.eval_every=2",
+    "finetune.embed.train.checkpoint_every=2", "finetune.embed.train.eval_batches=1",
+    "finetune.embed.train.shuffle_buffer=64", "finetune.embed.data.max_len=32", "finetune.embed.data.max_query_len=16",
+    "finetune.embed.eval.max_examples=16", "finetune.embed.optim.warmup_steps=1",
+    "quantize.eval.max_examples=8", "quantize.eval.shards=1", "quantize.eval.seq_len=32", "quantize.eval.iters=2",
+    "quantize.eval.threads=1", "quantize.eval.decode_tokens=4", "quantize.max_quality_delta=0.2",
+    "monitor.period_s=2", "serve_seconds=0",
+]
+FAULT = ["pretrain.fault.at_step=3", "pretrain.failure.max_failures=0"]  # rank 0 raises once at step 3
+
+
+def _run(overrides: list[str]) -> tuple[dict, str]:
+    """One pipeline run in this process (on the session's Ray); its record and what it printed."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            state = pipeline.run(load_config(pipeline.PipelineConfig, DEMO, overrides))
+    finally:
+        print(out.getvalue())  # shown by pytest when a test fails
+    return state, out.getvalue()
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def demo(ray_cluster, tmp_path_factory):
+    """The tiny demo pipeline: a run that fails at pretraining step 3, then the run that continues it."""
+    from ray import serve
+
+    from actors.monitor import NAMESPACE, actor_name
+
+    storage = str(tmp_path_factory.mktemp("pipeline"))
+    port = free_port()
+    overrides = [f"storage={storage}", *TINY, f"serve.http.port={port}", f"serve.grpc.port={free_port()}"]
+    with pytest.raises(JobFailed, match="stage 'pretrain'.*injected fault on rank 0 at step 3"):
+        _run(overrides + FAULT)
+    failed = Storage(storage).read_json(pipeline.state_path("demo"))
+    state, printed = _run(overrides)
+    yield {"storage": storage, "port": port, "overrides": overrides, "failed": failed, "state": state,
+           "printed": printed}
+    ray_cluster.kill(ray_cluster.get_actor(actor_name("serve_demo"), namespace=NAMESPACE), no_restart=True)
+    serve.shutdown()
+
+
+def test_a_failed_run_continues_at_the_failed_stage_and_then_runs_every_stage(demo):
+    assert list(demo["failed"]["stages"]) == ["prepare"]  # nothing after the failure was recorded
+    printed, storage = demo["printed"], demo["storage"]
+    assert re.search(r"\[1/8\] prepare: skipped, dataset 'prepare_demo' exists for this configuration", printed)
+    assert "[2/8] pretrain: running" in printed
+    # pretraining resumed from the checkpoint at step 2 that the failed run left, and finished
+    with open(f"{storage}/runs/pretrain_demo/metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert records[-1]["step"] == 6 and records[-1]["attempt_start_step"] == 2, records[-1]
+    stages = demo["state"]["stages"]
+    assert list(stages) == ["prepare", "pretrain", "make_tasks", "finetune.sft", "finetune.embed", "quantize",
+                            "serve", "monitor"]
+    store = Storage(storage)
+    for label, rec in stages.items():
+        if rec["kind"]:
+            art = store.open(rec["kind"], rec["name"])  # complete, every file's sha256 verified
+            assert pipeline.digest(art.manifest) == rec["digest"], label
+    # each artifact was made from its upstream stage's
+    assert store.open("model", "pretrain_demo").manifest["parents"][0]["name"] == "prepare_demo"
+    sft = store.open("model", "finetune_sft_demo").manifest
+    assert [p["name"] for p in sft["parents"]] == ["pretrain_demo", "stdlib_tasks"]
+    q = store.open("model", "quantize_demo").manifest
+    assert q["parents"][0]["name"] == "finetune_sft_demo" and q["rejected"] is False
+
+
+def test_the_lineage_runs_from_the_dataset_to_the_served_version(demo):
+    lineage = demo["state"]["lineage"]
+    assert [part.split(" ")[0] for part in lineage] == ["dataset", "checkpoint", "model", "model", "quantized",
+                                                        "served"], lineage
+    assert "prepare_demo" in lineage[0] and "/runs/pretrain_demo/checkpoint_" in lineage[1]
+    assert "(step 6)" in lineage[1] and "finetune_sft_demo" in lineage[3] and "int8" in lineage[4]
+    assert "'demo-gpt-int8'" in lineage[5] and f":{demo['port']}/v1" in lineage[5]
+    assert "lineage: dataset prepare_demo" in demo["printed"]
+
+
+def test_the_served_models_answer_over_http_and_the_monitor_finds_them_healthy(demo):
+    url = f"http://127.0.0.1:{demo['port']}/v1"
+    completion = _post(f"{url}/completions", {"model": "demo-gpt-int8", "prompt": "def ", "max_tokens": 4})
+    assert completion["usage"]["completion_tokens"] >= 1
+    vectors = _post(f"{url}/embeddings", {"model": "minilm-code-search", "input": ["open a file"]})["data"]
+    assert len(vectors[0]["embedding"]) == 384
+    monitor = Storage(demo["storage"]).read_json("monitor/serve_demo/state.json")
+    assert {m: h["state"] for m, h in monitor["health"].items()} == {
+        "demo-gpt": "healthy", "demo-gpt-int8": "healthy", "minilm-code-search": "healthy"}
+
+
+def test_a_second_run_skips_every_stage(demo):
+    state, printed = _run(demo["overrides"])
+    skipped = re.findall(r"\[\d/8\] (\S+): skipped", printed)
+    assert skipped == list(demo["state"]["stages"]), printed
+    assert "running jobs." not in printed
+    assert state["stages"] == demo["state"]["stages"]  # same keys, same artifacts (digests), nothing rewritten
+
+
+def test_a_stage_key_moves_with_its_own_config_and_not_with_where_it_runs():
+    """Keys alone, without parents (a parent's new digest moves its children's keys the same way)."""
+    cfg = load_config(pipeline.PipelineConfig, DEMO, ["finetune.sft.train.steps=3"])
+    base = load_config(pipeline.PipelineConfig, DEMO)
+    keyed = {s.label: pipeline.stage_key(s, {}) for s in pipeline.plan(cfg)}
+    same = {s.label: pipeline.stage_key(s, {}) for s in pipeline.plan(base)}
+    assert [k for k in keyed if keyed[k] != same[k]] == ["finetune.sft"]
+    runtime = load_config(pipeline.PipelineConfig, DEMO, ["ray_address=ray://elsewhere:10001", "storage=/x"])
+    assert {s.label: pipeline.stage_key(s, {}) for s in pipeline.plan(runtime)} == same
+
+
+def test_bad_pipeline_configs_name_the_dotted_key():
+    cases = {
+        "pretrain.train.steps=x": "pretrain.train.steps",
+        "finetune.sft.storage=/elsewhere": "finetune.sft.storage",
+        "quantize.bogus=1": "quantize.bogus",
+        "prepare.config=missing.yaml": "prepare.config",
+        "finetune.embed.name=finetune_sft_demo": "finetune.embed.name",
+        "serve.models=[]": "serve.models",
+    }
+    for override, key in cases.items():
+        with pytest.raises(ConfigError) as e:
+            load_config(pipeline.PipelineConfig, DEMO, [override])
+        assert e.value.key == key, (override, str(e.value))
+
+
+def test_an_input_no_stage_makes_is_refused_before_any_work(tmp_path):
+    from cluster.cli import UserError
+
+    cfg = load_config(pipeline.PipelineConfig, DEMO, [f"storage={tmp_path}", "quantize.model=nowhere"])
+    with pytest.raises(UserError, match="stage 'quantize' reads model 'nowhere', which no earlier stage makes"):
+        pipeline.check_inputs(pipeline.plan(cfg), Storage(str(tmp_path)))
+
+
+def test_ray_job_submit_to_a_local_head_with_token_auth_serves_the_pipeline(demo, tmp_path):
+    head = RayHead().start()
+    try:
+        refused = head.cli("job", "list", "--address", head.address,
+                           env={**head.env(), "RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
+        assert refused.returncode != 0 and "token" in (refused.stdout + refused.stderr).lower()
+        port = free_port()
+        sets = [a for o in demo["overrides"] if not o.startswith(("serve.http.port", "serve.grpc.port"))
+                for a in ("--set", o)]
+        done = head.submit(["python", "-m", "jobs.pipeline", "jobs/configs/demo.yaml", *sets, "--set",
+                            f"serve.http.port={port}", "--set", f"serve.grpc.port={free_port()}"], timeout=600)
+        log = done.stdout + done.stderr
+        assert done.returncode == 0 and "succeeded" in log, log[-4000:]
+        for label in ("prepare", "pretrain", "make_tasks", "finetune.sft", "finetune.embed", "quantize"):
+            assert re.search(rf"\] {re.escape(label)}: skipped", log), (label, log[-4000:])
+        assert "serve: running jobs.serve" in log  # not running on this cluster yet
+        # the job has ended; its application keeps serving
+        answer = _post(f"http://127.0.0.1:{port}/v1/completions",
+                       {"model": "demo-gpt", "prompt": "import ", "max_tokens": 4, "temperature": 0})
+        assert answer["object"] == "text_completion" and answer["usage"]["completion_tokens"] >= 1
+    finally:
+        head.stop()
+    assert not head.pids()

@@ -221,28 +221,15 @@ def parents_of(stage: Stage, store: Storage, keys: dict[str, str]) -> dict[str, 
     or (for the monitor) the key of the serve stage it watches."""
     out: dict[str, Any] = {f"{kind}/{name}": digest(store.open(kind, name, verify=False).manifest)
                            for kind, name in stage.inputs}
-    if stage.job == "prepare":
-        from jobs.prepare import expand_sources
+    if stage.job in ("prepare", "make_tasks"):
+        from jobs.prepare import SourceConfig, expand_sources
 
-        out["files"] = _listing(expand_sources(stage.config.source).items())
-    elif stage.job == "make_tasks":
-        from jobs.make_tasks import python_files
-
-        out["files"] = _listing((f, _size(f)) for f in python_files(stage.config.paths)[0])
+        source = stage.config.source if stage.job == "prepare" else SourceConfig(paths=stage.config.paths,
+                                                                                 extensions=(".py",))
+        out["files"] = hashlib.sha256(json.dumps(sorted(expand_sources(source).items())).encode()).hexdigest()[:16]
     elif stage.job == "monitor":
         out["serve"] = keys.get("serve")
     return out
-
-
-def _listing(files) -> str:
-    return hashlib.sha256(json.dumps(sorted(files)).encode()).hexdigest()[:16]
-
-
-def _size(uri: str) -> int:
-    from cluster.storage import resolve
-
-    fs, path = resolve(uri)
-    return fs.get_file_info(path).size
 
 
 def state_path(name: str) -> str:
@@ -322,7 +309,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         print(f"{head}: running jobs.{stage.job} -> {stage.kind or 'application'} '{stage.name}' (key {key})",
               flush=True)
         started = time.time()
-        result = run_stage(stage, record, key)
+        result = run_stage(stage, record)
         state["stages"][stage.label] = {
             "key": key, "job": stage.job, "kind": stage.kind, "name": stage.name,
             "digest": digest(store.open(stage.kind, stage.name, verify=False).manifest) if stage.kind else None,
@@ -340,7 +327,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     return state
 
 
-def run_stage(stage: Stage, record: dict[str, Any] | None, key: str) -> Any:
+def run_stage(stage: Stage, record: dict[str, Any] | None) -> Any:
     """One stage's job, in this driver; its errors name the stage."""
     job = importlib.import_module(f"jobs.{stage.job}")
     config = stage.config

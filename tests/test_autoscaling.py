@@ -126,11 +126,10 @@ def _reported_checkpoint(run: Path) -> int | None:
 
 
 def test_killing_a_worker_node_mid_training_resumes_from_the_last_checkpoint(cluster, tmp_path):
-    import json as json_mod
     import posixpath
 
     storage = tmp_path / "runs"
-    write_tiny_dataset(Storage(str(storage)), [collections, json_mod.decoder, posixpath, textwrap, shutil], 33)
+    write_tiny_dataset(Storage(str(storage)), [collections, json.decoder, posixpath, textwrap, shutil], 33)
     job = cluster.submit(["python", "-m", "jobs.pretrain", "--set", f"storage={storage}", "--set", "dataset=tiny",
                           "--set", "name=survivor", "--set", "train.steps=40", "--set", "train.checkpoint_every=10",
                           "--set", "failure.max_failures=2", *[a for o in TINY_GPT for a in ("--set", o)]],

@@ -7,7 +7,7 @@ STORAGE    ?= ./runs
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.helio-installed
 
-.PHONY: install demo stop test bench proto clean
+.PHONY: install demo stop test test-fast bench proto clean
 
 install: $(STAMP)
 
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	# DeepSpeed's setup imports torch: build it against the torch above, ops just in time.
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation -e '.[test]'
+	# DeepSpeed's CPU shared-memory allreduce op: compiled here once (about a minute on 2 cores), not
+	# just in time by the first training run of every fresh checkout
+	$(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)"
 	touch $(STAMP)
 
 # The local Ray head make demo starts (token auth on; the venv's python runs the jobs) and its job API.
@@ -47,8 +50,13 @@ stop:
 	-@$(RAYENV) serve shutdown -y --address $(DASHBOARD) 2>/dev/null
 	$(RAYENV) ray stop
 
+# The full suite (what CI runs; at most 20 minutes on 2 cores): run it before you stop.
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=25 $(PYTEST_ARGS)
+
+# Unit tests plus one real run of each component (at most 5 minutes): run it while you work.
+test-fast: install
+	$(PY) -m pytest -m "not slow" --durations=25 $(PYTEST_ARGS)
 
 bench: install
 	$(PY) benchmarks/prepare.py

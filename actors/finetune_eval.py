@@ -15,7 +15,7 @@ import torch
 
 from models.finetune import TaskSpec, build_task_model
 from models.hf import load_model
-from models.tasks import evaluate_task
+from models.task_heads import evaluate_task
 
 
 @ray.remote(num_cpus=0)

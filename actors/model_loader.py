@@ -19,7 +19,7 @@ from models.encoder import Encoder
 from models.gpt import GPT, GPTConfig
 from models.hf import empty_model, load_inference_model
 from models.quant import QUANT_CONFIG, load_quantized
-from models.tasks import SequenceClassifier
+from models.task_heads import SequenceClassifier
 
 MODEL_FILES = ("config.json", "model.safetensors")
 

@@ -11,8 +11,10 @@ Probes per model, each with pass/fail, latency and reason, every `period_s`, eac
 
 The actor restarts itself (`max_restarts=-1`) and reloads its state (health, incidents, sent alerts)
 from storage, where it writes it after every round. Metrics go through `ray.util.metrics` to Ray's
-Prometheus endpoint; alerts go to the log as one JSON line each and, optionally, to a webhook (a
-failing webhook is logged and counted, never fatal).
+Prometheus endpoint; alerts go to the log as one JSON line each and, optionally, to a webhook. What
+it carries on from (a probe that raised, an unreadable file, a failing webhook) is logged and
+counted, never fatal. The driver's side (start the actor, wait for a round, print its status) and
+the config are at the end, for jobs.monitor, jobs.status and jobs.serve.
 """
 
 from __future__ import annotations
@@ -24,11 +26,16 @@ import math
 import os
 import threading
 import time
-from typing import Any
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import ray
 
 from actors.health import STATES, Alerts, Health, ProbeResult
+from cluster.cli import UserError, format_summary
+from cluster.config import to_dict
+from cluster.runtime import JobConfig
 from cluster.storage import Storage
 
 log = logging.getLogger("helio.monitor")
@@ -51,6 +58,57 @@ def routing_path(app: str) -> str:
 def references_path(app: str) -> str:
     """Where jobs.serve records what each model answered when its version was deployed."""
     return f"serving/{app}/references.json"
+
+
+@dataclass(frozen=True)
+class Slo:
+    """What the performance probe holds the semantic probe's rolling window to."""
+    p50_ms: float = 1000.0
+    p99_ms: float = 5000.0
+    error_rate: float = 0.2
+    window: int = 20  # rounds
+
+    def __post_init__(self) -> None:
+        if not (self.p50_ms > 0 and self.p99_ms > 0 and 0 <= self.error_rate <= 1 and self.window >= 1):
+            raise ValueError("p50_ms: latencies must be positive, error_rate in [0, 1], window >= 1")
+
+
+@dataclass(frozen=True)
+class Webhook:
+    url: str | None = None  # POSTed one JSON object per alert
+    cooldown_s: float = 300.0  # per model, except recoveries
+
+    def __post_init__(self) -> None:
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url: {self.url!r} is not an http(s) URL")
+        if self.cooldown_s < 0:
+            raise ValueError("cooldown_s: must not be negative")
+
+
+@dataclass(frozen=True)
+class MonitorConfig(JobConfig):
+    """jobs.monitor's and jobs.status's config (the pipeline's `monitor` section)."""
+    name: str = "monitor_demo"
+    app: str = "serve_demo"  # the Serve application jobs.serve deployed (its config's `name`)
+    period_s: float = 10.0
+    timeout_s: float = 5.0  # per probe
+    fail_after: int = 3  # consecutive failing (or slow) rounds -> unhealthy (or degraded)
+    recover_after: int = 2  # consecutive good rounds -> healthy
+    min_cosine: float = 0.999  # embeddings against the recorded ones
+    history: int = 100  # rounds kept per model
+    slo: Slo = field(default_factory=Slo)
+    webhook: Webhook = field(default_factory=Webhook)
+    api_keys: tuple[str, ...] = ()  # the application's key for the semantic probes (or HELIO_API_KEYS)
+    restart: bool = False  # replace a running monitor of the same app (to change its settings)
+    monitor_seconds: float | None = None  # embedded: None watches until interrupted; 0 returns after a round
+
+    def __post_init__(self) -> None:
+        if not (self.period_s > 0 and self.timeout_s > 0):
+            raise ValueError("period_s: period_s and timeout_s must be positive")
+        if self.fail_after < 1 or self.recover_after < 1 or self.history < 1:
+            raise ValueError("fail_after: fail_after, recover_after and history must be at least 1")
+        if not 0 < self.min_cosine <= 1:
+            raise ValueError("min_cosine: must be in (0, 1]")
 
 
 def cosine(a: list[float], b: list[float]) -> float:
@@ -86,8 +144,10 @@ class Probes:
     """One version's probes (a model's stable version, or its canary during a rollout, held to the
     stable version's references) and the rolling window its performance probe reads."""
 
-    def __init__(self, model_id: str, version: str, settings: dict[str, Any], headers: dict[str, str]):
+    def __init__(self, model_id: str, version: str, settings: dict[str, Any], headers: dict[str, str],
+                 caught: Callable[..., None] | None = None):
         self.id, self.version, self.s = model_id, version, settings
+        self.caught = caught or (lambda where, e, detail="": None)  # logs and counts a probe that raised
         self.key = model_id if version == "stable" else f"{model_id}@canary"
         self.headers = {**headers, "x-helio-version": version}
         self.window: list[tuple[float, bool]] = []  # (latency, ok) of the semantic probe
@@ -112,6 +172,7 @@ class Probes:
             reason = f"no answer within {self.s['timeout_s']}s"
         except Exception as e:  # noqa: BLE001 - a probe that fails in any way is a failed probe
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+            self.caught("probe", e, f"the {name} probe of {self.key}")
         return ProbeResult(name, not reason, time.perf_counter() - t, reason)
 
     async def _http(self, session, url: str) -> str:
@@ -173,7 +234,8 @@ class Monitor:
         self.alerts = Alerts(settings["webhook"]["cooldown_s"], saved.get("alerts"))
         self.starts = saved.get("starts", 0) + 1
         self.webhook_failures = saved.get("webhook_failures", 0)
-        self.lock = threading.Lock()
+        self.errors: Counter[str] = Counter()  # exceptions caught and carried on from, by where
+        self.lock, self.errors_lock = threading.Lock(), threading.Lock()
         self._metrics()
         threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True, name="helio-monitor").start()
 
@@ -188,6 +250,17 @@ class Monitor:
                                            [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10], keys)
         self.m_state = metrics.Gauge("helio_model_state", "0 healthy, 1 degraded, 2 unhealthy.", ("app", "model"))
         self.m_incidents = metrics.Counter("helio_incidents", "Incidents opened.", ("app", "model"))
+        self.m_errors = metrics.Counter("helio_monitor_errors", "Exceptions the monitor caught and carried on "
+                                        "from (a probe that raised, an unreadable file, a failing webhook).",
+                                        ("app", "where"))
+
+    def _caught(self, where: str, e: BaseException, detail: str = "") -> None:
+        """Every exception the monitor carries on from: logged, and counted by `where` (status()'s
+        `errors`, helio_monitor_errors). Its own lock: status() holds the main one reading the routing."""
+        with self.errors_lock:
+            self.errors[where] += 1
+        self.m_errors.inc(1, {"app": self.s["app"], "where": where})
+        log.warning("monitor %s: %s failed: %s: %s", self.s["app"], detail or where, type(e).__name__, e)
 
     # ---- what callers ask ----
 
@@ -195,7 +268,7 @@ class Monitor:
         with self.lock:
             return {"app": self.s["app"], "starts": self.starts, "pid": os.getpid(),
                     "webhook_failures": self.webhook_failures, "routing": self._routing(),
-                    "models": {d: h.to_dict() for d, h in self.health.items()}}
+                    "errors": dict(self.errors), "models": {d: h.to_dict() for d, h in self.health.items()}}
 
     # ---- the probing loop (its own thread and event loop) ----
 
@@ -210,7 +283,7 @@ class Monitor:
                 versions = [(m, "stable") for m in (self._references() or {}).get("models", {})]
                 versions += [(m, "canary") for m, r in self._routing().items() if r["status"] in ("canary", "promoted")]
                 for model_id, version in versions:
-                    probes = Probes(model_id, version, self.s, headers)
+                    probes = Probes(model_id, version, self.s, headers, self._caught)
                     if probes.key not in running or running[probes.key].done():
                         running[probes.key] = asyncio.create_task(self._watch(session, probes))
                 await asyncio.sleep(self.s["period_s"])
@@ -219,14 +292,14 @@ class Monitor:
         try:
             return (self.store.read_json(routing_path(self.s["app"])) or {}).get("models", {})
         except Exception as e:  # noqa: BLE001 - reported and retried, not fatal
-            log.warning("monitor %s: cannot read the routing: %s", self.s["app"], e)
+            self._caught("routing read", e)
             return {}
 
     def _references(self) -> dict | None:
         try:
             return self.store.read_json(references_path(self.s["app"]))
         except Exception as e:  # noqa: BLE001 - a bad file is reported and retried, not fatal
-            log.warning("monitor %s: cannot read the references: %s", self.s["app"], e)
+            self._caught("references read", e)
             return None
 
     async def _watch(self, session, probes: Probes) -> None:
@@ -302,4 +375,66 @@ class Monitor:
         except Exception as e:  # noqa: BLE001 - a failing webhook never stops the monitor
             with self.lock:
                 self.webhook_failures += 1
-            log.warning("monitor %s: the webhook %s failed: %s", self.s["app"], url, e)
+            self._caught("webhook", e, f"the webhook {url}")
+
+
+# ---- the driver's side: start the actor, wait for its rounds, print what it knows ----
+
+def start_monitor(cfg: MonitorConfig):
+    """The app's monitor actor: the running one, or a new detached one (also after `restart`)."""
+    if cfg.restart:
+        try:
+            ray.kill(ray.get_actor(actor_name(cfg.app), namespace=NAMESPACE), no_restart=True)
+        except ValueError:
+            pass  # none running
+    return Monitor.options(name=actor_name(cfg.app), namespace=NAMESPACE, lifetime="detached",
+                           get_if_exists=True).remote(to_dict(cfg))
+
+
+def wait_for_round(actor, models: list[str], after: float, timeout_s: float) -> dict:
+    """Polls the monitor until every model has a round newer than `after` (not just history it
+    reloaded); its status."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = ray.get(actor.status.remote(), timeout=60)
+        fresh = [m for m in models if any(r["time"] > after for r in status["models"].get(m, {}).get("rounds", []))]
+        if len(fresh) == len(models) or time.monotonic() > deadline:
+            return status
+        time.sleep(0.2)
+
+
+def format_status(status: dict) -> str:
+    rows = [(f"{model} rollout", f"{r['status']}: {r['stable']} {1 - r['share']:.0%} / {r['canary']} (canary) "
+                                 f"{r['share']:.0%}" + (f"; {r['reason'][:70]}" if r["reason"] else ""))
+            for model, r in sorted(status.get("routing", {}).items())]
+    for model, h in sorted(status["models"].items()):
+        last = h["rounds"][-1] if h["rounds"] else {"verdict": "-", "reason": "", "probes": []}
+        probes = " ".join(f"{p['probe']}={'ok' if p['ok'] else 'FAIL'}({1e3 * p['latency_s']:.0f}ms)"
+                          for p in last["probes"] if p["probe"] != "performance")
+        incident = h["incidents"][-1] if h["incidents"] else None
+        inc = (f"{incident['id']} {'closed' if incident['closed'] else 'OPEN'}: {incident['reason'][:60]}"
+               if incident else "none")
+        rows.append((model, f"{h['state']:<9} last: {last['verdict']:<7} {probes}"))
+        rows.append(("", f"incidents: {len(h['incidents'])}, latest {inc}"))
+    if status.get("errors"):
+        rows.append(("errors caught", ", ".join(f"{where} {n}" for where, n in sorted(status["errors"].items()))))
+    return format_summary(f"monitor of '{status['app']}' (start #{status['starts']}, "
+                          f"webhook failures {status['webhook_failures']})", rows)
+
+
+def read_references(cfg: MonitorConfig) -> dict[str, Any]:
+    """What jobs.serve recorded for the app at deployment: the monitor's semantic probes need it."""
+    refs = Storage(cfg.storage).read_json(references_path(cfg.app))
+    if refs is None:
+        raise UserError(f"no references for application '{cfg.app}' under {cfg.storage}: deploy it with "
+                        "jobs.serve first (it records what each model answers)")
+    return refs
+
+
+def first_round(cfg: MonitorConfig, refs: dict[str, Any]) -> tuple[Any, dict]:
+    """Starts (or finds) the app's monitor and waits for a round of every model it references:
+    (the actor, its status)."""
+    started = time.time()
+    actor = start_monitor(cfg)
+    status = wait_for_round(actor, sorted(refs["models"]), started, timeout_s=2 * cfg.period_s + 6 * cfg.timeout_s)
+    return actor, status

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from actors.model_loader import feed, forward, load_runnable, max_len, model_kind
 from cluster.storage import resolve, sha256_file
 from models.quant import QuantSpec, kernels_used, layer_bytes, quantize_model, save_quantized
-from models.tasks import embed, trim
+from models.task_heads import embed, trim
 
 
 def _threads(n: int) -> None:

@@ -196,6 +196,7 @@ class Api(Frontend):
             await answer(asyncio.gather(*(self.models[n].handle.check_health.remote() for n in names)),
                          self.deadline())
             status = health_pb2.HealthCheckResponse.SERVING
-        except Exception:  # noqa: BLE001 - any failure of a probe means not serving
+        except Exception as e:  # noqa: BLE001 - any failure of a probe means not serving
+            self.note_caught("gRPC health check", e, f"the gRPC health check of {', '.join(names)}")
             status = health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse(status=status)

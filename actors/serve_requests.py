@@ -8,9 +8,11 @@ request means the same, and fails the same way, over either.
 import asyncio
 import copy
 import hmac
+import logging
 import random
 import time
 import uuid
+from collections import Counter
 from typing import Any, AsyncIterator, Literal
 
 import grpc
@@ -23,6 +25,7 @@ from actors.finetune_data import special_id
 from actors.monitor import routing_path
 from cluster.storage import Storage
 
+log = logging.getLogger("helio.serve")
 Number = StrictFloat | StrictInt
 GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
               404: grpc.StatusCode.NOT_FOUND, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -221,6 +224,14 @@ class Frontend:
         self.store, self.routing_file = Storage(storage), routing_path(app)
         self.routing: dict[str, Any] = {}
         self.routing_read = float("-inf")
+        self.app_name = app
+        self.caught: Counter[str] = Counter()  # exceptions carried on from, by where (logged as they happen)
+
+    def note_caught(self, where: str, e: BaseException, detail: str = "") -> None:
+        """An exception the front end carries on from: logged, and counted in `caught` by `where`."""
+        self.caught[where] += 1
+        log.warning("ingress of %s: %s failed (%d so far): %s: %s", self.app_name, detail or where,
+                    self.caught[where], type(e).__name__, e)
 
     def canary_share(self, model_id: str) -> float:
         """The share of a model's traffic its canary gets now: from the routing file that jobs.serve,
@@ -229,8 +240,8 @@ class Frontend:
             self.routing_read = time.monotonic()
             try:
                 self.routing = (self.store.read_json(self.routing_file) or {}).get("models", {})
-            except Exception:  # noqa: BLE001 - keep the last good routing; the next read may succeed
-                pass
+            except Exception as e:  # noqa: BLE001 - keep the last good routing; the next read may succeed
+                self.note_caught("routing read", e)
         return float(self.routing.get(model_id, {}).get("share", 0.0))
 
     def deadline(self) -> float:

@@ -40,8 +40,8 @@ from models.arch import ModelConfig, build_model
 from models.finetune import TaskSpec, build_task_model, export_task_model
 from models.finetune import flops_per_token as task_flops_per_token
 from models.hf import save_model
-from models.objectives import objective_for
-from models.tasks import SFT, Classify, Contrastive
+from models.pretrain_objectives import objective_for
+from models.task_heads import SFT, Classify, Contrastive
 
 EXPORT_DIR = "export"  # the final checkpoint's consolidated Hugging Face folder
 

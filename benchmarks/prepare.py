@@ -30,7 +30,7 @@ CONFIG = ROOT / "jobs" / "configs" / "prepare_demo.yaml"
 TOKENIZE = """
 import json, os, sys, time
 from tokenizers import Tokenizer
-from jobs.prepare import stdlib_files
+from cluster.sources import stdlib_files
 tok = Tokenizer.from_file(sys.argv[1])
 repeat = int(sys.argv[2])
 texts = [open(f, 'rb').read().decode('utf-8', 'replace') for f in stdlib_files()] * repeat
@@ -50,7 +50,7 @@ def run_job(storage: str, name: str, cpus: int, repeat: int) -> dict:
     if repeat > 1:
         src = Path(storage) / "corpus"
         sys.path.insert(0, str(ROOT))
-        from jobs.prepare import stdlib_files
+        from cluster.sources import stdlib_files
 
         for r in range(repeat):
             for i, f in enumerate(stdlib_files()):

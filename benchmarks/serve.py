@@ -98,7 +98,7 @@ def embed_ceiling(storage: str, snippets: list[str]) -> dict:
     """The replica's batched encode, in this process, on one thread: texts/s and one text's time."""
     from actors.finetune_data import special_id
     from actors.model_loader import open_runnable
-    from actors.serve import encode
+    from actors.serve_deployments import encode
     from cluster.storage import Storage
     from tokenizers import Tokenizer
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import sys
 import tempfile
 from collections import Counter
@@ -28,12 +27,14 @@ from typing import Any
 
 import numpy as np
 
+from actors.train_driver import fit
 from actors.train_loop import EXPORT_DIR, FaultConfig, LoopConfig, TrainConfig
 from cluster.cli import JobFailed, UserError, format_summary, run_job
 from cluster.config import ConfigError, to_dict
+from cluster.runtime import JobConfig, connect_job, embedded
 from cluster.storage import Artifact, Storage, iter_files, resolve
+from cluster.train_run import FailureConfig, ResourcesConfig, check_resources, check_resumable
 from cluster.zero import OptimConfig, ZeroConfig
-from jobs.pretrain import FailureConfig, ResourcesConfig, check_resources, check_resumable, fit
 from models.finetune import TaskSpec
 from models.lora import LoraSpec
 
@@ -78,11 +79,8 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(JobConfig):
     name: str = "finetune"
-    storage: str = "./runs"
-    ray_address: str | None = None
-    local_cpus: int | None = None
     task: str = "sft"  # sft | classify | embed
     method: str = "full"  # full | lora
     base: BaseConfig = field(default_factory=lambda: BaseConfig(artifact="pretrain_demo"))
@@ -283,13 +281,10 @@ def evaluate(evaluator: Any, cfg: FinetuneConfig, model_uri: str, rows_uri: str,
 
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
     """Imports the base if needed, tokenizes, evaluates the base, trains, exports, evaluates the result."""
-    from cluster.runtime import connect
-
     store = Storage(cfg.storage)
     store.artifact_path("model", cfg.name)  # validates the name before any work
-    embedded = not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
-    log.info(connect(cfg.ray_address, cfg.local_cpus))
-    check_resources(cfg, embedded)
+    connect_job(cfg)
+    check_resources(cfg.resources, embedded(cfg))
     base = open_base(store, cfg.base)
     arch = _arch_config(base).arch
     if (cfg.task, arch) in (("sft", "encoder"), ("embed", "gpt")):
@@ -302,7 +297,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     spec = TaskSpec(kind=cfg.task, method=cfg.method, lora=cfg.lora, labels=data["labels"],
                     temperature=cfg.temperature, dropout=cfg.dropout)
     loop = loop_config(cfg, spec, base, data, pad_id)
-    check_resumable(run_uri, loop, cfg.resources.num_workers)
+    check_resumable(run_uri, loop.identity(), cfg.resources.num_workers)
 
     from actors.finetune_eval import Evaluator
 

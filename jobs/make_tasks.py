@@ -40,8 +40,9 @@ from typing import Any
 
 from cluster.cli import UserError, format_summary, run_job
 from cluster.config import to_dict
+from cluster.runtime import JobConfig, connect_job
+from cluster.sources import SourceConfig, expand_sources, stdlib_files
 from cluster.storage import Storage, resolve
-from jobs.prepare import SourceConfig, expand_sources, stdlib_files
 from models.pyfuncs import comment_prompt, in_val, source_root
 
 log = logging.getLogger("helio")
@@ -49,11 +50,8 @@ SPLITS = ("train", "val")
 
 
 @dataclass(frozen=True)
-class MakeTasksConfig:
+class MakeTasksConfig(JobConfig):
     name: str = "stdlib_tasks"
-    storage: str = "./runs"
-    ray_address: str | None = None  # else RAY_ADDRESS, else an embedded local cluster
-    local_cpus: int | None = None  # CPUs of the embedded cluster (default: all of this machine)
     paths: tuple[str, ...] = ()  # .py files, folders, globs or URIs; empty: this interpreter's stdlib
     val_fraction: float = 0.1  # share of modules (whole modules) sent to val
     seed: int = 0  # salts the module split and the choice of hard negatives
@@ -157,13 +155,13 @@ def run(cfg: MakeTasksConfig) -> dict[str, Any]:
     """Runs the whole job; returns the artifact's manifest."""
     import ray.data
 
-    from actors import tasks as udf
-    from cluster.runtime import cluster_cpus, connect
+    from actors import make_tasks_data as udf
+    from cluster.runtime import cluster_cpus
 
     store = Storage(cfg.storage)
     store.artifact_path("task", cfg.name)  # validates the name before any work
     files, root = python_files(cfg.paths)
-    log.info(connect(cfg.ray_address, cfg.local_cpus))
+    connect_job(cfg)
     t0 = time.time()  # job time, not counting the start of an embedded cluster
 
     log.info("[1/3] parse %d .py files into documented functions (Ray Data)", len(files))

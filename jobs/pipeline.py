@@ -23,50 +23,33 @@ model -> quantized model -> served version, with each one's key metrics.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib
 import json
 import logging
-import os
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from cluster.cli import USER_ERRORS, JobFailed, UserError, format_summary, run_job
-from cluster.config import ConfigError, apply_override, from_dict, to_dict
+from cluster.config import ConfigError, to_dict
+from cluster.pipeline_config import RUNTIME_KEYS, PipelineSections, build, default, section, value_at
+from cluster.runtime import connect_job, embedded
+from cluster.sources import SourceConfig, expand_sources
 from cluster.storage import Storage
 
 log = logging.getLogger("helio")
-# Set once for the whole pipeline; never part of a stage's identity.
-RUNTIME_KEYS = ("storage", "ray_address", "local_cpus")
 # Per-stage keys that say how long to linger, not what to make.
 TRANSIENT_KEYS = RUNTIME_KEYS + ("serve_seconds", "monitor_seconds", "restart")
 
 
 @dataclass(frozen=True)
-class PipelineConfig:
-    name: str = "demo"  # the pipeline's record: {storage}/pipelines/{name}.json
-    storage: str = "./runs"
-    ray_address: str | None = None  # else RAY_ADDRESS, else an embedded local cluster
-    local_cpus: int | None = None
-    prepare: dict[str, Any] | None = None  # each section: that stage's job config (absent: no such stage)
-    pretrain: dict[str, Any] | None = None
-    make_tasks: dict[str, Any] | None = None
-    finetune: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> a jobs.finetune config
-    quantize: dict[str, Any] | None = None
-    serve: dict[str, Any] | None = None
-    monitor: dict[str, Any] | None = None
-    serve_seconds: float | None = None  # embedded cluster, after the last stage: None serves until
-    #                                     interrupted, 0 stops at once; on a cluster the app stays up
+class PipelineConfig(PipelineSections):
+    """The pipeline's keys (cluster/pipeline_config.py), every stage section checked on loading."""
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            raise ValueError(f"name: '{self.name}' is not a valid name (no '/', not starting with '.')")
+        super().__post_init__()
         plan(self)  # every section validated against its job's schema, with the dotted key in errors
 
 
@@ -106,9 +89,9 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
     for label, body in cfg.finetune.items():
         key = f"finetune.{label}"
         data = section(cfg, key, body)
-        if not _get(data, "base.hf_folder"):
+        if not value_at(data, "base.hf_folder"):
             default(data, "base.artifact", [pretrained] if pretrained else [])
-        if not _get(data, "data.train"):
+        if not value_at(data, "data.train"):
             default(data, "data.tasks", [s.name for s in made("task")])
         c = build(cfg, key, finetune.FinetuneConfig, data)
         inputs = ((("model", c.base.artifact),) if c.base.artifact else ()) + \
@@ -129,7 +112,7 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
     if cfg.monitor is not None:
         data = section(cfg, "monitor", cfg.monitor)
         apps = [s.name for s in stages if s.job == "serve"]
-        if not apps and not _get(data, "app"):
+        if not apps and not value_at(data, "app"):
             raise ConfigError("monitor", "a monitor stage needs a serve stage (or monitor.app naming a served app)")
         default(data, "app", apps)
         data.update(monitor_seconds=0)
@@ -145,61 +128,6 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
             raise ConfigError(f"{twins[1]}.name", f"{kind} '{name}' is also what stage '{twins[0]}' makes; "
                                                   "give each stage its own name")
     return stages
-
-
-def section(cfg: PipelineConfig, key: str, body: Any) -> dict[str, Any]:
-    """A stage section as plain data: its `config:` file (if any) with the section's keys over it."""
-    if not isinstance(body, dict):
-        raise ConfigError(key, f"must be a mapping (that stage's job config), got {type(body).__name__}")
-    body = copy.deepcopy(body)
-    for name in RUNTIME_KEYS:
-        if name in body:
-            raise ConfigError(f"{key}.{name}", f"is set once for every stage: set the pipeline's top-level "
-                                               f"'{name}' instead")
-    path = body.pop("config", None)
-    data: dict[str, Any] = {}
-    if path is not None:
-        if not isinstance(path, str) or not Path(path).is_file():
-            raise ConfigError(f"{key}.config", f"stage config file {path!r} does not exist (relative paths "
-                                               "start at the working directory)")
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{key}.config", f"'{path}' is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{key}.config", f"'{path}' must hold a mapping at the top level")
-    _merge(data, body)
-    for name in RUNTIME_KEYS:
-        data.pop(name, None)  # a stage file's own storage / address yield to the pipeline's
-    return data
-
-
-def default(data: dict[str, Any], dotted: str, upstream: list[str]) -> None:
-    """Feeds a stage the artifact of the stage before it, unless the section names one itself."""
-    if upstream and _get(data, dotted) in (None, ""):
-        apply_override(data, f"{dotted}={json.dumps(upstream[0])}")
-
-
-def build(cfg: PipelineConfig, key: str, cls: type, data: dict[str, Any]) -> Any:
-    data = {**data, "storage": cfg.storage, "ray_address": cfg.ray_address, "local_cpus": cfg.local_cpus}
-    return from_dict(cls, data, prefix=key)
-
-
-def _get(data: dict[str, Any], dotted: str) -> Any:
-    node: Any = data
-    for part in dotted.split("."):
-        if not isinstance(node, dict):
-            return None
-        node = node.get(part)
-    return node
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> None:
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
-        else:
-            base[k] = v
 
 
 # ---- identity: what makes a stage's output the same as last time -------------------------------------
@@ -222,8 +150,6 @@ def parents_of(stage: Stage, store: Storage, keys: dict[str, str]) -> dict[str, 
     out: dict[str, Any] = {f"{kind}/{name}": digest(store.open(kind, name, verify=False).manifest)
                            for kind, name in stage.inputs}
     if stage.job in ("prepare", "make_tasks"):
-        from jobs.prepare import SourceConfig, expand_sources
-
         source = stage.config.source if stage.job == "prepare" else SourceConfig(paths=stage.config.paths,
                                                                                  extensions=(".py",))
         out["files"] = hashlib.sha256(json.dumps(sorted(expand_sources(source).items())).encode()).hexdigest()[:16]
@@ -253,10 +179,14 @@ def done_before(stage: Stage, store: Storage, record: dict[str, Any] | None, key
 
 def _app_running(app: str) -> bool:
     from ray import serve
+    from ray.exceptions import RayError
+    from ray.serve.exceptions import RayServeException
 
     try:
-        status = serve.status().applications.get(app)
-    except Exception:  # no Serve on this cluster
+        status = serve.status().applications.get(app)  # no Serve on this cluster: no applications
+    except (RayServeException, RayError) as e:  # Serve's controller is there but does not answer
+        log.warning("pipeline: cannot ask Serve whether application '%s' runs, so its stage runs again: %s: %s",
+                    app, type(e).__name__, e)
         return False
     return status is not None and status.status == "RUNNING"
 
@@ -289,12 +219,10 @@ def check_inputs(stages: list[Stage], store: Storage) -> None:
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     """Runs (or skips) every stage in order; returns the pipeline's record."""
-    from cluster.runtime import connect
-
     stages = plan(cfg)
     store = Storage(cfg.storage)
     check_inputs(stages, store)
-    log.info(connect(cfg.ray_address, cfg.local_cpus))
+    connect_job(cfg)
     state = store.read_json(state_path(cfg.name)) or {"pipeline": cfg.name, "stages": {}}
     keys: dict[str, str] = {}
     t0 = time.time()
@@ -346,7 +274,7 @@ def run_stage(stage: Stage, record: dict[str, Any] | None) -> Any:
 
 def hold(cfg: PipelineConfig, stages: list[Stage]) -> None:
     """On an embedded cluster, keep a served application up for `serve_seconds` (None: until Ctrl-C)."""
-    if cfg.ray_address or os.environ.get("RAY_ADDRESS") or not any(s.job == "serve" for s in stages):
+    if not embedded(cfg) or not any(s.job == "serve" for s in stages):
         return
     if cfg.serve_seconds is None:
         print("serving until interrupted (Ctrl-C)", flush=True)

@@ -11,34 +11,25 @@ With no `source.paths`, it reads the Python standard library of this interpreter
 
 from __future__ import annotations
 
-import glob
 import logging
 import math
-import os
 import sys
-import sysconfig
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow.fs as pafs
 
 from cluster.cli import UserError, run_job, format_summary
 from cluster.config import to_dict
-from cluster.storage import Storage, iter_files, resolve
+from cluster.runtime import JobConfig, connect_job, scoped_attrs
+from cluster.sources import SourceConfig, expand_sources
+from cluster.storage import Storage, resolve
 from models.minhash import MinHashConfig
 from models.text import QualityConfig
 from models.tokenizer import TokenizerConfig
 
 log = logging.getLogger("helio")
-
-
-@dataclass(frozen=True)
-class SourceConfig:
-    paths: tuple[str, ...] = ()  # files, folders, globs or URIs; empty: the stdlib demo corpus
-    text_field: str = "text"  # field of jsonl / json / parquet records holding the text
-    extensions: tuple[str, ...] = ()  # keep only files ending so (before .gz); empty: all
 
 
 @dataclass(frozen=True)
@@ -57,55 +48,13 @@ class PackConfig:
 
 
 @dataclass(frozen=True)
-class PrepareConfig:
+class PrepareConfig(JobConfig):
     name: str = "stdlib"
-    storage: str = "./runs"
-    ray_address: str | None = None  # else RAY_ADDRESS, else an embedded local cluster
-    local_cpus: int | None = None  # CPUs of the embedded cluster (default: all of this machine)
     source: SourceConfig = field(default_factory=SourceConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     dedup: MinHashConfig = field(default_factory=MinHashConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     pack: PackConfig = field(default_factory=PackConfig)
-
-
-def stdlib_files() -> list[str]:
-    """The demo corpus: every .py file of this interpreter's standard library."""
-    root = sysconfig.get_paths()["stdlib"]
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
-        files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py"))
-    return files
-
-
-def expand_sources(cfg: SourceConfig, key: str = "source.paths") -> dict[str, int]:
-    """{uri: size} of every input file named by `cfg.paths` (files, folders, globs, URIs), sorted.
-
-    `key` is the config key the paths came from, named in the error when they hold no file.
-    """
-    if not cfg.paths:
-        return {f: os.path.getsize(f) for f in stdlib_files()}
-    files: list[tuple[str, int]] = []
-    for spec in cfg.paths:
-        if "://" not in spec and glob.has_magic(spec):
-            matched = sorted(glob.glob(spec, recursive=True))
-            if not matched:
-                raise UserError(f"source path '{spec}' matches no file")
-            for m in matched:
-                files.extend(iter_files(m))
-            continue
-        fs, path = resolve(spec)
-        if fs.get_file_info(path).type == pafs.FileType.NotFound:
-            raise UserError(f"source path '{spec}' does not exist")
-        files.extend(iter_files(spec))
-    if cfg.extensions:
-        wanted = tuple(e.lower() for e in cfg.extensions)
-        files = [(f, n) for f, n in files if f.lower().removesuffix(".gz").endswith(wanted)]
-    files = dict(sorted(files))
-    if not files:
-        raise UserError(f"{key} {list(cfg.paths)} hold no input file (extensions: {list(cfg.extensions) or 'any'})")
-    return files
 
 
 def _sample(batch: dict[str, np.ndarray], fraction: float) -> dict[str, np.ndarray]:
@@ -117,27 +66,35 @@ def _sample(batch: dict[str, np.ndarray], fraction: float) -> dict[str, np.ndarr
 
 def run(cfg: PrepareConfig) -> dict[str, Any]:
     """Runs the whole job; returns the artifact's manifest."""
-    import ray
     import ray.data
     from ray.data.context import ShuffleStrategy
-
-    from actors import prepare as udf
-    from cluster.runtime import cluster_cpus, connect
-    from models.minhash import duplicates_to_drop
-    from models.tokenizer import iter_bounded, train_bpe
 
     store = Storage(cfg.storage)
     store.artifact_path("dataset", cfg.name)  # validates the name before any work
     files = expand_sources(cfg.source)
     reused_tokenizer = load_tokenizer(cfg.tokenizer.path) if cfg.tokenizer.path else None
-    log.info(connect(cfg.ray_address, cfg.local_cpus))
+    connect_job(cfg)
+    ctx = ray.data.DataContext.get_current()
+    # Same input, same blocks, same shards. The only shuffle (LSH band rows) is small; the task-based
+    # sort shuffle starts in well under a second where the actor-based hash shuffle takes seconds.
+    # Both for this job only: a pipeline's next stage gets Ray Data's context as it was.
+    with scoped_attrs(ctx.execution_options, preserve_order=True), \
+            scoped_attrs(ctx, shuffle_strategy=ShuffleStrategy.SORT_SHUFFLE_PULL_BASED):
+        return build_dataset(cfg, store, files, reused_tokenizer)
+
+
+def build_dataset(cfg: PrepareConfig, store: Storage, files: dict[str, int], reused_tokenizer: Any) -> dict[str, Any]:
+    """Reads, cleans, dedupes, tokenizes, packs and writes the dataset artifact; returns its manifest."""
+    import ray
+    import ray.data
+
+    from actors import prepare as udf
+    from cluster.runtime import cluster_cpus
+    from models.minhash import duplicates_to_drop
+    from models.tokenizer import iter_bounded, train_bpe
+
     t0 = time.time()  # job time, not counting the start of an embedded cluster
     cpus = cluster_cpus()
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # same input, same blocks, same shards
-    # The only shuffle (LSH band rows) is small; the task-based sort shuffle starts
-    # in well under a second where the actor-based hash shuffle takes seconds.
-    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     quality, minhash = to_dict(cfg.quality), to_dict(cfg.dedup)
 
     # Read blocks are sized from the input alone (never from the cluster), so a

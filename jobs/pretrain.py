@@ -12,59 +12,25 @@ exported to `{storage}/models/{name}/` in Hugging Face layout.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from actors.train_driver import fit
 from actors.train_loop import EXPORT_DIR, FaultConfig, LoopConfig, TrainConfig
-from cluster.cli import JobFailed, UserError, run_job, format_summary
+from cluster.cli import JobFailed, run_job, format_summary
 from cluster.config import ConfigError, to_dict
-from cluster.storage import Artifact, ArtifactError, Storage, resolve, write_file_atomic
+from cluster.runtime import JobConfig, connect_job, embedded
+from cluster.storage import Artifact, ArtifactError, Storage
+from cluster.train_run import FailureConfig, ResourcesConfig, check_resources, check_resumable
 from cluster.zero import OptimConfig, ZeroConfig
 from models.arch import ModelConfig
 
 log = logging.getLogger("helio")
-
-
-@dataclass(frozen=True)
-class ResourcesConfig:
-    num_workers: int = 2
-    cpus_per_worker: float = 0.5  # on a small machine leave CPU for Ray Data's read tasks
-    use_gpu: bool = False
-
-    def __post_init__(self) -> None:
-        if self.num_workers < 1:
-            raise ValueError("num_workers: must be at least 1")
-        if self.cpus_per_worker <= 0:
-            raise ValueError("cpus_per_worker: must be positive")
-
-
-@dataclass(frozen=True)
-class FailureConfig:
-    max_failures: int = 1  # worker-group restarts from the latest checkpoint; -1: unlimited
-    num_to_keep: int = 2  # checkpoints kept in the run folder
-    # A worker group that cannot be placed (a lost node that never comes back, resources the cluster
-    # will never have) is retried this many times, each after start_timeout_s, then the job fails
-    # instead of waiting forever. -1: retry forever (an autoscaler that is slow to add nodes).
-    controller_failure_limit: int = 3
-    start_timeout_s: float = 120.0
-
-    def __post_init__(self) -> None:
-        if self.max_failures < -1:
-            raise ValueError("max_failures: must be -1 (unlimited) or >= 0")
-        if self.controller_failure_limit < -1:
-            raise ValueError("controller_failure_limit: must be -1 (unlimited) or >= 0")
-        if self.num_to_keep < 1:
-            raise ValueError("num_to_keep: must be at least 1")
-        if not self.start_timeout_s > 0:
-            raise ValueError("start_timeout_s: must be positive")
 
 
 @dataclass(frozen=True)
@@ -79,12 +45,9 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(JobConfig):
     name: str = "pretrain"
-    storage: str = "./runs"
     dataset: str = "stdlib"  # a dataset artifact under storage
-    ray_address: str | None = None  # else RAY_ADDRESS, else an embedded local cluster
-    local_cpus: int | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -129,65 +92,17 @@ def loop_config(cfg: PretrainConfig, art: Artifact, info: dict[str, Any], tokeni
                       pad_id=pad_id if pad_id is not None else 0, special_ids=special_ids, fault=cfg.fault)
 
 
-def check_resources(cfg: PretrainConfig, embedded: bool) -> None:
-    """On the embedded cluster, refuse what would wait forever instead of failing."""
-    import ray
-
-    if not embedded:
-        return  # a cloud cluster's autoscaler may add what is missing
-    res, r = ray.cluster_resources(), cfg.resources
-    if r.use_gpu and res.get("GPU", 0) < r.num_workers:
-        raise ConfigError("resources.use_gpu", f"{r.num_workers} GPU workers asked for, this machine has "
-                                               f"{int(res.get('GPU', 0))} GPUs")
-    cpus, asked = res.get("CPU", 0), r.num_workers * r.cpus_per_worker
-    if asked >= cpus:
-        raise ConfigError("resources.cpus_per_worker", f"{r.num_workers} workers x {r.cpus_per_worker} CPU take all "
-                                                       f"{cpus:g} CPUs and leave none for Ray Data's reads (the run "
-                                                       f"would hang); use at most {max(cpus - 1, 0.5) / r.num_workers:g}")
-
-
-def check_resumable(run_uri: str, loop: LoopConfig, num_workers: int) -> None:
-    """A run folder with checkpoints is resumed; refuse it if they came from a different run."""
-    import pyarrow.fs as pafs
-
-    from cluster.zero import COMPLETE
-
-    fs, path = resolve(run_uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return
-    folders = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path))
-                     if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
-    for folder in reversed(folders):
-        try:
-            with fs.open_input_stream(f"{folder}/{COMPLETE.format(rank=0)}") as f:
-                record = json.loads(f.read())
-        except FileNotFoundError:
-            continue
-        theirs, ours = record["client_state"].get("run", {}), loop.identity()
-        differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
-        if record["world_size"] != num_workers:
-            differ.append(f"num_workers ({record['world_size']} there)")
-        if differ:
-            raise UserError(f"run folder {run_uri} holds a checkpoint (step {record['client_state']['step']}) of a "
-                            f"run that differs in {', '.join(differ)}; resuming it would mix two runs: pick "
-                            f"another name, or delete that folder to start over")
-        return
-
-
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Trains, exports the model artifact and returns its manifest."""
-    from cluster.runtime import connect
-
     store = Storage(cfg.storage)
     store.artifact_path("model", cfg.name)  # validates the name before any work
     art, info = open_dataset(store, cfg.dataset)
     tokenizer_json = art.read_bytes("tokenizer.json")
     loop = loop_config(cfg, art, info, tokenizer_json)
-    embedded = not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
-    log.info(connect(cfg.ray_address, cfg.local_cpus))
-    check_resources(cfg, embedded)
+    connect_job(cfg)
+    check_resources(cfg.resources, embedded(cfg))
     run_uri = store.to_uri(f"{store.root_path}/runs/{cfg.name}")
-    check_resumable(run_uri, loop, cfg.resources.num_workers)
+    check_resumable(run_uri, loop.identity(), cfg.resources.num_workers)
 
     train_uris = [art.file_uri(f) for f in info["splits"]["train"]["shards"]]
     t = cfg.train
@@ -201,56 +116,6 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     if cfg.sample.count and cfg.model.arch == "gpt":
         print(samples(store, cfg))
     return manifest
-
-
-def fit(name: str, store: Storage, loop: LoopConfig, train_uris: list[str], resources: ResourcesConfig,
-        failure: FailureConfig, title: str, columns: list[str] | None = None) -> tuple[Any, list[dict], float]:
-    """Runs the Ray Train workers (actors/train_loop.py) over Parquet `train_uris` in `{storage}/runs/{name}`.
-
-    Shared by pretraining and finetuning. Returns (Ray Train result, metrics
-    records, seconds); draws the loss curve into the run folder.
-    """
-    import ray
-    import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from actors.train_loop import train_loop
-    from actors.train_report import CURVE_FILE, Progress, loss_curve_png, read_metrics
-
-    run_uri = store.to_uri(f"{store.root_path}/runs/{name}")
-    # Read by Ray Train's controller, to which Ray propagates it from this driver.
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(failure.start_timeout_s)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # workers print progress lines instead
-    datasets = {"train": ray.data.read_parquet(train_uris, columns=columns)}
-    exec_opts = ray.data.ExecutionOptions(preserve_order=True)  # the same order on every worker, every attempt
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=to_dict(loop),
-        scaling_config=ray.train.ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
-                                               resources_per_worker={"CPU": resources.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=store.to_uri(f"{store.root_path}/runs"),
-            failure_config=ray.train.FailureConfig(max_failures=failure.max_failures,
-                                                   controller_failure_limit=failure.controller_failure_limit),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=failure.num_to_keep),
-            callbacks=[Progress(run_uri)]),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=exec_opts),
-    )
-    t0 = time.time()
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        raise JobFailed(f"training failed (failure.max_failures={failure.max_failures}, controller_failure_limit="
-                        f"{failure.controller_failure_limit}): {_cause(e)}; "
-                        f"checkpoints are in {run_uri}: run the job again with the same name and storage to "
-                        f"resume from the latest") from None
-    seconds = time.time() - t0
-    records = read_metrics(run_uri)
-    fs, run_path = resolve(run_uri)
-    write_file_atomic(fs, f"{run_path}/{CURVE_FILE}", loss_curve_png(records, title))
-    return result, records, seconds
 
 
 def export_artifact(cfg: PretrainConfig, store: Storage, dataset: Artifact, tokenizer_json: bytes, result: Any,
@@ -318,15 +183,6 @@ def summary(manifest: dict[str, Any], run_uri: str) -> str:
 
 def _size(m: ModelConfig) -> str:
     return f"{m.n_layer} layers x {m.n_embd} wide, {m.n_head} heads"
-
-
-def _cause(e: Exception) -> str:
-    """The worker's own error, one line, not Ray's wrapping."""
-    errors = getattr(e, "worker_failures", None) or {}
-    if errors:
-        rank, err = sorted(errors.items())[0]
-        return f"worker rank {rank}: {type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}"
-    return str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
 
 
 CONFIG_CLASS = PretrainConfig  # what jobs/configs/pretrain_*.yaml must load into

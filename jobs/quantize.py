@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +28,7 @@ import numpy as np
 
 from cluster.cli import JobFailed, UserError, format_summary, run_job
 from cluster.config import ConfigError, to_dict
+from cluster.runtime import JobConfig, connect_job, embedded, scoped_attrs
 from actors.model_loader import artifact_kind
 from cluster.storage import Artifact, Storage, resolve
 from models.quant import KERNELS, QuantSpec
@@ -65,11 +65,8 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class QuantizeConfig:
+class QuantizeConfig(JobConfig):
     name: str = "quantize_demo"
-    storage: str = "./runs"
-    ray_address: str | None = None
-    local_cpus: int | None = None
     model: str = "pretrain_demo"  # the float model artifact to compress
     method: str = "int8"  # int8 | int4 | w8a8 | awq
     group_size: int = 128  # int4 / awq
@@ -140,14 +137,11 @@ def read_rows(uris: list[str], limit: int, columns: tuple[str, ...] | None = Non
 
     from cluster.storage import columns as to_columns
 
-    ctx = ray.data.DataContext.get_current()
-    before, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
-    try:  # files in the order given, rows in file order: the same sample on every run
+    # files in the order given, rows in file order: the same sample on every run
+    with scoped_attrs(ray.data.DataContext.get_current().execution_options, preserve_order=True):
         ds = ray.data.read_parquet(sorted(uris))
         ds = (ds.select_columns(list(columns)) if columns else ds).limit(limit)
         parts = [to_columns(b) for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
-    finally:
-        ctx.execution_options.preserve_order = before
     if not parts:
         raise UserError(f"no rows in {', '.join(uris[:3])}")
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -213,7 +207,7 @@ def drop(before: float, after: float) -> float:
 def quality(kind: str, data: dict[str, np.ndarray], float_parts: list[dict], quant_parts: list[dict],
             labels: int) -> dict[str, Any]:
     """The float and quantized model's quality, and the relative delta the gate reads."""
-    from models.tasks import classification_metrics, retrieval_metrics
+    from models.task_heads import classification_metrics, retrieval_metrics
     import torch
 
     def cat(parts, key):
@@ -254,14 +248,14 @@ def fetch(refs):
 def run(cfg: QuantizeConfig) -> dict[str, Any]:
     """Quantizes, scores, times, gates and writes the artifact; returns its manifest."""
     from actors.quantize import quantize_remote, time_models
-    from cluster.runtime import cluster_cpus, connect
+    from cluster.runtime import cluster_cpus
 
     store = Storage(cfg.storage)
     store.artifact_path("model", cfg.name)  # validates the name before any work
     if cfg.name == cfg.model:
         raise ConfigError("name", f"'{cfg.name}' is the float model's own name; the quantized model needs another")
-    log.info(connect(cfg.ray_address, cfg.local_cpus))
-    if not (cfg.ray_address or os.environ.get("RAY_ADDRESS")) and cfg.eval.threads > cluster_cpus():
+    connect_job(cfg)
+    if embedded(cfg) and cfg.eval.threads > cluster_cpus():
         raise ConfigError("eval.threads", f"the timing task would wait forever for {cfg.eval.threads} CPUs; "
                                           f"the embedded cluster has {cluster_cpus()}")
     parent = store.open("model", cfg.model)

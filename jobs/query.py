@@ -3,9 +3,9 @@ HTTP from the client's side (make demo runs it once the pipeline job has ended a
 
     python -m jobs.query jobs/configs/demo.yaml [--set storage=DIR]
 
-Reads the pipeline config's serve section (it needs no Ray): the HTTP and gRPC addresses, then a
-completion, an embedding or a classification per model and a gRPC health check, as `curl` or an
-OpenAI client would send them.
+Reads the pipeline config's serve section (it needs no Ray, and checks no other section): the HTTP
+and gRPC addresses, then a completion, an embedding or a classification per model and a gRPC health
+check, as `curl` or an OpenAI client would send them.
 """
 
 from __future__ import annotations
@@ -13,17 +13,16 @@ from __future__ import annotations
 import sys
 import urllib.error
 
+from actors.serve_app import ServeConfig
+from actors.serve_client import samples
 from cluster.cli import UserError, format_summary, run_job
-from jobs.pipeline import PipelineConfig, plan
+from cluster.pipeline_config import PipelineSections, build, section
 
 
-def run(cfg: PipelineConfig) -> str:
-    from jobs import serve
-
-    stage = next((s for s in plan(cfg) if s.job == "serve"), None)
-    if stage is None:
+def run(cfg: PipelineSections) -> str:
+    if cfg.serve is None:
         raise UserError("the pipeline config has no serve section: nothing is served")
-    s = stage.config
+    s = build(cfg, "serve", ServeConfig, section(cfg, "serve", cfg.serve))  # as jobs.pipeline builds it
     url = f"http://{s.http.host}:{s.http.port}"
     rows = [("OpenAI-compatible HTTP", f"{url}/v1 (completions, chat/completions, embeddings, classify, models)"),
             ("health", f"{url}/health")]
@@ -33,7 +32,7 @@ def run(cfg: PipelineConfig) -> str:
     rows += [(m.id, f"{m.task}: {m.artifact}") for m in s.models]
     print(format_summary(f"application '{s.name}'", rows))
     try:
-        print(serve.samples(s, url), flush=True)
+        print(samples(s, url), flush=True)
     except urllib.error.HTTPError as e:
         raise UserError(f"{url} answered {e.code}: {e.read().decode(errors='replace')[:300]}") from None
     except (urllib.error.URLError, ConnectionError) as e:
@@ -42,11 +41,11 @@ def run(cfg: PipelineConfig) -> str:
     return url
 
 
-CONFIG_CLASS = PipelineConfig
+CONFIG_CLASS = PipelineSections
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job("jobs.query", __doc__, PipelineConfig, run, argv)
+    return run_job("jobs.query", __doc__, PipelineSections, run, argv)
 
 
 if __name__ == "__main__":

@@ -8,24 +8,20 @@ Asks the running monitor actor (jobs.monitor); when none runs, reads the state i
 
 from __future__ import annotations
 
-import os
 import sys
 
+from actors.monitor import NAMESPACE, MonitorConfig, actor_name, format_status, routing_path, state_path
 from cluster.cli import UserError, run_job
-from jobs.monitor import MonitorConfig, format_status
+from cluster.runtime import connect_job, embedded
+from cluster.storage import Storage
 
 
 def run(cfg: MonitorConfig) -> dict:
-    from actors.monitor import NAMESPACE, actor_name, routing_path, state_path
-    from cluster.storage import Storage
-
     status = None
-    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
+    if not embedded(cfg):
         import ray
 
-        from cluster.runtime import connect
-
-        connect(cfg.ray_address, cfg.local_cpus)
+        connect_job(cfg)
         try:
             status = ray.get(ray.get_actor(actor_name(cfg.app), namespace=NAMESPACE).status.remote(), timeout=60)
         except ValueError:

@@ -17,7 +17,7 @@ from models.encoder import Encoder
 from models.gpt import GPT
 from models.hf import load_model, save_classifier, save_model
 from models.lora import LoraSpec, adapter_state_dict, add_lora, merge_lora, save_adapter
-from models.tasks import TASKS, SequenceClassifier
+from models.task_heads import TASK_KINDS, SequenceClassifier
 
 METHODS = ("full", "lora")
 
@@ -34,8 +34,8 @@ class TaskSpec:
     dropout: float | None = None  # overrides the base checkpoint's dropout; None: keep it
 
     def __post_init__(self) -> None:
-        if self.kind not in TASKS:
-            raise ValueError(f"kind: must be one of {', '.join(TASKS)}, not {self.kind!r}")
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"kind: must be one of {', '.join(TASK_KINDS)}, not {self.kind!r}")
         if self.method not in METHODS:
             raise ValueError(f"method: must be full or lora, not {self.method!r}")
         if not self.temperature > 0:

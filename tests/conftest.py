@@ -21,3 +21,18 @@ def ray_cluster():
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_ports(ray_cluster) -> dict[str, int]:
+    """One Ray Serve per session: its HTTP and gRPC proxies get these loopback ports (the first
+    application deployed starts them). Each module runs its own application on them (`http.port`,
+    `grpc.port`) and deletes it when done; Serve itself is shut down once, at the end."""
+    from ray import serve
+
+    from tiny_data import free_port
+
+    try:
+        yield {"http": free_port(), "grpc": free_port()}
+    finally:
+        serve.shutdown()

@@ -20,7 +20,7 @@ from cluster.storage import Storage
 from ray_head import REPO, RayHead
 from tiny_data import write_tiny_dataset
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # full tier: the pipeline test runs each component once in make test-fast
 TINY_GPT = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "train.micro_batch=2", "train.log_every=2",
             "train.eval_every=1000", "train.eval_batches=1", "train.shuffle_buffer=16", "optim.warmup_steps=2",
             "resources.num_workers=2", "resources.cpus_per_worker=0.5", "sample.count=0"]

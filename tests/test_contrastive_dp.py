@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from actors.train_loop import gather_rows
 from models.encoder import Encoder, EncoderConfig
-from models.tasks import Contrastive
+from models.task_heads import Contrastive
 
 CFG = EncoderConfig(vocab_size=60, max_position=16, n_layer=1, n_head=2, n_embd=16, intermediate_size=32)
 N, T = 8, 10  # global batch of pairs, tokens per text

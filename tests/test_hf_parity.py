@@ -6,13 +6,13 @@ import dataclasses
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from models.encoder import Encoder, EncoderConfig
 from models.gpt import GPT, GPTConfig
 from models.hf import load_encoder, load_gpt, load_model, save_encoder, save_gpt, save_model
 
-transformers = pytest.importorskip("transformers")
 CFG = GPTConfig(vocab_size=101, block_size=24, n_layer=2, n_head=2, n_embd=16)
 ENC = EncoderConfig(vocab_size=101, max_position=24, n_layer=2, n_head=2, n_embd=16, intermediate_size=40)
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
+import transformers
 
 from models.encoder import Encoder, EncoderConfig
 from models.finetune import TaskSpec, build_task_model, export_task_model
 from models.gpt import GPT, GPTConfig
 from models.hf import load_classifier, load_model, save_model
 from models.lora import LoraSpec, add_lora, lora_parameters, merge_lora, read_adapter
-from models.tasks import SFT, Contrastive, SequenceClassifier, classification_metrics, retrieval_metrics
+from models.task_heads import SFT, Contrastive, SequenceClassifier, classification_metrics, retrieval_metrics
 
 GPT_CFG = GPTConfig(vocab_size=101, block_size=24, n_layer=2, n_head=2, n_embd=16)
 ENC_CFG = EncoderConfig(vocab_size=101, max_position=24, n_layer=2, n_head=2, n_embd=16, intermediate_size=40)
@@ -105,7 +107,6 @@ def test_classification_metrics():
 
 @pytest.mark.parametrize("arch", ["gpt", "encoder"])
 def test_classifier_export_round_trip_and_transformers_parity(tmp_path, arch):
-    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     spec = TaskSpec(kind="classify", labels=("a", "b", "c"))
     model, head = build_task_model(spec, _base_folder(tmp_path, arch))
@@ -127,8 +128,6 @@ def test_classifier_export_round_trip_and_transformers_parity(tmp_path, arch):
 
 @pytest.mark.parametrize("kind,arch", [("sft", "gpt"), ("embed", "encoder"), ("classify", "encoder")])
 def test_peft_loads_the_adapter_onto_the_exported_base_with_the_same_outputs(tmp_path, kind, arch):
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     base_folder = _base_folder(tmp_path, arch)
     spec = TaskSpec(kind=kind, method="lora", lora=SPEC, labels=("x", "y"))

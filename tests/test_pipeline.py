@@ -65,23 +65,23 @@ def _post(url: str, body: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def demo(ray_cluster, tmp_path_factory):
+def demo(ray_cluster, serve_ports, tmp_path_factory):
     """The tiny demo pipeline: a run that fails at pretraining step 3, then the run that continues it."""
     from ray import serve
 
     from actors.monitor import NAMESPACE, actor_name
 
     storage = str(tmp_path_factory.mktemp("pipeline"))
-    port = free_port()
-    overrides = [f"storage={storage}", *TINY, f"serve.http.port={port}", f"serve.grpc.port={free_port()}"]
+    port = serve_ports["http"]
+    overrides = [f"storage={storage}", *TINY, f"serve.http.port={port}", f"serve.grpc.port={serve_ports['grpc']}"]
     with pytest.raises(JobFailed, match="stage 'pretrain'.*injected fault on rank 0 at step 3"):
         _run(overrides + FAULT)
     failed = Storage(storage).read_json(pipeline.state_path("demo"))
     state, printed = _run(overrides)
-    yield {"storage": storage, "port": port, "overrides": overrides, "failed": failed, "state": state,
-           "printed": printed}
+    yield {"storage": storage, "port": port, "grpc_port": serve_ports["grpc"], "overrides": overrides,
+           "failed": failed, "state": state, "printed": printed}
     ray_cluster.kill(ray_cluster.get_actor(actor_name("serve_demo"), namespace=NAMESPACE), no_restart=True)
-    serve.shutdown()
+    serve.delete("serve_demo")
 
 
 def test_a_failed_run_continues_at_the_failed_stage_and_then_runs_every_stage(demo):
@@ -93,6 +93,8 @@ def test_a_failed_run_continues_at_the_failed_stage_and_then_runs_every_stage(de
     with open(f"{storage}/runs/pretrain_demo/metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     assert records[-1]["step"] == 6 and records[-1]["attempt_start_step"] == 2, records[-1]
+    assert Path(storage, "runs", "pretrain_demo", "loss.png").stat().st_size > 1000  # the loss curve
+    assert Path(storage, "adapters", "finetune_embed_demo", "adapter_model.safetensors").stat().st_size > 0
     stages = demo["state"]["stages"]
     assert list(stages) == ["prepare", "pretrain", "make_tasks", "finetune.sft", "finetune.embed", "quantize",
                             "serve", "monitor"]
@@ -119,10 +121,20 @@ def test_the_lineage_runs_from_the_dataset_to_the_served_version(demo):
     assert "lineage: dataset prepare_demo" in demo["printed"]
 
 
-def test_the_served_models_answer_over_http_and_the_monitor_finds_them_healthy(demo):
+def test_the_served_models_answer_over_http_and_grpc_and_every_monitor_probe_passed(demo):
+    import grpc
+
+    from actors.proto import helio_pb2 as pb
+    from actors.proto import helio_pb2_grpc
+
     url = f"http://127.0.0.1:{demo['port']}/v1"
-    completion = _post(f"{url}/completions", {"model": "demo-gpt-int8", "prompt": "def ", "max_tokens": 4})
+    request = {"model": "demo-gpt-int8", "prompt": "def ", "max_tokens": 4, "temperature": 0}
+    completion = _post(f"{url}/completions", request)
     assert completion["usage"]["completion_tokens"] >= 1
+    with grpc.insecure_channel(f"127.0.0.1:{demo['grpc_port']}") as channel:  # the same answer over gRPC
+        chunks = list(helio_pb2_grpc.HelioStub(channel).Complete(pb.CompleteRequest(**request), timeout=60))
+    assert "".join(c.text for c in chunks) == completion["choices"][0]["text"]
+    assert chunks[-1].usage.completion_tokens == completion["usage"]["completion_tokens"]
     vectors = _post(f"{url}/embeddings", {"model": "minilm-code-search", "input": ["open a file"]})["data"]
     assert len(vectors[0]["embedding"]) == 384
     monitor = Storage(demo["storage"]).read_json("monitor/serve_demo/state.json")
@@ -174,6 +186,7 @@ def test_an_input_no_stage_makes_is_refused_before_any_work(tmp_path):
         pipeline.check_inputs(pipeline.plan(cfg), Storage(str(tmp_path)))
 
 
+@pytest.mark.slow  # a second Ray head and a job upload: the full tier
 def test_ray_job_submit_to_a_local_head_with_token_auth_serves_the_pipeline(demo, tmp_path):
     head = RayHead().start()
     try:

@@ -15,6 +15,8 @@ from tokenizers import Tokenizer
 from cluster.storage import Storage
 from jobs import prepare
 
+pytestmark = pytest.mark.ray
+
 CONFIG = str(Path(prepare.__file__).parent / "configs" / "prepare_demo.yaml")
 VOCAB = [f"w{i}" for i in range(3000)]
 

@@ -21,7 +21,7 @@ from cluster.storage import Storage
 from jobs import pretrain
 from tiny_data import write_tiny_dataset
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # full tier: the pipeline test runs each component once in make test-fast
 
 BLOCK_LEN = 33  # 32 inputs + 1 shifted target
 BASE = [

@@ -31,10 +31,10 @@ from models.encoder import Encoder, EncoderConfig
 from models.gpt import GPT, GPTConfig
 from models.hf import save_classifier, save_model
 from models.quant import QuantSpec, kernels_used, quantize_model
-from models.tasks import SequenceClassifier
+from models.task_heads import SequenceClassifier
 from tiny_data import write_tiny_dataset
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # full tier: the pipeline test runs each component once in make test-fast
 BLOCK_LEN = 65
 FAST = ["eval.max_examples=24", "eval.iters=3", "eval.seq_len=32", "eval.decode_tokens=8", "eval.threads=1",
         "calibration.samples=8"]

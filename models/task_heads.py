@@ -1,7 +1,8 @@
-"""Finetuning tasks: the heads and objectives that turn a pretrained model into something useful.
+"""The finetuning tasks' heads, objectives and held-out metrics: what turns a pretrained model into
+something useful, and how well it does it.
 
 Each objective wraps a model as an nn.Module whose forward returns the loss
-(as models/objectives.py does for pretraining); `batch` turns a dict of
+(as models/pretrain_objectives.py does for pretraining); `batch` turns a dict of
 fixed-width columns (B, ...) into the forward's arguments. Rows are right-
 padded; the `*len` columns say how many tokens are real.
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from models.encoder import Encoder
 from models.gpt import GPT
 
-TASKS = ("sft", "classify", "embed")
+TASK_KINDS = ("sft", "classify", "embed")  # the finetuning tasks (a TaskSpec's `kind`)
 IGNORE = -100
 
 Gather = Callable[[torch.Tensor], torch.Tensor]  # (m, D) per worker -> (W*m, D), own rows keeping their grad

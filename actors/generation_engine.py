@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -22,6 +23,7 @@ import torch
 
 from models.gpt import GPT, SlotCache, sample_rows
 
+log = logging.getLogger("helio.serve")
 _DONE = object()
 
 
@@ -53,6 +55,7 @@ class Engine:
         self.loop_task: asyncio.Task | None = None
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="helio-engine")
         self.steps = self.tokens = 0  # decode steps run, tokens emitted
+        self.step_failures = 0  # steps the model raised in: their requests failed, the engine kept serving
 
     async def generate(self, ids: list[int], params: dict[str, Any]) -> AsyncIterator[list[int]]:
         """The request's new token ids as they are sampled, in pieces: the first at once, then every token
@@ -100,6 +103,9 @@ class Engine:
             try:
                 emitted = await loop.run_in_executor(self.worker, self._step)
             except Exception as e:  # noqa: BLE001 - the model failed: fail every request it held, keep serving
+                self.step_failures += 1
+                log.warning("generation engine: a step failed (%d so far), failing its %d requests: %s: %s",
+                            self.step_failures, len(self.live) + len(self.waiting), type(e).__name__, e)
                 for seq in self.live + list(self.waiting):
                     seq.out.put_nowait(e)
                 self.live, self.cache.live = [], 0

@@ -1,4 +1,6 @@
-"""Training objectives: how a packed block of token ids becomes a loss.
+"""Pretraining objectives (causal LM, masked LM): how a packed block of token ids becomes a loss.
+
+The finetuning tasks' objectives are in models/task_heads.py.
 
 Each objective wraps a model as an nn.Module whose forward returns the loss, so
 a data-parallel engine (DeepSpeed, DDP) that calls `forward` computes the

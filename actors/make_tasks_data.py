@@ -1,4 +1,5 @@
-"""Ray Data UDF of the make_tasks job. Thin: the parsing lives in models/pyfuncs.py.
+"""The make_tasks job's Ray Data UDF: .py files -> their documented functions. Thin: the parsing lives in
+models/pyfuncs.py.
 
   extract_batch   a batch of files from `read_binary_files(include_paths=True)`
                   -> one row per file: its module, its status ('parsed' or why

@@ -1,4 +1,4 @@
-"""Ray Serve deployments: one per hosted model, behind one OpenAI-compatible HTTP ingress.
+"""The per-model Ray Serve deployments, behind one OpenAI-compatible HTTP ingress.
 
 - Embedder: mean-pooled, L2-normalised sentence embeddings; requests are
   batched (`@serve.batch`) and each batch is cut into length-sorted chunks,
@@ -6,9 +6,10 @@
 - Classifier: label names and probabilities; batched the same way.
 - Generator: a GPT (float or quantized) with the KV cache and sampling;
   streams tokens as they are sampled. Concurrent requests share decode steps
-  through iteration-level batching (actors/engine.py): a new request joins
-  the running batch at the next step.
-The HTTP ingress that routes to them is actors/serve_api.py.
+  through iteration-level batching (actors/generation_engine.py): a new
+  request joins the running batch at the next step.
+The HTTP ingress that routes to them is actors/serve_api.py; actors/serve_app.py
+binds them into one application.
 
 Heavy state loads in `__init__`; `check_health` makes the model answer a tiny
 forward. Models load through `open_runnable`, which verifies the artifact and
@@ -24,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from ray import serve
 
-from actors.engine import Engine
+from actors.generation_engine import Engine
 from actors.model_loader import open_runnable
 from cluster.storage import Storage
-from models.tasks import length_mask
+from models.task_heads import length_mask
 
 CHUNK = 16  # rows per forward inside a batch
 

@@ -1,0 +1,224 @@
+"""A Serve application of model artifacts: its config, and the application built from it.
+
+`ServeConfig` (jobs.serve's config, the pipeline's `serve` section) lists the models; `build_app`
+checks each against its artifact and binds one deployment per model version
+(actors/serve_deployments.py) into the ingress (actors/serve_api.py). `proxy_options` are Serve's
+HTTP and gRPC proxy settings for it, `routing` the canary routing file a deployment starts from.
+jobs.serve deploys what is built here; actors/serve_client.py talks to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.config import ConfigError, to_dict
+from cluster.runtime import JobConfig
+from cluster.storage import Storage
+
+# What a served model answers (a model entry's `task`): which of the ingress's endpoints reach it.
+ENDPOINT_KINDS = ("generate", "embed", "classify")
+BACKPRESSURE = {"status_code": 503, "retry_after_s": 1}  # a request over max_queued_requests
+GRPC_SERVICERS = ("actors.proto.helio_pb2_grpc.add_HelioServicer_to_server",
+                  "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server")
+
+
+@dataclass(frozen=True)
+class Autoscaling:
+    """Serve's autoscaling_config: replicas between min and max, aiming at target ongoing requests each."""
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 4.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
+            raise ValueError("min_replicas: need 0 <= min_replicas <= max_replicas and max_replicas >= 1")
+        if not self.target_ongoing_requests > 0:
+            raise ValueError("target_ongoing_requests: must be positive")
+
+
+@dataclass(frozen=True)
+class Canary:
+    """A new version of a model, rolled out beside the stable one: it answers `share` of the requests;
+    the monitor promotes it after `promote_after` healthy rounds or rolls it back when it turns
+    unhealthy (jobs.rollout does either by hand)."""
+    artifact: str
+    share: float = 0.1
+    promote_after: int = 10
+
+    def __post_init__(self) -> None:
+        if not 0 < self.share < 1:
+            raise ValueError(f"share: must be between 0 and 1, got {self.share}")
+        if self.promote_after < 1:
+            raise ValueError("promote_after: must be at least 1")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    id: str  # the name clients send as `model`
+    artifact: str  # a model artifact under storage (float or quantized)
+    task: str = "generate"  # generate | embed | classify
+    replicas: int = 1  # a fixed count, unless autoscaling is set
+    autoscaling: Autoscaling | None = None
+    num_cpus: float = 0.25  # per replica; fractional on small machines
+    num_gpus: float = 0.0  # per replica; on a cluster with GPU nodes
+    max_batch_size: int = 16  # rows per batch (generate: sequences decoded together)
+    batch_wait_s: float = 0.002  # embed / classify: how long a batch waits to fill
+    stream_interval_s: float = 0.05  # generate: at most one streamed piece per interval (the first at once)
+    max_ongoing_requests: int = 16  # per replica, before requests queue
+    max_queued_requests: int = 64  # per caller, before a 503 with Retry-After
+    force: bool = False  # serve an artifact its quality gate rejected
+    canary: Canary | None = None  # a new version of this model, rolled out beside it
+
+    def __post_init__(self) -> None:
+        if self.task not in ENDPOINT_KINDS:
+            raise ValueError(f"task: must be one of {', '.join(ENDPOINT_KINDS)}, not {self.task!r}")
+        if not self.id or not self.artifact:
+            raise ValueError("id: every model needs an id and an artifact")
+        for name in ("replicas", "max_batch_size", "max_ongoing_requests", "max_queued_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be positive")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests: {self.max_ongoing_requests} is below max_batch_size "
+                             f"({self.max_batch_size}), so a replica could never fill a batch")
+        if not self.num_cpus > 0 or min(self.num_gpus, self.batch_wait_s, self.stream_interval_s) < 0:
+            raise ValueError("num_cpus: must be positive (num_gpus, batch_wait_s, stream_interval_s not negative)")
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 1 << 20  # also the limit for a gRPC request message
+    request_timeout_s: float = 60.0  # Helio's deadline for a model's answer (504); also Serve's proxy timeout
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port: {self.port} is not a TCP port")
+        if not self.request_timeout_s > 0:
+            raise ValueError("request_timeout_s: must be positive")
+
+
+@dataclass(frozen=True)
+class GrpcConfig:
+    port: int = 9000  # 0: no gRPC API
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port: {self.port} is not a TCP port")
+
+
+@dataclass(frozen=True)
+class ServeConfig(JobConfig):
+    """jobs.serve's config (the pipeline's `serve` section): the application and how long to serve it."""
+    name: str = "serve_demo"  # the Serve application's name
+    http: HttpConfig = field(default_factory=HttpConfig)
+    grpc: GrpcConfig = field(default_factory=GrpcConfig)
+    models: tuple[ModelEntry, ...] = ()
+    api_keys: tuple[str, ...] = ()  # also HELIO_API_KEYS (comma-separated); none: no auth
+    max_items: int = 64  # inputs per embeddings / classify request
+    ingress_cpus: float = 0.1
+    ingress_max_ongoing_requests: int = 256  # requests one ingress replica holds at once
+    ingress_max_queued_requests: int = 512  # waiting at the proxy before a 503 with Retry-After
+    monitor: str | None = None  # a jobs.monitor config: start the app's monitor once it serves
+    serve_seconds: float | None = None  # embedded cluster: None serves until interrupted; 0 answers the
+    #                                     sample requests and stops (jobs.pipeline)
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("models: name at least one model artifact to serve")
+        ids = [m.id for m in self.models]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"models: model ids must be unique, got {ids}")
+
+
+def entries(cfg: ServeConfig) -> list[dict[str, Any]]:
+    """Each model's entry for the ingress (task, tokenizer, context), checked against its artifact."""
+    from actors.model_loader import artifact_kind, check_servable
+
+    store = Storage(cfg.storage)
+    out = []
+    for i, m in enumerate(cfg.models):
+        art = store.open("model", m.artifact, verify=False)
+        check_servable(art, m.force)
+        hf = json.loads(art.read_bytes("config.json"))
+        kind = artifact_kind(art).replace("lm", "generate")  # a GPT is served for generation
+        if kind != m.task:
+            raise ConfigError(f"models[{i}].task", f"artifact '{m.artifact}' is a {kind} model, not {m.task}")
+        entry = {"id": m.id, "task": m.task, "artifact": m.artifact,
+                 "tokenizer_json": art.read_bytes("tokenizer.json").decode(),
+                 "context": hf.get("n_positions") or hf.get("max_position_embeddings"),
+                 "labels": [hf["id2label"][str(j)] for j in range(len(hf.get("id2label") or {}))]}
+        if m.canary is not None:
+            new = store.open("model", m.canary.artifact, verify=False)
+            check_servable(new, m.force)
+            if artifact_kind(new) != artifact_kind(art) or new.read_bytes("tokenizer.json").decode() != \
+                    entry["tokenizer_json"]:
+                raise ConfigError(f"models[{i}].canary.artifact", f"'{m.canary.artifact}' is not a new version of "
+                                  f"'{m.artifact}': a canary needs the same kind of model and the same tokenizer")
+            entry["canary_artifact"] = m.canary.artifact
+        out.append(entry)
+    return out
+
+
+def api_keys(cfg: ServeConfig) -> list[str]:
+    """The config's keys and HELIO_API_KEYS' (comma-separated)."""
+    return list(cfg.api_keys) + [k for k in os.environ.get("HELIO_API_KEYS", "").split(",") if k]
+
+
+def build_app(cfg: ServeConfig):
+    """The Serve application: one deployment per model, bound into the ingress."""
+    from tokenizers import Tokenizer
+
+    from actors.finetune_data import special_id
+    from actors.serve_api import Api
+    from actors.serve_deployments import Classifier, Embedder, Generator, threads_for
+
+    models = entries(cfg)
+    handles = {}
+    for m, e in zip(cfg.models, models):
+        opts = {"name": f"{e['task']}-{m.id}", "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
+                "max_ongoing_requests": m.max_ongoing_requests, "max_queued_requests": m.max_queued_requests,
+                "backpressure_config": BACKPRESSURE}
+        if m.autoscaling is not None:
+            opts["autoscaling_config"] = to_dict(m.autoscaling)
+        else:
+            opts["num_replicas"] = m.replicas
+        if m.task != "generate":  # the batched encoders pad with the tokenizer's pad token
+            pad = special_id(Tokenizer.from_str(e["tokenizer_json"]), ("<|pad|>", "[PAD]", "<pad>"))
+            batch = (pad if pad is not None else 0, threads_for(m.num_cpus), m.max_batch_size, m.batch_wait_s)
+        versions = [(m.id, opts["name"], m.artifact)]
+        if m.canary is not None:
+            versions.append((f"{m.id}@canary", f"{opts['name']}-canary", m.canary.artifact))
+        for key, name, artifact in versions:
+            args, dep = (cfg.storage, artifact, m.force), {**opts, "name": name}
+            handles[key] = (
+                Generator.options(**dep).bind(*args, threads_for(m.num_cpus), m.max_batch_size, m.stream_interval_s)
+                if m.task == "generate" else Embedder.options(**dep).bind(*args, *batch) if m.task == "embed" else
+                Classifier.options(**dep).bind(*args, *batch, e["labels"]))
+    return Api.options(ray_actor_options={"num_cpus": cfg.ingress_cpus}, backpressure_config=BACKPRESSURE,
+                       max_ongoing_requests=cfg.ingress_max_ongoing_requests,
+                       max_queued_requests=cfg.ingress_max_queued_requests).bind(
+        models, handles, api_keys(cfg), cfg.max_items, cfg.http.max_body_bytes, cfg.http.request_timeout_s,
+        cfg.storage, cfg.name)
+
+
+def proxy_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Serve's HTTP and gRPC proxy settings (`serve.start`'s, a Serve config file's `http_options` and
+    `grpc_options`). The proxy's timeout sits a little past Helio's own, which answers first."""
+    out: dict[str, Any] = {"http_options": {"host": cfg.http.host, "port": cfg.http.port,
+                                            "request_timeout_s": cfg.http.request_timeout_s + 5}}
+    if cfg.grpc.port:
+        out["grpc_options"] = {"port": cfg.grpc.port, "grpc_servicer_functions": list(GRPC_SERVICERS),
+                               "request_timeout_s": cfg.http.request_timeout_s + 5}
+    return out
+
+
+def routing(cfg: ServeConfig) -> dict[str, Any]:
+    """The routing file a deployment starts from: every canary at its configured share."""
+    return {"models": {m.id: {"status": "canary", "share": m.canary.share, "promote_after": m.canary.promote_after,
+                              "stable": m.artifact, "canary": m.canary.artifact, "since": time.time(), "reason": ""}
+                       for m in cfg.models if m.canary is not None}}

@@ -1,0 +1,79 @@
+"""The driver's side of a Ray Train run: Ray Train workers running actors/train_loop.py over Parquet
+shards, with Helio's resources, failure policy and checkpoint folder; the loss curve drawn at the end.
+
+Shared by jobs.pretrain and jobs.finetune. Settings Ray Train reads from the driver's process (an
+environment variable its controller copies, Ray Data's progress bars) are set for the run only.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from actors.train_loop import LoopConfig
+from cluster.cli import JobFailed
+from cluster.config import to_dict
+from cluster.runtime import scoped_attrs, scoped_environ
+from cluster.storage import Storage, resolve, write_file_atomic
+from cluster.train_run import FailureConfig, ResourcesConfig
+
+# Read by Ray Train's controller, which copies it from this driver's environment when `fit` starts it.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+def fit(name: str, store: Storage, loop: LoopConfig, train_uris: list[str], resources: ResourcesConfig,
+        failure: FailureConfig, title: str, columns: list[str] | None = None) -> tuple[Any, list[dict], float]:
+    """Runs the Ray Train workers (actors/train_loop.py) over Parquet `train_uris` in `{storage}/runs/{name}`.
+
+    Returns (Ray Train result, metrics records, seconds); draws the loss curve into the run folder.
+    """
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from actors.train_loop import train_loop
+    from actors.train_report import CURVE_FILE, Progress, loss_curve_png, read_metrics
+
+    run_uri = store.to_uri(f"{store.root_path}/runs/{name}")
+    # workers print progress lines instead of Ray Data's bars
+    with scoped_attrs(ray.data.DataContext.get_current(), enable_progress_bars=False), \
+            scoped_environ({START_TIMEOUT_ENV: str(failure.start_timeout_s)}):
+        datasets = {"train": ray.data.read_parquet(train_uris, columns=columns)}
+        exec_opts = ray.data.ExecutionOptions(preserve_order=True)  # the same order on every worker, every attempt
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=to_dict(loop),
+            scaling_config=ray.train.ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+                                                   resources_per_worker={"CPU": resources.cpus_per_worker}),
+            run_config=ray.train.RunConfig(
+                name=name, storage_path=store.to_uri(f"{store.root_path}/runs"),
+                failure_config=ray.train.FailureConfig(max_failures=failure.max_failures,
+                                                       controller_failure_limit=failure.controller_failure_limit),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=failure.num_to_keep),
+                callbacks=[Progress(run_uri)]),
+            datasets=datasets,
+            dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=exec_opts),
+        )
+        t0 = time.time()
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            raise JobFailed(f"training failed (failure.max_failures={failure.max_failures}, controller_failure_limit="
+                            f"{failure.controller_failure_limit}): {cause(e)}; "
+                            f"checkpoints are in {run_uri}: run the job again with the same name and storage to "
+                            f"resume from the latest") from None
+        seconds = time.time() - t0
+    records = read_metrics(run_uri)
+    fs, run_path = resolve(run_uri)
+    write_file_atomic(fs, f"{run_path}/{CURVE_FILE}", loss_curve_png(records, title))
+    return result, records, seconds
+
+
+def cause(e: Exception) -> str:
+    """The worker's own error, one line, not Ray's wrapping."""
+    errors = getattr(e, "worker_failures", None) or {}
+    if errors:
+        rank, err = sorted(errors.items())[0]
+        return f"worker rank {rank}: {type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}"
+    return str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__

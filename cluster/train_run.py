@@ -1,0 +1,98 @@
+"""What a Ray Train run asks of the cluster and how it survives failures, and the checks made before
+one starts: that the embedded cluster can place it, and that a run folder it resumes is the same run.
+
+Shared by jobs.pretrain and jobs.finetune (both configs compose `resources` and `failure`); the run
+itself is started by actors/train_driver.py.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.cli import UserError
+from cluster.config import ConfigError
+from cluster.storage import resolve
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    num_workers: int = 2
+    cpus_per_worker: float = 0.5  # on a small machine leave CPU for Ray Data's read tasks
+    use_gpu: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError("num_workers: must be at least 1")
+        if self.cpus_per_worker <= 0:
+            raise ValueError("cpus_per_worker: must be positive")
+
+
+@dataclass(frozen=True)
+class FailureConfig:
+    max_failures: int = 1  # worker-group restarts from the latest checkpoint; -1: unlimited
+    num_to_keep: int = 2  # checkpoints kept in the run folder
+    # A worker group that cannot be placed (a lost node that never comes back, resources the cluster
+    # will never have) is retried this many times, each after start_timeout_s, then the job fails
+    # instead of waiting forever. -1: retry forever (an autoscaler that is slow to add nodes).
+    controller_failure_limit: int = 3
+    start_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.max_failures < -1:
+            raise ValueError("max_failures: must be -1 (unlimited) or >= 0")
+        if self.controller_failure_limit < -1:
+            raise ValueError("controller_failure_limit: must be -1 (unlimited) or >= 0")
+        if self.num_to_keep < 1:
+            raise ValueError("num_to_keep: must be at least 1")
+        if not self.start_timeout_s > 0:
+            raise ValueError("start_timeout_s: must be positive")
+
+
+def check_resources(r: ResourcesConfig, embedded: bool) -> None:
+    """On the embedded cluster, refuse what would wait forever instead of failing."""
+    import ray
+
+    if not embedded:
+        return  # a cloud cluster's autoscaler may add what is missing
+    res = ray.cluster_resources()
+    if r.use_gpu and res.get("GPU", 0) < r.num_workers:
+        raise ConfigError("resources.use_gpu", f"{r.num_workers} GPU workers asked for, this machine has "
+                                               f"{int(res.get('GPU', 0))} GPUs")
+    cpus, asked = res.get("CPU", 0), r.num_workers * r.cpus_per_worker
+    if asked >= cpus:
+        raise ConfigError("resources.cpus_per_worker", f"{r.num_workers} workers x {r.cpus_per_worker} CPU take all "
+                                                       f"{cpus:g} CPUs and leave none for Ray Data's reads (the run "
+                                                       f"would hang); use at most {max(cpus - 1, 0.5) / r.num_workers:g}")
+
+
+def check_resumable(run_uri: str, identity: dict[str, Any], num_workers: int) -> None:
+    """A run folder with checkpoints is resumed; refuse it if they came from a different run.
+
+    `identity` is what a checkpoint must agree on (the worker loop config's `identity()`).
+    """
+    import pyarrow.fs as pafs
+
+    from cluster.zero import COMPLETE
+
+    fs, path = resolve(run_uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return
+    folders = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path))
+                     if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    for folder in reversed(folders):
+        try:
+            with fs.open_input_stream(f"{folder}/{COMPLETE.format(rank=0)}") as f:
+                record = json.loads(f.read())
+        except FileNotFoundError:
+            continue
+        theirs, ours = record["client_state"].get("run", {}), identity
+        differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        if record["world_size"] != num_workers:
+            differ.append(f"num_workers ({record['world_size']} there)")
+        if differ:
+            raise UserError(f"run folder {run_uri} holds a checkpoint (step {record['client_state']['step']}) of a "
+                            f"run that differs in {', '.join(differ)}; resuming it would mix two runs: pick "
+                            f"another name, or delete that folder to start over")
+        return

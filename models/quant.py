@@ -18,10 +18,12 @@ rounding error of the whole model's bytes):
 Storage is always the compressed form (int8 / packed uint8 codes, fp16 or
 fp32 scales). Execution picks a kernel per device: on CPU int8 and w8a8 run
 through fbgemm's dynamic int8 GEMM, which quantizes activations per tensor at
-run time (w8a8 scales the rows of x to a common range first, so that this acts
-per token); `kernel: dequant` runs int8 as exact weight-only in float. int4 has no
-CPU kernel faster than fp32 (aten's int4 CPU GEMM measured 10-100x slower), so
-its weights are dequantized once at load: `kernel` says which path ran.
+run time to 8 bits (w8a8 scales the rows of x to a common range first, so that
+this acts per token); `kernel: dequant` runs int8 as exact weight-only in float.
+Where fbgemm's kernel saturates (x86 without VNNI, see `int8_pairs_saturate`)
+the weights run at 7 bits instead of the activations. int4 has no CPU kernel
+faster than fp32 (aten's int4 CPU GEMM measured 10-100x slower), so its weights
+are dequantized once at load: `kernel` says which path ran.
 """
 
 from __future__ import annotations
@@ -132,15 +134,58 @@ def fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
 
 # ---- runnable layers --------------------------------------------------------------------------------
 
-@lru_cache(maxsize=1)
-def _cpu_has_vnni() -> bool:
-    """fbgemm multiplies u8 x s8 pairs; without VNNI the pair sums saturate int16 unless activations
-    use 7 bits (`reduce_range`)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+# x86 int8 GEMMs without VNNI (fbgemm's AVX2 and AVX-512 kernels) multiply u8 activation codes by s8
+# weight codes with vpmaddubsw, which adds each pair of adjacent products in int16 and saturates there:
+# 2 * 255 * 127 = 64770 > 32767. With weight codes |q| <= 64 no pair can: 2 * 255 * 64 = 32640 <= 32767.
+SATURATION_FREE_CODE = 64
+_PROBE_K = 64  # inputs of the probe GEMM: 32 pairs, each at 2 * 255 * code when codes are at their max
+
+
+def _pack_int8(q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None):
+    """fbgemm's packed form of int8 codes q (out, in) with fp32 steps d (out,) per output channel."""
+    with warnings.catch_warnings():  # the quantized-tensor constructors are marked deprecated
+        warnings.simplefilter("ignore")
+        w = torch._make_per_channel_quantized_tensor(q, d.double(), torch.zeros(len(d), dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(w, bias)
+
+
+def probe_error(code: int) -> float:
+    """The relative error of one fbgemm int8 GEMM whose weight codes are all `code` and whose activations
+    all sit at the top of their range (per-tensor step 1/255, zero point 0: every activation code 255),
+    so that every pair of products is 2 * 255 * code. 0 up to float rounding unless the kernel saturates."""
+    q = torch.full((8, _PROBE_K), code, dtype=torch.int8)
+    y = torch.ops.quantized.linear_dynamic(torch.ones(4, _PROBE_K), _pack_int8(q, torch.ones(8), None), False)
+    exact = code * _PROBE_K  # sum over k of 1 * (code * 1)
+    return ((y - exact).abs().max() / abs(exact)).item()
+
+
+def int8_pairs_saturate() -> bool:
+    """Whether this process's int8 GEMM (under the current quantized engine) saturates pair sums of
+    8-bit activations and 8-bit weights. Probed by running the kernel, not read from /proc/cpuinfo:
+    fbgemm picks its kernel per process (FBGEMM_ENABLE_INSTRUCTIONS=AVX2 runs the AVX2 kernel on a VNNI
+    CPU), so the CPU's flags do not say which kernel runs."""
+    return _saturates(torch.backends.quantized.engine)
+
+
+@lru_cache(maxsize=None)
+def _saturates(engine: str) -> bool:  # `engine` keys the cache: probed once per engine, under it
+    return probe_error(127) > 1e-3  # float rounding leaves ~1e-7; saturated sums come out about half
+
+
+def kernel_weights(q: torch.Tensor, d: torch.Tensor, saturating: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 codes (out, in) and steps (out,) the GEMM runs on: the stored ones, or on a saturating
+    kernel the same rows at 7 bits, so that the activations keep all 8. Activation steps are per tensor,
+    set by the loudest (outlier) channel; weight steps are per output channel: a bit off the weights
+    costs far less than a bit off the activations.
+
+    Each row's largest code m goes to 64: q' = round(q * 64 / m), |q'| <= 64, step d * m / 64. Rescaling
+    rather than halving: no code lands halfway (128 q = m (2k + 1) has no solution for m <= 127, where
+    halving puts every odd code on a tie), and the second rounding adds ~30% less variance."""
+    if not saturating:
+        return q, d
+    m = q.abs().amax(dim=1).float().clamp(min=SATURATION_FREE_CODE)  # (out,): rows within 7 bits keep theirs
+    codes = torch.round(q.float() * (SATURATION_FREE_CODE / m)[:, None]).to(torch.int8)  # (out, in)
+    return codes, d * m / SATURATION_FREE_CODE
 
 
 def fbgemm_available() -> bool:
@@ -188,25 +233,22 @@ class Int8Linear(_Cached):
                         None if self.bias is None else self.bias.to(x.dtype))
 
     def _fbgemm(self, x: torch.Tensor) -> torch.Tensor:
-        """fbgemm's dynamic int8 GEMM, which quantizes its input per tensor at run time. Per token
-        (w8a8): every row is first scaled to max |x| = 127, so that one range fits all rows, and
-        the output rows are scaled back (the bias then added outside the kernel)."""
+        """fbgemm's dynamic int8 GEMM, which quantizes its input per tensor to 8 bits at run time. Per
+        token (w8a8): every row is first scaled to max |x| = 127, so that one range fits all rows, and
+        the output rows are scaled back (the bias then added outside the kernel). The stored codes stay
+        8-bit; a saturating kernel runs them at 7 bits (`kernel_weights`)."""
         if self._runtime is None:
-            with warnings.catch_warnings():  # the quantized-tensor constructors are marked deprecated
-                warnings.simplefilter("ignore")
-                w = torch._make_per_channel_quantized_tensor(
-                    self.qweight, self.scale.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
-                packed = torch.ops.quantized.linear_prepack(w, None if self.act_per_token else self.bias)
-            self._runtime = (packed, not _cpu_has_vnni())
-        packed, reduce_range = self._runtime
+            q, d = kernel_weights(self.qweight, self.scale, int8_pairs_saturate())
+            self._runtime = _pack_int8(q, d, None if self.act_per_token else self.bias)
+        packed = self._runtime  # activations at 8 bits everywhere: reduce_range=False below
         shape = x.shape
         x2 = x.reshape(-1, self.in_features) if x.dim() != 2 else x  # (N, in)
         x2 = x2 if x2.dtype == torch.float32 else x2.float()
         if not self.act_per_token:
-            y = torch.ops.quantized.linear_dynamic(x2, packed, reduce_range)
+            y = torch.ops.quantized.linear_dynamic(x2, packed, False)
         else:  # measured fastest of the fused variants: one new tensor in, the output scaled in place
             d = (x2.abs().amax(dim=1, keepdim=True) / 127).clamp_(min=1e-12)  # (N, 1)
-            y = torch.ops.quantized.linear_dynamic(x2 / d, packed, reduce_range).mul_(d)
+            y = torch.ops.quantized.linear_dynamic(x2 / d, packed, False).mul_(d)
             if self.bias is not None:
                 y.add_(self.bias)
         y = y if x.dim() == 2 else y.reshape(*shape[:-1], self.out_features)

@@ -36,3 +36,12 @@ def serve_ports(ray_cluster) -> dict[str, int]:
         yield {"http": free_port(), "grpc": free_port()}
     finally:
         serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory):
+    """The dataset and the GPT, encoder and classifier artifacts several job test modules share, built
+    once (tests/tiny_data.py `build_store`); modules add artifacts under names of their own."""
+    from tiny_data import build_store
+
+    return build_store(str(tmp_path_factory.mktemp("store")))

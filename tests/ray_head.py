@@ -49,7 +49,10 @@ class RayHead:
         extra = {}
         if self.autoscaling_config:
             cmd.append(f"--autoscaling-config={self.autoscaling_config}")
-            extra = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+            extra = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                     # a killed node is declared dead after ~3 s of failed health checks, not Ray's ~20 s
+                     "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+                     "RAY_health_check_failure_threshold": "3"}
         done = subprocess.run(cmd, env=self.env(**extra), capture_output=True, text=True, timeout=120)
         if done.returncode:
             self.stop()

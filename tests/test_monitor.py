@@ -4,12 +4,9 @@ is back. The webhook is a real HTTP server on 127.0.0.1 that counts what it rece
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import re
-import shutil
-import textwrap
 import threading
 import time
 import urllib.request
@@ -19,14 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from actors.model_loader import open_runnable
 from cluster.config import load_config
 from cluster.storage import Storage
 from jobs import monitor as monitor_job
 from jobs import serve as serve_job
-from models.encoder import Encoder, EncoderConfig
-from models.gpt import GPT, GPTConfig
+from models.gpt import GPT
 from models.hf import save_model
-from tiny_data import free_port, write_model_artifact, write_tiny_dataset
+from tiny_data import free_port, write_model_artifact
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # full tier: the pipeline test runs each component once in make test-fast
 
@@ -54,23 +51,20 @@ def poll(what, check, timeout_s: float = 90.0, every: float = 0.25):
 
 
 @pytest.fixture(scope="module")
-def watched(serve_ports, tmp_path_factory):
-    """A served app (a GPT and an encoder) with references, a webhook receiver; yields the configs."""
-    root = str(tmp_path_factory.mktemp("monitor"))
-    store = Storage(root)
-    tok = write_tiny_dataset(store, [collections, textwrap, shutil], 33)[0].to_str()
-    torch.manual_seed(0)
-    gpt = GPT(GPTConfig(vocab_size=400, block_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
-    write_model_artifact(store, "gpt", lambda d: save_model(gpt, d), tok)
-    write_model_artifact(store, "gpt_copy", lambda d: save_model(gpt, d), tok)  # a good new version
+def watched(serve_ports, tiny_store):
+    """A served app (the session store's GPT and encoder) with references, a webhook receiver and a
+    running monitor; yields the configs."""
+    store = tiny_store
+    root = store.root
+    tok = store.open("model", "tiny_gpt").read_bytes("tokenizer.json").decode()
+    gpt = open_runnable(store, "tiny_gpt")[0]
+    write_model_artifact(store, "monitor_gpt_copy", lambda d: save_model(gpt, d), tok)  # a good new version
     torch.manual_seed(1)
     bad = GPT(gpt.cfg).eval()  # a broken new version: other weights, so other answers
-    write_model_artifact(store, "gpt_bad", lambda d: save_model(bad, d), tok)
-    enc = Encoder(EncoderConfig(vocab_size=400, max_position=48, n_layer=1, n_head=2, n_embd=32, pad_id=1))
-    write_model_artifact(store, "enc", lambda d: save_model(enc.drop_mlm_head().eval(), d), tok)
+    write_model_artifact(store, "monitor_gpt_bad", lambda d: save_model(bad, d), tok)
     serve_cfg = load_config(serve_job.ServeConfig, None, [
         f"storage={root}", "name=mon_app", f"http.port={serve_ports['http']}", f"grpc.port={serve_ports['grpc']}",
-        "models=[{id: gpt, artifact: gpt, num_cpus: 0.2}, {id: emb, artifact: enc, task: embed, num_cpus: 0.2}]"])
+        "models=[{id: gpt, artifact: tiny_gpt, num_cpus: 0.2}, {id: emb, artifact: tiny_enc, task: embed, num_cpus: 0.2}]"])
     url = serve_job.deploy(serve_cfg)
     serve_job.record_references(serve_cfg, url)
     receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
@@ -181,23 +175,23 @@ def test_a_bad_canary_is_rolled_back_and_a_good_one_promoted(watched):
                   if m.id == "gpt" else m for m in serve_cfg.models]
         return dataclasses.replace(serve_cfg, models=tuple(models))
 
-    url = serve_job.deploy(with_canary("gpt_bad"))
+    url = serve_job.deploy(with_canary("monitor_gpt_bad"))
     assert route()["status"] == "canary"
     rolled = poll(route, lambda r: r["status"] != "canary", timeout_s=60)
     assert rolled["status"] == "rolled_back" and rolled["share"] == 0.0
-    assert "gpt_bad unhealthy" in rolled["reason"] and "semantic: greedy completion" in rolled["reason"]
+    assert "monitor_gpt_bad unhealthy" in rolled["reason"] and "semantic: greedy completion" in rolled["reason"]
     answers = poll(lambda: completions(url, 12),  # the ingress rereads the routing within a second
-                   lambda ans: {a["system_fingerprint"] for a in ans} == {"helio:stable:gpt"}, timeout_s=30)
+                   lambda ans: {a["system_fingerprint"] for a in ans} == {"helio:stable:tiny_gpt"}, timeout_s=30)
     assert all(a["choices"][0]["text"] == reference for a in answers)
     status = ray.get(actor.status.remote())
-    assert status["models"]["gpt@canary"]["incidents"][-1]["action"] == "rolled back to gpt"
+    assert status["models"]["gpt@canary"]["incidents"][-1]["action"] == "rolled back to tiny_gpt"
     assert any(a["to"] == "rolled_back" and a["deployment"] == "gpt@canary" for a in Receiver.alerts)
 
-    url = serve_job.deploy(with_canary("gpt_copy"))
+    url = serve_job.deploy(with_canary("monitor_gpt_copy"))
     promoted = poll(route, lambda r: r["status"] != "canary", timeout_s=60)
     assert promoted["status"] == "promoted" and promoted["share"] == 1.0, promoted
     answers = poll(lambda: completions(url, 6),
-                   lambda ans: {a["system_fingerprint"] for a in ans} == {"helio:canary:gpt_copy"}, timeout_s=30)
+                   lambda ans: {a["system_fingerprint"] for a in ans} == {"helio:canary:monitor_gpt_copy"}, timeout_s=30)
     assert all(a["choices"][0]["text"] == reference for a in answers)
     assert "gpt rollout" in monitor_job.format_status(ray.get(actor.status.remote()))
 
@@ -205,7 +199,7 @@ def test_a_bad_canary_is_rolled_back_and_a_good_one_promoted(watched):
 
     assert rollout.main(["--set", f"storage={serve_cfg.storage}", "--set", "app=mon_app", "--set", "model=gpt",
                          "--set", "action=rollback"]) == 0  # by hand
-    poll(lambda: completions(url, 4), lambda ans: {a["system_fingerprint"] for a in ans} == {"helio:stable:gpt"},
+    poll(lambda: completions(url, 4), lambda ans: {a["system_fingerprint"] for a in ans} == {"helio:stable:tiny_gpt"},
          timeout_s=30)
     assert rollout.main(["--set", f"storage={serve_cfg.storage}", "--set", "app=mon_app", "--set", "model=emb",
                          "--set", "action=promote"]) == 2  # no canary to promote
@@ -219,7 +213,7 @@ def test_a_failing_webhook_is_counted_and_never_stops_the_monitor(watched):
     serve_cfg, mon_cfg = watched
     actor = monitor_job.start(dataclasses.replace(mon_cfg, webhook=monitor_job.Webhook(
         url=f"http://127.0.0.1:{free_port()}/nobody-listens", cooldown_s=0)))  # restart=true: new settings
-    models = [dataclasses.replace(m, canary=serve_job.Canary("gpt_bad", share=0.5, promote_after=3))
+    models = [dataclasses.replace(m, canary=serve_job.Canary("monitor_gpt_bad", share=0.5, promote_after=3))
               if m.id == "gpt" else m for m in serve_cfg.models]
     serve_job.deploy(dataclasses.replace(serve_cfg, models=tuple(models)))  # a canary to roll back: an alert
     store = Storage(serve_cfg.storage)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import sysconfig
 import urllib.request
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from actors.train_driver import START_TIMEOUT_ENV
 from cluster.cli import JobFailed
 from cluster.config import ConfigError, load_config
 from cluster.storage import Storage
@@ -72,12 +74,18 @@ def demo(ray_cluster, serve_ports, tmp_path_factory):
     from actors.monitor import NAMESPACE, actor_name
 
     storage = str(tmp_path_factory.mktemp("pipeline"))
+    environ_before = os.environ.get(START_TIMEOUT_ENV)
     port = serve_ports["http"]
     overrides = [f"storage={storage}", *TINY, f"serve.http.port={port}", f"serve.grpc.port={serve_ports['grpc']}"]
-    with pytest.raises(JobFailed, match="stage 'pretrain'.*injected fault on rank 0 at step 3"):
+    # no retries: the run fails with one sentence saying why and how to resume, and exports nothing
+    with pytest.raises(JobFailed, match="stage 'pretrain': training failed .*injected fault on rank 0 at step 3.*"
+                                        "run the job again with the same name and storage to resume"):
         _run(overrides + FAULT)
+    assert not Storage(storage).exists("model", "pretrain_demo")
     failed = Storage(storage).read_json(pipeline.state_path("demo"))
     state, printed = _run(overrides)
+    # what a stage sets for Ray Train's controller is its own: the driver's environment is as it was
+    assert os.environ.get(START_TIMEOUT_ENV) == environ_before
     yield {"storage": storage, "port": port, "grpc_port": serve_ports["grpc"], "overrides": overrides,
            "failed": failed, "state": state, "printed": printed}
     ray_cluster.kill(ray_cluster.get_actor(actor_name("serve_demo"), namespace=NAMESPACE), no_restart=True)

@@ -121,20 +121,6 @@ def test_failed_worker_resumes_to_the_same_weights(ray_cluster, storage, uninter
         assert torch.equal(v, uninterrupted[k]), f"{k} differs from the uninterrupted run"
 
 
-def test_no_retries_fails_clearly_then_a_rerun_resumes(ray_cluster, storage, uninterrupted, capsys):
-    args = ["--set", f"storage={storage}", "--set", "dataset=tiny", "--set", "name=driver-restart"]
-    for o in BASE + ["zero.stage=2", "failure.max_failures=0"]:
-        args += ["--set", o]
-    assert pretrain.main(args + ["--set", "fault.mode=raise", "--set", "fault.at_step=3"]) == 1
-    err = capsys.readouterr().err
-    assert "training failed" in err and "injected fault on rank 0 at step 3" in err and "resume" in err
-    assert not Storage(storage).exists("model", "driver-restart")
-    assert pretrain.main(args) == 0  # same name and storage: picks up the checkpoint at step 2
-    assert {r["attempt_start_step"] for r in _metrics(storage, "driver-restart")} == {0, 2}
-    for k, v in _weights(storage, "driver-restart").items():
-        assert torch.equal(v, uninterrupted[k])
-
-
 def test_masked_lm_encoder_trains_and_exports(ray_cluster, storage):
     from models.encoder import Encoder
     from models.hf import load_model

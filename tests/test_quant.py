@@ -1,8 +1,16 @@
-"""models/quant.py: round-trip bounds, packing, sizes, quantized models close to float, AWQ, save/load."""
+"""models/quant.py: round-trip bounds, packing, sizes, quantized models close to float, AWQ, save/load,
+and fbgemm's int8 kernel computing what its numerics say, on the native and on the AVX2 kernel.
+
+Closeness to float is bounded by a rounding-noise model, not by a number seen on one machine: the float
+model with uniform noise of one step wherever the quantized one rounds (`_noise_bound`).
+"""
 
 from __future__ import annotations
 
+import copy
 import json
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +21,10 @@ import torch
 from models.encoder import Encoder, EncoderConfig
 from models.gpt import GPT, GPTConfig
 from models.hf import empty_model, save_model
-from models.quant import (QuantSpec, collect_inputs, dequantize_int4, dequantize_int8, layer_bytes, load_quantized,
-                          pack_int4, plan_layers, quantize_int4, quantize_int8, quantize_model, save_quantized,
-                          unpack_int4)
+from models.quant import (SATURATION_FREE_CODE, Int4Linear, Int8Embedding, Int8Linear, QuantSpec, collect_inputs,
+                          dequantize_int4, dequantize_int8, fbgemm_available, int8_pairs_saturate, layer_bytes,
+                          load_quantized, pack_int4, plan_layers, probe_error, quantize_int4, quantize_int8,
+                          quantize_model, save_quantized, unpack_int4)
 
 ROOT = Path(__file__).resolve().parent.parent
 GPT_CFG = GPTConfig(vocab_size=300, block_size=64, n_layer=2, n_head=4, n_embd=128)
@@ -30,8 +39,66 @@ def _ids(n: int = 4, t: int = 32, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, GPT_CFG.vocab_size, (n, t), generator=torch.Generator().manual_seed(seed))
 
 
+def _planted_outliers() -> GPT:
+    """A GPT whose first LayerNorms emit a few channels 30x louder: what trained LLMs show
+    (Dettmers et al. 2022) and what plain per-group rounding ignores."""
+    model = _gpt(seed=3)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.ln_1.weight[:6] *= 30
+            block.ln_2.weight[:6] *= 30
+    return model
+
+
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
+
+
+def _weight_step(m: torch.nn.Module) -> torch.Tensor:
+    """The rounding step of each stored weight of a quantized layer, in the float weight's units (out, in)."""
+    if isinstance(m, (Int8Linear, Int8Embedding)):
+        return m.scale[:, None].expand(m.qweight.shape)
+    step = m.scales.float().repeat_interleave(m.group_size, dim=1)  # (out, in): each group's step
+    return step / m.act_scale.float()[None, :] if m.act_scale is not None else step  # awq: W = W' / s
+
+
+def rounding_noise(model: torch.nn.Module, qmodel: torch.nn.Module, layers: dict, seed: int) -> torch.nn.Module:
+    """The float model with uniform noise of one rounding step (+-half a step) wherever `qmodel` rounds: on
+    every stored weight (8-bit steps as stored), and on the inputs of int8 layers whose kernel rounds them at
+    run time (fbgemm: per tensor to 8 bits; w8a8: per token). The standard model of rounding error
+    (Widrow & Kollar 2008): what quantizing costs when errors are independent and uniform."""
+    g = torch.Generator().manual_seed(seed)
+    noisy = copy.deepcopy(model)
+    for name, info in layers.items():
+        if "tied_to" in info:  # a tied head's weight is its table's, noised once
+            continue
+        q, target = qmodel.get_submodule(name), noisy.get_submodule(name)
+        with torch.no_grad():
+            target.weight += _weight_step(q) * (torch.rand(target.weight.shape, generator=g) - 0.5)
+        per_token = isinstance(q, Int8Linear) and q.act_per_token
+        if per_token or (isinstance(q, Int8Linear) and q.kernel == "fbgemm"):
+            def noise_input(module, args, per_token=per_token):
+                x = args[0]
+                step = (x.abs().amax(-1, keepdim=True) / 127 if per_token  # w8a8: max |x_row| / 127
+                        else (x.max().clamp(min=0) - x.min().clamp(max=0)) / 255)  # per tensor: range / 255
+                return (x + step * (torch.rand(x.shape, generator=g) - 0.5),)
+            target.register_forward_pre_hook(noise_input)
+    return noisy.eval()
+
+
+def _noise_bound(model, qmodel, layers, run, seeds: int = 3) -> float:
+    """2x the relative error of `rounding_noise` (mean of `seeds` draws) on the output `run(m)` gives.
+
+    The relative error is a norm over thousands of outputs, so draws agree to a few percent; the stated
+    2x margin is for what deterministic rounding does beyond the noise model: correlated errors, and on a
+    saturating kernel (no VNNI) the weights' second rounding to 7 bits, which the bound deliberately does
+    not include (the quality owed is the 8-bit kernel's). Measured: the models here land at 0.44-0.60 of
+    the bound on a VNNI kernel, 0.63-0.81 on the AVX2 kernel; 7-bit activations (the AVX2 path before)
+    and saturated 8-bit weights exceed it on a GPT with outlier channels."""
+    with torch.no_grad():
+        ref = run(model)
+        noise = sum(_rel_err(run(rounding_noise(model, qmodel, layers, s)), ref) for s in range(seeds)) / seeds
+    return 2 * noise
 
 
 def test_int8_round_trip_is_within_half_a_step_of_every_weight():
@@ -65,14 +132,15 @@ def test_int4_groups_too_flat_for_an_fp16_step_stay_finite():
     assert (dequantize_int4(codes, scales, zeros) - w).abs().max() < 1e-6
 
 
-@pytest.mark.parametrize("method,bound", [("int8", 0.02), ("w8a8", 0.03), ("int4", 0.15), ("awq", 0.15)])
-def test_quantized_gpt_logits_stay_close_to_float(method, bound):
+@pytest.mark.parametrize("method", ["int8", "w8a8", "int4", "awq"])
+def test_quantized_gpt_logits_stay_close_to_float(method):
     model, ids = _gpt(), _ids()
     calib = (lambda m: m(_ids(8, 64, seed=7))) if method == "awq" else None
     qmodel, desc = quantize_model(model, QuantSpec(method=method, group_size=64), calib)
+    bound = _noise_bound(model, qmodel, desc["layers"], lambda m: m(ids)[0])
     with torch.no_grad():
         ref, out = model(ids)[0], qmodel(ids)[0]
-    assert _rel_err(out, ref) < bound, (method, _rel_err(out, ref))
+    assert _rel_err(out, ref) < bound, (method, _rel_err(out, ref), bound)
     assert len(desc["layers"]) == 4 * GPT_CFG.n_layer  # c_attn, attn.c_proj, c_fc, mlp.c_proj; the tied head stays float
 
 
@@ -80,13 +148,110 @@ def test_int8_kernels_agree_and_w8a8_quantizes_activations():
     model, ids = _gpt(), _ids()
     with torch.no_grad():
         ref = model(ids)[0]
-        fb = quantize_model(model, QuantSpec(method="int8"), kernel="fbgemm")[0](ids)[0]
+        fb, desc = quantize_model(model, QuantSpec(method="int8"), kernel="fbgemm")
         dq = quantize_model(model, QuantSpec(method="int8"), kernel="dequant")[0](ids)[0]
         w8a8 = quantize_model(model, QuantSpec(method="w8a8"), kernel="dequant")[0](ids)[0]
-        w8a8_fb = quantize_model(model, QuantSpec(method="w8a8"), kernel="fbgemm")[0](ids)[0]
-    assert _rel_err(fb, dq) < 0.03  # fbgemm's run-time activation rounding is the only difference
-    assert _rel_err(w8a8_fb, w8a8) < 0.03  # both kernels quantize activations per token
+        w8a8_fb, desc8 = quantize_model(model, QuantSpec(method="w8a8"), kernel="fbgemm")
+    # fbgemm's run-time activation rounding is what it adds to dequant's (which rounds weights alone):
+    # both stay within the rounding-noise bound of the fbgemm model, which counts weights and activations
+    run = lambda m: m(ids)[0]  # noqa: E731
+    assert _rel_err(fb(ids)[0], dq) < _noise_bound(model, fb, desc["layers"], run)
+    assert _rel_err(w8a8_fb(ids)[0], w8a8) < _noise_bound(model, w8a8_fb, desc8["layers"], run)  # both per token
     assert _rel_err(dq, ref) < _rel_err(w8a8, ref)  # weight-only loses less than weights + activations
+
+
+# ---- fbgemm's int8 kernel: what it computes, on this CPU's kernel and on AVX2's ----------------------
+
+def _emulate_fbgemm(layer: Int8Linear, x: torch.Tensor, saturating: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """What an fbgemm Int8Linear computes on input x, in float64 from its integer definition, and how far
+    the kernel may be from it: (y (N, out), bound (N, out)).
+
+    Weights: the stored codes, or on a saturating kernel each row's codes rescaled so its largest is 64.
+    Activations (w8a8: each row first divided by max |x_row| / 127): per tensor, 8 bits, asymmetric:
+    step s = (max(x, 0) - min(x, 0)) / 255 in fp32, zero point round(-min / s), codes in [0, 255].
+    The kernel then sums integer products exactly in int32 and scales in fp32. Two things may differ:
+    - float32 rounding of the few scalings of the result (at most 4 of half an ulp each): 2^-21 relative;
+    - an activation within float rounding of halfway between two codes (the kernel multiplies by an fp32
+      1/s, this divides in float64: they differ by ~3 fp32 roundings of a value <= 255, < 1e-4 of a
+      step) may land on either code: one activation step times |w| for each such input.
+    """
+    q, d = layer.qweight.double(), layer.scale.double()
+    if saturating:
+        m = q.abs().amax(dim=1).clamp(min=SATURATION_FREE_CODE)  # (out,)
+        q = torch.round(q * (SATURATION_FREE_CODE / m)[:, None])
+        d = (layer.scale * (m / SATURATION_FREE_CODE).float()).double()  # the fp32 step the layer packs
+    x2 = x.reshape(-1, layer.in_features).float()  # (N, in)
+    row = torch.ones(len(x2), 1, dtype=torch.float64)
+    if layer.act_per_token:  # the layer's own fp32 steps, replayed exactly
+        r = (x2.abs().amax(dim=1, keepdim=True) / 127).clamp_(min=1e-12)
+        x2, row = x2 / r, r.double()
+    lo, hi = min(x2.min().item(), 0.0), max(x2.max().item(), 0.0)
+    s64 = (hi - lo) / 255
+    s = float(torch.tensor(s64, dtype=torch.float32))  # the kernel's step is fp32
+    zp = min(max(round(-lo / s64), 0), 255)
+    u = x2.double() / s  # (N, in), in steps
+    codes = (torch.round(u) + zp).clamp(0, 255)
+    acc = (codes - zp) @ q.t()  # (N, out): integers, exact in float64
+    bias = torch.zeros(layer.out_features, dtype=torch.float64) if layer.bias is None else layer.bias.double()
+    y = acc * s * d * row + bias
+    tie = ((u - u.floor() - 0.5).abs() < 1e-4).double()  # (N, in)
+    flips = tie @ q.abs().t()  # (N, out): the most the kernel's integer sum can move by
+    bound = 2.0 ** -21 * ((acc.abs() + flips) * s * d * row + bias.abs()) + flips * s * d * row
+    return y, bound
+
+
+def _fbgemm_checks(expect_saturation: bool | None) -> None:
+    """The int8 kernel this process runs (i) is the one the probe says, (ii) computes, layer by layer on a
+    GPT's own activations, what `_emulate_fbgemm` says it does, and (iii) keeps int8 and w8a8 GPTs within
+    the rounding-noise bound of 8-bit numerics (`_noise_bound`), on a GPT with activation-outlier channels
+    as trained LLMs have and on one without."""
+    saturating = int8_pairs_saturate()
+    if expect_saturation is not None:
+        assert saturating is expect_saturation
+    assert saturating is (probe_error(127) > 1e-3)
+    assert probe_error(SATURATION_FREE_CODE) < 1e-6 and probe_error(-SATURATION_FREE_CODE) < 1e-6  # never saturate
+    ids = _ids()
+    for model in (_gpt(), _planted_outliers()):
+        for method in ("int8", "w8a8"):
+            qmodel, desc = quantize_model(model, QuantSpec(method=method), kernel="fbgemm")
+            seen: dict[str, tuple] = {}
+            hooks = [m.register_forward_hook(lambda mod, args, y, n=n: seen.__setitem__(n, (mod, args[0], y)))
+                     for n, m in qmodel.named_modules() if isinstance(m, Int8Linear)]
+            with torch.no_grad():
+                out, ref = qmodel(ids)[0], model(ids)[0]
+            for h in hooks:
+                h.remove()
+            assert len(seen) == 4 * GPT_CFG.n_layer
+            for name, (layer, x, y) in seen.items():
+                expected, bound = _emulate_fbgemm(layer, x, saturating)
+                gap = (y.reshape(expected.shape).double() - expected).abs()
+                assert (gap <= bound).all(), (method, name, (gap - bound).max().item())
+            bound = _noise_bound(model, qmodel, desc["layers"], lambda m: m(ids)[0])
+            assert _rel_err(out, ref) < bound, (method, _rel_err(out, ref), bound)
+
+
+def test_the_saturation_probe_really_overflows_int16():
+    # the probe (activations all at code 255, weights at `code`) adds pairs of products 255 * code in int16
+    assert 2 * 255 * 127 > 2 ** 15 - 1 >= 2 * 255 * SATURATION_FREE_CODE
+    ones = torch.ones(4, 64)
+    scale, zero_point = torch._choose_qparams_per_tensor(ones, False)  # what linear_dynamic picks for them
+    codes = torch.quantize_per_tensor(ones, scale, zero_point, torch.quint8).int_repr()
+    assert zero_point == 0 and (codes == 255).all()
+
+
+@pytest.mark.skipif(not fbgemm_available(), reason="this PyTorch has no fbgemm")
+def test_the_native_int8_kernel_computes_its_numerics_within_the_quality_bound():
+    _fbgemm_checks(expect_saturation=None)  # whichever kernel this CPU runs: VNNI, AMX or AVX2
+
+
+@pytest.mark.skipif(not fbgemm_available() or platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="fbgemm's AVX2 kernel runs on x86 only")
+def test_the_avx2_int8_kernel_saturates_and_7_bit_weights_keep_int8_within_the_same_bound():
+    # fbgemm picks its kernel per process: forced to AVX2 (no VNNI), as on an AVX2-only CPU
+    env = os.environ | {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    code = "import sys; sys.path.insert(0, 'tests'); import test_quant; test_quant._fbgemm_checks(True)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_sizes_int8_and_int4_against_fp32_linear_bytes():
@@ -97,17 +262,6 @@ def test_sizes_int8_and_int4_against_fp32_linear_bytes():
         names = list(desc["layers"])
         ratio = layer_bytes(q, names) / layer_bytes(model, names)
         assert ratio <= bound, (method, group, ratio)
-
-
-def _planted_outliers() -> GPT:
-    """A GPT whose first LayerNorms emit a few channels 30x louder: what trained LLMs show
-    (Dettmers et al. 2022) and what plain per-group rounding ignores."""
-    model = _gpt(seed=3)
-    with torch.no_grad():
-        for block in model.transformer.h:
-            block.ln_1.weight[:6] *= 30
-            block.ln_2.weight[:6] *= 30
-    return model
 
 
 def test_awq_beats_plain_int4_on_a_model_with_activation_outliers():
@@ -127,8 +281,9 @@ def test_embeddings_can_be_int8_too_and_the_tied_head_is_stored_once(tmp_path):
     qmodel, desc = quantize_model(model, QuantSpec(method="int8", embeddings=True))
     assert desc["layers"]["lm_head"]["tied_to"] == "transformer.wte"
     assert qmodel.lm_head.qweight is qmodel.transformer.wte.qweight
+    bound = _noise_bound(model, qmodel, desc["layers"], lambda m: m(ids)[0])  # the tables' rounding included
     with torch.no_grad():
-        assert _rel_err(qmodel(ids)[0], model(ids)[0]) < 0.03
+        assert _rel_err(qmodel(ids)[0], model(ids)[0]) < bound
     save_model(model, tmp_path)
     save_quantized(qmodel, desc, tmp_path)
     ties = json.loads((tmp_path / "quantization.json").read_text())["ties"]
@@ -204,7 +359,8 @@ def test_a_bert_mlm_head_tied_to_int8_embeddings_round_trips(tmp_path):
     loaded, _ = load_quantized(empty_model(tmp_path), tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded.mlm_logits(loaded(ids)), q.mlm_logits(q(ids)))
-        assert _rel_err(q.mlm_logits(q(ids)), enc.mlm_logits(enc(ids))) < 0.03
+        err = _rel_err(q.mlm_logits(q(ids)), enc.mlm_logits(enc(ids)))
+    assert err < _noise_bound(enc, q, desc["layers"], lambda m: m.mlm_logits(m(ids)))
 
 
 def test_skip_keeps_layers_and_their_tied_heads_float():

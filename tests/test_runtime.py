@@ -38,48 +38,6 @@ def test_scoped_attrs_restores_what_was_there_and_what_was_not():
     assert ctx.preserve_order is False and not hasattr(ctx, "extra")
 
 
-def test_training_sets_ray_trains_start_timeout_for_its_own_run_only(tmp_path, monkeypatch):
-    """actors.train_driver.fit with Ray Train's trainer replaced: the controller (created inside
-    `trainer.fit()`) sees the configured start timeout; the process has its old environment after."""
-    import ray
-    import ray.data
-    import ray.train.torch
-
-    import actors.train_report as report
-    from actors import train_driver
-    from actors.train_loop import LoopConfig, TrainConfig
-    from cluster.storage import Storage
-    from cluster.train_run import FailureConfig, ResourcesConfig
-    from cluster.zero import OptimConfig, ZeroConfig
-    from models.arch import ModelConfig
-
-    seen = {}
-
-    class Trainer:
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def fit(self):
-            seen["timeout"] = os.environ.get(train_driver.START_TIMEOUT_ENV)
-            seen["progress_bars"] = ray.data.DataContext.get_current().enable_progress_bars
-            return types.SimpleNamespace(metrics={}, checkpoint=None)
-
-    monkeypatch.setattr(ray.train.torch, "TorchTrainer", Trainer)
-    monkeypatch.setattr(ray.data, "read_parquet", lambda *a, **k: None)
-    monkeypatch.setattr(report, "read_metrics", lambda uri: [])
-    monkeypatch.setattr(report, "loss_curve_png", lambda records, title: b"png")
-    monkeypatch.setenv(train_driver.START_TIMEOUT_ENV, "7")
-    bars = ray.data.DataContext.get_current().enable_progress_bars
-    loop = LoopConfig(model=ModelConfig(), train=TrainConfig(), zero=ZeroConfig(), optim=OptimConfig(), vocab_size=64,
-                      block_len=9, train_blocks=4)
-    train_driver.fit("run", Storage(str(tmp_path)), loop, [], ResourcesConfig(), FailureConfig(start_timeout_s=42.0),
-                     "title")
-    assert seen == {"timeout": "42.0", "progress_bars": False}
-    assert os.environ[train_driver.START_TIMEOUT_ENV] == "7"
-    assert ray.data.DataContext.get_current().enable_progress_bars == bars
-    assert not ray.is_initialized()  # nothing here started Ray
-
-
 @dataclasses.dataclass(frozen=True)
 class StageConfig(JobConfig):
     name: str = "stage"

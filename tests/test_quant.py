@@ -2,12 +2,11 @@
 and fbgemm's int8 kernel computing what its numerics say, on the native and on the AVX2 kernel.
 
 Closeness to float is bounded by a rounding-noise model, not by a number seen on one machine: the float
-model with uniform noise of one step wherever the quantized one rounds (`_noise_bound`).
+model with uniform noise of one step wherever the quantized one rounds (`quant_noise.noise_bound`).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import platform
@@ -21,10 +20,11 @@ import torch
 from models.encoder import Encoder, EncoderConfig
 from models.gpt import GPT, GPTConfig
 from models.hf import empty_model, save_model
-from models.quant import (SATURATION_FREE_CODE, Int4Linear, Int8Embedding, Int8Linear, QuantSpec, collect_inputs,
+from models.quant import (SATURATION_FREE_CODE, Int8Linear, QuantSpec, collect_inputs,
                           dequantize_int4, dequantize_int8, fbgemm_available, int8_pairs_saturate, layer_bytes,
                           load_quantized, pack_int4, plan_layers, probe_error, quantize_int4, quantize_int8,
                           quantize_model, save_quantized, unpack_int4)
+from quant_noise import noise_bound, rel_err
 
 ROOT = Path(__file__).resolve().parent.parent
 GPT_CFG = GPTConfig(vocab_size=300, block_size=64, n_layer=2, n_head=4, n_embd=128)
@@ -48,57 +48,6 @@ def _planted_outliers() -> GPT:
             block.ln_1.weight[:6] *= 30
             block.ln_2.weight[:6] *= 30
     return model
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
-def _weight_step(m: torch.nn.Module) -> torch.Tensor:
-    """The rounding step of each stored weight of a quantized layer, in the float weight's units (out, in)."""
-    if isinstance(m, (Int8Linear, Int8Embedding)):
-        return m.scale[:, None].expand(m.qweight.shape)
-    step = m.scales.float().repeat_interleave(m.group_size, dim=1)  # (out, in): each group's step
-    return step / m.act_scale.float()[None, :] if m.act_scale is not None else step  # awq: W = W' / s
-
-
-def rounding_noise(model: torch.nn.Module, qmodel: torch.nn.Module, layers: dict, seed: int) -> torch.nn.Module:
-    """The float model with uniform noise of one rounding step (+-half a step) wherever `qmodel` rounds: on
-    every stored weight (8-bit steps as stored), and on the inputs of int8 layers whose kernel rounds them at
-    run time (fbgemm: per tensor to 8 bits; w8a8: per token). The standard model of rounding error
-    (Widrow & Kollar 2008): what quantizing costs when errors are independent and uniform."""
-    g = torch.Generator().manual_seed(seed)
-    noisy = copy.deepcopy(model)
-    for name, info in layers.items():
-        if "tied_to" in info:  # a tied head's weight is its table's, noised once
-            continue
-        q, target = qmodel.get_submodule(name), noisy.get_submodule(name)
-        with torch.no_grad():
-            target.weight += _weight_step(q) * (torch.rand(target.weight.shape, generator=g) - 0.5)
-        per_token = isinstance(q, Int8Linear) and q.act_per_token
-        if per_token or (isinstance(q, Int8Linear) and q.kernel == "fbgemm"):
-            def noise_input(module, args, per_token=per_token):
-                x = args[0]
-                step = (x.abs().amax(-1, keepdim=True) / 127 if per_token  # w8a8: max |x_row| / 127
-                        else (x.max().clamp(min=0) - x.min().clamp(max=0)) / 255)  # per tensor: range / 255
-                return (x + step * (torch.rand(x.shape, generator=g) - 0.5),)
-            target.register_forward_pre_hook(noise_input)
-    return noisy.eval()
-
-
-def _noise_bound(model, qmodel, layers, run, seeds: int = 3) -> float:
-    """2x the relative error of `rounding_noise` (mean of `seeds` draws) on the output `run(m)` gives.
-
-    The relative error is a norm over thousands of outputs, so draws agree to a few percent; the stated
-    2x margin is for what deterministic rounding does beyond the noise model: correlated errors, and on a
-    saturating kernel (no VNNI) the weights' second rounding to 7 bits, which the bound deliberately does
-    not include (the quality owed is the 8-bit kernel's). Measured: the models here land at 0.44-0.60 of
-    the bound on a VNNI kernel, 0.63-0.81 on the AVX2 kernel; 7-bit activations (the AVX2 path before)
-    and saturated 8-bit weights exceed it on a GPT with outlier channels."""
-    with torch.no_grad():
-        ref = run(model)
-        noise = sum(_rel_err(run(rounding_noise(model, qmodel, layers, s)), ref) for s in range(seeds)) / seeds
-    return 2 * noise
 
 
 def test_int8_round_trip_is_within_half_a_step_of_every_weight():
@@ -137,10 +86,10 @@ def test_quantized_gpt_logits_stay_close_to_float(method):
     model, ids = _gpt(), _ids()
     calib = (lambda m: m(_ids(8, 64, seed=7))) if method == "awq" else None
     qmodel, desc = quantize_model(model, QuantSpec(method=method, group_size=64), calib)
-    bound = _noise_bound(model, qmodel, desc["layers"], lambda m: m(ids)[0])
+    bound = noise_bound(model, qmodel, desc["layers"], lambda m: m(ids)[0])
     with torch.no_grad():
         ref, out = model(ids)[0], qmodel(ids)[0]
-    assert _rel_err(out, ref) < bound, (method, _rel_err(out, ref), bound)
+    assert rel_err(out, ref) < bound, (method, rel_err(out, ref), bound)
     assert len(desc["layers"]) == 4 * GPT_CFG.n_layer  # c_attn, attn.c_proj, c_fc, mlp.c_proj; the tied head stays float
 
 
@@ -155,9 +104,9 @@ def test_int8_kernels_agree_and_w8a8_quantizes_activations():
     # fbgemm's run-time activation rounding is what it adds to dequant's (which rounds weights alone):
     # both stay within the rounding-noise bound of the fbgemm model, which counts weights and activations
     run = lambda m: m(ids)[0]  # noqa: E731
-    assert _rel_err(fb(ids)[0], dq) < _noise_bound(model, fb, desc["layers"], run)
-    assert _rel_err(w8a8_fb(ids)[0], w8a8) < _noise_bound(model, w8a8_fb, desc8["layers"], run)  # both per token
-    assert _rel_err(dq, ref) < _rel_err(w8a8, ref)  # weight-only loses less than weights + activations
+    assert rel_err(fb(ids)[0], dq) < noise_bound(model, fb, desc["layers"], run)
+    assert rel_err(w8a8_fb(ids)[0], w8a8) < noise_bound(model, w8a8_fb, desc8["layers"], run)  # both per token
+    assert rel_err(dq, ref) < rel_err(w8a8, ref)  # weight-only loses less than weights + activations
 
 
 # ---- fbgemm's int8 kernel: what it computes, on this CPU's kernel and on AVX2's ----------------------
@@ -203,7 +152,7 @@ def _emulate_fbgemm(layer: Int8Linear, x: torch.Tensor, saturating: bool) -> tup
 def _fbgemm_checks(expect_saturation: bool | None) -> None:
     """The int8 kernel this process runs (i) is the one the probe says, (ii) computes, layer by layer on a
     GPT's own activations, what `_emulate_fbgemm` says it does, and (iii) keeps int8 and w8a8 GPTs within
-    the rounding-noise bound of 8-bit numerics (`_noise_bound`), on a GPT with activation-outlier channels
+    the rounding-noise bound of 8-bit numerics (`quant_noise.noise_bound`), on a GPT with activation-outlier channels
     as trained LLMs have and on one without."""
     saturating = int8_pairs_saturate()
     if expect_saturation is not None:
@@ -226,8 +175,8 @@ def _fbgemm_checks(expect_saturation: bool | None) -> None:
                 expected, bound = _emulate_fbgemm(layer, x, saturating)
                 gap = (y.reshape(expected.shape).double() - expected).abs()
                 assert (gap <= bound).all(), (method, name, (gap - bound).max().item())
-            bound = _noise_bound(model, qmodel, desc["layers"], lambda m: m(ids)[0])
-            assert _rel_err(out, ref) < bound, (method, _rel_err(out, ref), bound)
+            bound = noise_bound(model, qmodel, desc["layers"], lambda m: m(ids)[0])
+            assert rel_err(out, ref) < bound, (method, rel_err(out, ref), bound)
 
 
 def test_the_saturation_probe_really_overflows_int16():
@@ -273,7 +222,7 @@ def test_awq_beats_plain_int4_on_a_model_with_activation_outliers():
         awq_model, desc = quantize_model(model, QuantSpec(method="awq", group_size=128), lambda m: m(calib))
         awq = awq_model(ids)[0]
     assert any(a > 0 for a in desc["awq_alpha"].values())
-    assert _rel_err(awq, ref) < 0.8 * _rel_err(int4, ref), (_rel_err(awq, ref), _rel_err(int4, ref))
+    assert rel_err(awq, ref) < 0.8 * rel_err(int4, ref), (rel_err(awq, ref), rel_err(int4, ref))
 
 
 def test_embeddings_can_be_int8_too_and_the_tied_head_is_stored_once(tmp_path):
@@ -281,9 +230,9 @@ def test_embeddings_can_be_int8_too_and_the_tied_head_is_stored_once(tmp_path):
     qmodel, desc = quantize_model(model, QuantSpec(method="int8", embeddings=True))
     assert desc["layers"]["lm_head"]["tied_to"] == "transformer.wte"
     assert qmodel.lm_head.qweight is qmodel.transformer.wte.qweight
-    bound = _noise_bound(model, qmodel, desc["layers"], lambda m: m(ids)[0])  # the tables' rounding included
+    bound = noise_bound(model, qmodel, desc["layers"], lambda m: m(ids)[0])  # the tables' rounding included
     with torch.no_grad():
-        assert _rel_err(qmodel(ids)[0], model(ids)[0]) < bound
+        assert rel_err(qmodel(ids)[0], model(ids)[0]) < bound
     save_model(model, tmp_path)
     save_quantized(qmodel, desc, tmp_path)
     ties = json.loads((tmp_path / "quantization.json").read_text())["ties"]
@@ -359,8 +308,8 @@ def test_a_bert_mlm_head_tied_to_int8_embeddings_round_trips(tmp_path):
     loaded, _ = load_quantized(empty_model(tmp_path), tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded.mlm_logits(loaded(ids)), q.mlm_logits(q(ids)))
-        err = _rel_err(q.mlm_logits(q(ids)), enc.mlm_logits(enc(ids)))
-    assert err < _noise_bound(enc, q, desc["layers"], lambda m: m.mlm_logits(m(ids)))
+        err = rel_err(q.mlm_logits(q(ids)), enc.mlm_logits(enc(ids)))
+    assert err < noise_bound(enc, q, desc["layers"], lambda m: m.mlm_logits(m(ids)))
 
 
 def test_skip_keeps_layers_and_their_tied_heads_float():

@@ -33,7 +33,7 @@ from models.encoder import Encoder, EncoderConfig
 from models.hf import save_classifier, save_model
 from models.quant import QuantSpec, collect_inputs, kernels_used, quantize_model
 from models.task_heads import SequenceClassifier
-from test_quant import rounding_noise
+from quant_noise import rounding_noise
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # full tier: the pipeline test runs each component once in make test-fast
 BLOCK_LEN = 65
@@ -89,7 +89,7 @@ def test_int8_job_scores_in_parallel_what_one_process_computes(storage, ray_clus
         assert abs(ppl - report["quality"][key]) < 1e-3 * ppl, (key, ppl, report["quality"][key])
 
     # int8's delta is one draw of what its rounding does: the float model with uniform noise of one step
-    # wherever int8 rounds (test_quant.rounding_noise), scored on the same batches, shows the mean and the
+    # wherever int8 rounds (tests/quant_noise.py), scored on the same batches, shows the mean and the
     # spread of such draws on this CPU (8 seeds; 24 blocks of a model short of its minimum make them wide,
     # +-0.3-0.5%). int8 lies within 4.3 spreads of their mean: a 99.5% prediction interval for one more
     # draw (Student's t with 7 degrees of freedom, 4.03, times sqrt(1 + 1/8)). Measured: 0.4-1.0 spreads

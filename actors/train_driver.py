@@ -7,6 +7,7 @@ environment variable its controller copies, Ray Data's progress bars) are set fo
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -16,6 +17,8 @@ from cluster.config import to_dict
 from cluster.runtime import scoped_attrs, scoped_environ
 from cluster.storage import Storage, resolve, write_file_atomic
 from cluster.train_run import FailureConfig, ResourcesConfig
+
+log = logging.getLogger(__name__)
 
 # Read by Ray Train's controller, which copies it from this driver's environment when `fit` starts it.
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -39,7 +42,7 @@ def fit(name: str, store: Storage, loop: LoopConfig, train_uris: list[str], reso
     # workers print progress lines instead of Ray Data's bars
     with scoped_attrs(ray.data.DataContext.get_current(), enable_progress_bars=False), \
             scoped_environ({START_TIMEOUT_ENV: str(failure.start_timeout_s)}):
-        datasets = {"train": ray.data.read_parquet(train_uris, columns=columns)}
+        datasets = {"train": training_input(train_uris, columns, resources.in_memory_mb)}
         exec_opts = ray.data.ExecutionOptions(preserve_order=True)  # the same order on every worker, every attempt
         trainer = TorchTrainer(
             train_loop,
@@ -68,6 +71,25 @@ def fit(name: str, store: Storage, loop: LoopConfig, train_uris: list[str], reso
     fs, run_path = resolve(run_uri)
     write_file_atomic(fs, f"{run_path}/{CURVE_FILE}", loss_curve_png(records, title))
     return result, records, seconds
+
+
+def training_input(uris: list[str], columns: list[str] | None, in_memory_mb: float):
+    """The Ray Dataset the workers read: Parquet `uris` in order, held in the object store when they
+    total at most `in_memory_mb` MiB, else streamed from storage.
+
+    Either way every worker iterates the same rows in the same order; held in memory, each file is
+    one block.
+    """
+    import pyarrow.parquet as pq
+    import ray.data
+
+    located = [resolve(u) for u in uris]
+    size = sum(fs.get_file_info(path).size for fs, path in located)
+    if size > in_memory_mb * 2**20:
+        log.info("streaming %d training file(s), %.1f MiB, from storage", len(uris), size / 2**20)
+        return ray.data.read_parquet(uris, columns=columns)
+    log.info("training input: %d file(s), %.1f MiB, read once into the object store", len(uris), size / 2**20)
+    return ray.data.from_arrow([pq.read_table(path, filesystem=fs, columns=columns) for fs, path in located])
 
 
 def cause(e: Exception) -> str:

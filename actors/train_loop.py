@@ -398,5 +398,9 @@ def unigram_entropy(files: tuple[str, ...], vocab_size: int, max_tokens: int = 1
 
 def train_loop(config: dict) -> None:
     """Ray Train's per-worker entry point; `config` is a LoopConfig as a plain dict."""
+    # Helio compiles nothing, but DeepSpeed's optimizer check imports a module that calls torch.compile,
+    # which sets TorchDynamo up: about 3 s of CPU per worker on a small machine. Read at that call; this
+    # process is the worker's own.
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
     Worker(from_dict(LoopConfig, config)).run()

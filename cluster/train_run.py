@@ -21,12 +21,21 @@ class ResourcesConfig:
     num_workers: int = 2
     cpus_per_worker: float = 0.5  # on a small machine leave CPU for Ray Data's read tasks
     use_gpu: bool = False
+    # Training input up to this many MiB of Parquet is read once by the driver and handed to the
+    # workers through the object store; larger input streams from storage with Ray Data's Parquet
+    # reader, whose start-up (listing, footer-reading actors, read tasks, per worker) costs tens of
+    # seconds on a small machine. 0: always stream. Ray Data's local shuffle draws from the blocks
+    # it is handed, so a shuffled run's order depends on which way its input came: keep this
+    # setting when resuming a run.
+    in_memory_mb: float = 256.0
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ValueError("num_workers: must be at least 1")
         if self.cpus_per_worker <= 0:
             raise ValueError("cpus_per_worker: must be positive")
+        if self.in_memory_mb < 0:
+            raise ValueError("in_memory_mb: must be >= 0")
 
 
 @dataclass(frozen=True)

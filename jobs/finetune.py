@@ -188,7 +188,7 @@ def tokenize_split(cfg: FinetuneConfig, uris: list[str], tokenizer_json: str, pa
     """Reads and tokenizes one split with Ray Data; (kept columns, drops by reason, records read)."""
     import ray.data
 
-    from actors.finetune_data import TokenizeTask
+    from actors.finetune_data import tokenize_records
 
     if all(u.endswith(".parquet") for u in uris):
         ds = ray.data.read_parquet(uris)
@@ -196,9 +196,9 @@ def tokenize_split(cfg: FinetuneConfig, uris: list[str], tokenizer_json: str, pa
         ds = ray.data.read_json(uris, lines=True) if all(u.endswith(".jsonl") for u in uris) else ray.data.read_json(uris)
     else:
         raise ConfigError("data", f"mixed Parquet and JSON files in {uris[:3]}: use one format per split")
-    ds = ds.map_batches(TokenizeTask, fn_constructor_args=(cfg.task, tokenizer_json, cfg.data.max_len,
-                                                          cfg.data.max_query_len, pad_id, eos_id),
-                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4))
+    ds = ds.map_batches(tokenize_records, batch_format="numpy",
+                        fn_kwargs={"kind": cfg.task, "tokenizer_json": tokenizer_json, "max_len": cfg.data.max_len,
+                                   "max_query_len": cfg.data.max_query_len, "pad_id": pad_id, "eos_id": eos_id})
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     if not parts:
         return {}, {}, 0
@@ -293,15 +293,15 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     tokenizer_json = base.read_bytes("tokenizer.json").decode()
     pad_id, eos_id = tokenizer_ids(tokenizer_json)
     run_uri = store.to_uri(f"{store.root_path}/runs/{cfg.name}")
+    from actors.finetune_eval import Evaluator
+
+    evaluator = Evaluator.remote(cfg.eval.threads)  # its process starts while the data is tokenized
     data = prepare_data(cfg, store, run_uri, tokenizer_json, pad_id, eos_id)
     spec = TaskSpec(kind=cfg.task, method=cfg.method, lora=cfg.lora, labels=data["labels"],
                     temperature=cfg.temperature, dropout=cfg.dropout)
     loop = loop_config(cfg, spec, base, data, pad_id)
     check_resumable(run_uri, loop.identity(), cfg.resources.num_workers)
 
-    from actors.finetune_eval import Evaluator
-
-    evaluator = Evaluator.remote(cfg.eval.threads)
     before = evaluate(evaluator, cfg, base.uri, data["uris"]["val"], eos_id) if cfg.task != "classify" else {}
     if before:
         log.info("base model on the held-out set: %s", before)

@@ -9,6 +9,10 @@ task head). Adapters leave in PEFT's own format (`adapter_config.json` +
 `adapter_model.safetensors`, keys `base_model.model.<module>.lora_A.weight`),
 which `peft.PeftModel.from_pretrained` loads onto the exported Hugging Face
 model; `merge_lora` folds W + (alpha/r)·B·A into the base weights.
+
+peft is imported by the functions that use it, not by this module: importing it
+pulls in transformers (seconds of CPU), which every Ray Train worker, evaluator
+and serve replica would otherwise pay whether or not it uses LoRA.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -51,6 +56,8 @@ class LoraSpec:
     def peft_config(self, arch: str, trainable: tuple[str, ...] = (), hf_conv1d: bool = False) -> LoraConfig:
         """peft's config. `hf_conv1d`: for Hugging Face GPT-2, whose projections are Conv1D (transposed);
         the A/B matrices are the same either way, only the merge transposes."""
+        from peft import LoraConfig
+
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
                           target_modules=list(self.targets or DEFAULT_TARGETS[arch]), bias="none",
                           modules_to_save=list(trainable) or None, exclude_modules=list(trainable) or None,
@@ -59,6 +66,8 @@ class LoraSpec:
 
 def add_lora(model: nn.Module, spec: LoraSpec, arch: str, trainable: tuple[str, ...] = ()) -> nn.Module:
     """Injects LoRA into `model` (in place, returned); freezes all but the adapters and `trainable` modules."""
+    from peft import inject_adapter_in_model
+
     targets = spec.targets or DEFAULT_TARGETS[arch]
     linear = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     if not any(n == t or n.endswith("." + t) for n in linear for t in targets):
@@ -81,6 +90,8 @@ def adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None =
     when the module's own parameters are ZeRO-3 shards, or the adapter saved
     would be empty tensors.
     """
+    from peft.utils import get_peft_model_state_dict
+
     state = state if state is not None else model.state_dict()
     out = {PEFT_PREFIX + k: v for k, v in get_peft_model_state_dict(model, state_dict=state).items()}
     for name in trainable:
@@ -120,6 +131,8 @@ def read_adapter(folder: str | Path) -> tuple[LoraSpec, tuple[str, ...], dict[st
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Folds every adapter into its base weight and puts the plain nn.Linear back (in place, returned)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     for name, module in list(model.named_modules()):
         if isinstance(module, BaseTunerLayer):
             module.merge()

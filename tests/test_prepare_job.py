@@ -112,6 +112,7 @@ def test_tokenizer_round_trips(artifact):
     assert tok.decode(tok.encode(sample).ids) == sample
 
 
+@pytest.mark.slow  # a second full prepare run
 def test_rerun_is_deterministic(artifact, corpus, tmp_path):
     assert run_prepare(corpus, tmp_path, "second") == 0
     again = Storage(str(tmp_path)).open("dataset", "second")

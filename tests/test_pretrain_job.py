@@ -125,8 +125,11 @@ def test_masked_lm_encoder_trains_and_exports(ray_cluster, storage):
     from models.encoder import Encoder
     from models.hf import load_model
 
-    m = _run(storage, "mlm", "model.arch=encoder", "zero.stage=1", "train.steps=4")
+    # streamed from storage by Ray Data's Parquet reader (the path of inputs over resources.in_memory_mb)
+    m = _run(storage, "mlm", "model.arch=encoder", "zero.stage=1", "train.steps=4", "resources.in_memory_mb=0")
     assert m["metrics"]["steps"] == 4 and np.isfinite(m["metrics"]["val_loss"])
+    records = _metrics(storage, "mlm")
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and records[-1]["tokens"] == 4 * 2 * 2 * (BLOCK_LEN - 1)
     assert isinstance(load_model(f"{storage}/models/mlm"), Encoder)
 
 

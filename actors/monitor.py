@@ -387,6 +387,16 @@ def start_monitor(cfg: MonitorConfig):
             ray.kill(ray.get_actor(actor_name(cfg.app), namespace=NAMESPACE), no_restart=True)
         except ValueError:
             pass  # none running
+        # The killed actor keeps its name for a moment; `get_if_exists` would hand back the dead one.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(actor_name(cfg.app), namespace=NAMESPACE)
+            except ValueError:
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError(f"the killed monitor of '{cfg.app}' still holds its name after 60 s")
     return Monitor.options(name=actor_name(cfg.app), namespace=NAMESPACE, lifetime="detached",
                            get_if_exists=True).remote(to_dict(cfg))
 

@@ -2,8 +2,8 @@
 
 `tokenize_records` runs as plain Ray Data tasks, in the cluster's already running
 worker processes (an actor pool would start processes of its own, seconds each on a
-small machine); it builds the tokenizer per batch, milliseconds against the batch's
-tokenization. Nothing is
+small machine); it builds the tokenizer from its JSON for every batch, which costs
+little next to tokenizing the batch. Nothing is
 skipped silently: a record that cannot be used keeps its row with a `drop`
 reason (missing_field:<name>, bad_type:<name>, empty:<name>, prompt_too_long)
 so the job counts every one; usable rows have drop == "".

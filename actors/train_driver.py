@@ -77,8 +77,9 @@ def training_input(uris: list[str], columns: list[str] | None, in_memory_mb: flo
     """The Ray Dataset the workers read: Parquet `uris` in order, held in the object store when they
     total at most `in_memory_mb` MiB, else streamed from storage.
 
-    Either way every worker iterates the same rows in the same order; held in memory, each file is
-    one block.
+    Either way, each worker iterates the same rows in the same order as every other worker. Held in
+    memory, each file is one block. Ray Data's local shuffle depends on the blocks, so the two ways can
+    order a shuffled run differently (see ResourcesConfig.in_memory_mb).
     """
     import pyarrow.parquet as pq
     import ray.data

@@ -77,14 +77,22 @@ class RayHead:
 
     def submit(self, entrypoint: list[str], timeout: float, runtime_env: dict | None = None,
                wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
-        """`ray job submit --working-dir <repo> -- ENTRYPOINT`, as a user runs it (following the logs)."""
-        cmd = [str(BIN / "ray"), "job", "submit", "--address", self.address, "--working-dir", str(REPO)]
+        """`ray job submit --working-dir <repo> -- ENTRYPOINT`, as a user runs it (following the logs).
+
+        Following the logs over the dashboard's WebSocket can end before the job's last lines arrive,
+        so a waited-for job's stdout ends with the whole log as `ray job logs` gives it afterwards."""
+        submission = f"helio-test-{os.urandom(6).hex()}"
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", self.address, "--working-dir", str(REPO),
+               "--submission-id", submission]
         if runtime_env:
             cmd += ["--runtime-env-json", json.dumps(runtime_env)]
         cmd += ["--", *entrypoint]
         if not wait:
             return subprocess.Popen(cmd, env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        return subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=timeout)
+        logs = self.cli("job", "logs", "--address", self.address, submission)
+        done.stdout += f"\n--- ray job logs {submission} ---\n{logs.stdout}{logs.stderr}"
+        return done
 
     def cli(self, *args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "ray"), *args], env=env or self.env(), capture_output=True, text=True,
@@ -93,11 +101,12 @@ class RayHead:
     def alive_nodes(self) -> int:
         """Alive nodes, asked from a separate driver (this process is connected to another cluster)."""
         code = (f"import ray; ray.init(address={self.gcs_address()!r}, logging_level='ERROR'); "
-                "print(sum(1 for n in ray.nodes() if n['Alive']))")
+                "print('alive nodes:', sum(1 for n in ray.nodes() if n['Alive']))")
         out = subprocess.run([sys.executable, "-c", code], env=self.env(), capture_output=True, text=True, timeout=60)
         if out.returncode:
             raise RuntimeError(out.stderr[-2000:])
-        return int(out.stdout.strip().splitlines()[-1])
+        # the driver also prints the autoscaler's events ("(autoscaler +0s) Resized to 0 CPUs.")
+        return int(next(line for line in out.stdout.splitlines() if line.startswith("alive nodes:")).split()[-1])
 
     def stop(self) -> None:
         """Ends every process whose command line names this head's temp dir, then waits for them."""

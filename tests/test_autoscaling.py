@@ -26,14 +26,21 @@ TINY_GPT = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "train.micro
             "resources.num_workers=2", "resources.cpus_per_worker=0.5", "sample.count=0"]
 
 
-def wait_for(what: str, check, timeout: float, every: float = 0.5):
+def wait_for(what: str, check, timeout: float, every: float = 0.5, job=None):
+    """Polls `check` until it is truthy; with `job` (a running `ray job submit`), stops as soon as the
+    job ends and shows what it printed, as it does on a timeout (after ending the job)."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
         if value:
             return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        ended = job is not None and job.poll() is not None
+        if ended or time.monotonic() > deadline:
+            if job is not None and not ended:
+                job.kill()
+            log = job.communicate()[0][-4000:] if job is not None else ""
+            why = f"the job ended (exit {job.returncode})" if ended else f"timed out after {timeout:.0f} s"
+            raise AssertionError(f"{why} waiting for {what}\n{log}")
         time.sleep(every)
 
 
@@ -136,7 +143,8 @@ def test_killing_a_worker_node_mid_training_resumes_from_the_last_checkpoint(clu
                          timeout=0, wait=False)
     try:
         run = storage / "runs" / "survivor"
-        first = wait_for("a reported checkpoint", lambda: _reported_checkpoint(run), timeout=240, every=0.1)
+        first = wait_for("a reported checkpoint", lambda: _reported_checkpoint(run), timeout=240, every=0.1,
+                         job=job)
         nodes = _train_worker_nodes()
         assert nodes, "no Ray Train worker is running"
         for node in nodes:

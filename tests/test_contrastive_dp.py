@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -33,8 +31,9 @@ def _grads(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
 
-def _rank(rank: int, world: int, port: int, out) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _rank(rank: int, world: int, store: str, out) -> None:
+    # a file rendezvous: a TCP port picked beforehand can be taken by another process before rank 0 binds it
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     model = _model()
     m = N // world
     local = [x[rank * m:(rank + 1) * m] for x in _batch()]
@@ -48,16 +47,13 @@ def _rank(rank: int, world: int, port: int, out) -> None:
     dist.destroy_process_group()
 
 
-def test_two_workers_with_gathered_negatives_match_one_process():
+def test_two_workers_with_gathered_negatives_match_one_process(tmp_path):
     model = _model()
     loss = Contrastive(model, 0.05)(*_batch())
     loss.backward()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, 2, port, out)) for r in range(2)]
+    procs = [ctx.Process(target=_rank, args=(r, 2, str(tmp_path / "rendezvous"), out)) for r in range(2)]
     for p in procs:
         p.start()
     dp_loss, dp_grads = out.get(timeout=120)

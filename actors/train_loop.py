@@ -18,6 +18,7 @@ import contextlib
 import math
 import os
 import queue
+import sys
 import tempfile
 import threading
 import time
@@ -299,6 +300,8 @@ class Worker:
         t = self.cfg.train
         dist.barrier()  # every rank probes at once, before data or DeepSpeed compete for the cores
         peak, peak_source = peak_flops(self.device)
+        if peak:  # every rank has the same hardware: the best reading, as one that shared its cores reads low
+            peak = max_across_ranks(peak, self.device)
         ckpt = ray.train.get_checkpoint()
         with ckpt.as_directory() if ckpt else contextlib.nullcontext() as folder:
             if folder:
@@ -396,11 +399,23 @@ def unigram_entropy(files: tuple[str, ...], vocab_size: int, max_tokens: int = 1
     return float(-(p * np.log(p)).sum()), int(counts.sum())
 
 
+def _use_this_environments_ninja() -> None:
+    """Puts this interpreter's bin folder first on PATH when it holds a ninja (DeepSpeed depends on
+    one): DeepSpeed builds its CPU shared-memory op with whichever ninja PATH names, and two ninja
+    versions (the environment's and the system's) keep discarding each other's build log, so every
+    switch between them recompiled the op: about 70 s of a run's start on a 2-core machine."""
+    here = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    if (Path(here) / "ninja").is_file() and path[:1] != [here]:
+        os.environ["PATH"] = os.pathsep.join([here, *path])
+
+
 def train_loop(config: dict) -> None:
     """Ray Train's per-worker entry point; `config` is a LoopConfig as a plain dict."""
     # Helio compiles nothing, but DeepSpeed's optimizer check imports a module that calls torch.compile,
     # which sets TorchDynamo up: about 3 s of CPU per worker on a small machine. Read at that call; this
     # process is the worker's own.
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    _use_this_environments_ninja()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
     Worker(from_dict(LoopConfig, config)).run()

@@ -1,5 +1,6 @@
-"""Iteration-level (continuous) batching for a GPT: requests join and leave the running batch between
-decode steps (Yu et al., "Orca", OSDI 2022), so a new request never waits for the others to finish.
+"""Iteration-level (continuous) batching for a causal LM (GPT or Llama): requests join and leave the
+running batch between decode steps (Yu et al., "Orca", OSDI 2022), so a new request never waits for
+the others to finish.
 
 One loop owns the model. Each iteration it
 1. drops requests whose caller has gone (a closed stream, a cancelled call);
@@ -21,7 +22,7 @@ from typing import Any, AsyncIterator
 
 import torch
 
-from models.gpt import GPT, SlotCache, sample_rows
+from models.decoding import DecoderLM, SlotCache, sample_rows
 
 log = logging.getLogger("helio.serve")
 _DONE = object()
@@ -44,9 +45,9 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, model: GPT, max_batch: int, stream_interval_s: float = 0.0):
+    def __init__(self, model: DecoderLM, max_batch: int, stream_interval_s: float = 0.0):
         self.model, self.max_batch, self.interval = model, max_batch, stream_interval_s
-        norm = model.transformer.ln_f.weight  # never quantized: the activations' dtype and device
+        norm = model.final_norm.weight  # never quantized: the activations' dtype and device
         self.device = norm.device
         self.cache = SlotCache(model.cfg, max_batch, norm.dtype, self.device)
         self.waiting: collections.deque[Sequence] = collections.deque()

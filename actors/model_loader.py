@@ -15,9 +15,10 @@ import torch
 import torch.nn as nn
 
 from cluster.storage import Artifact, ArtifactError, Storage, fetch_folder, resolve
-from models.encoder import Encoder
-from models.gpt import GPT, GPTConfig
+from models.decoding import DecoderLM
+from models.encoder import Encoder, EncoderConfig
 from models.hf import empty_model, load_inference_model
+from models.hf_llama import FAMILIES
 from models.quant import QUANT_CONFIG, load_quantized
 from models.task_heads import SequenceClassifier
 
@@ -57,19 +58,19 @@ def artifact_kind(art: Artifact) -> str:
     hf = json.loads(art.read_bytes("config.json"))
     if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []):
         return "classify"
-    return "lm" if hf.get("model_type") == "gpt2" else "embed"
+    return "lm" if hf.get("model_type") in ("gpt2", *FAMILIES) else "embed"
 
 
 def model_kind(model: nn.Module) -> str:
-    """lm (a GPT), classify (a SequenceClassifier) or embed (an Encoder)."""
+    """lm (a GPT or Llama), classify (a SequenceClassifier) or embed (an Encoder)."""
     if isinstance(model, SequenceClassifier):
         return "classify"
-    return "lm" if isinstance(model, GPT) else "embed"
+    return "lm" if isinstance(model, DecoderLM) else "embed"
 
 
 def max_len(model: nn.Module) -> int:
     cfg = (model.backbone if isinstance(model, SequenceClassifier) else model).cfg
-    return cfg.block_size if isinstance(cfg, GPTConfig) else cfg.max_position
+    return cfg.max_position if isinstance(cfg, EncoderConfig) else cfg.block_size
 
 
 @torch.no_grad()

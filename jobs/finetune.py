@@ -35,6 +35,7 @@ from cluster.runtime import JobConfig, connect_job, embedded
 from cluster.storage import Artifact, Storage, iter_files, resolve
 from cluster.train_run import FailureConfig, ResourcesConfig, check_resources, check_resumable
 from cluster.zero import OptimConfig, ZeroConfig
+from models.arch import CAUSAL
 from models.finetune import TaskSpec
 from models.lora import LoraSpec
 
@@ -287,8 +288,8 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     check_resources(cfg.resources, embedded(cfg))
     base = open_base(store, cfg.base)
     arch = _arch_config(base).arch
-    if (cfg.task, arch) in (("sft", "encoder"), ("embed", "gpt")):
-        need = "a GPT (causal LM)" if cfg.task == "sft" else "an encoder (BERT)"
+    if (cfg.task == "sft" and arch not in CAUSAL) or (cfg.task == "embed" and arch != "encoder"):
+        need = "a causal LM (GPT or Llama)" if cfg.task == "sft" else "an encoder (BERT)"
         raise ConfigError("task", f"task {cfg.task} needs {need} base; model artifact '{base.name}' is a {arch}")
     tokenizer_json = base.read_bytes("tokenizer.json").decode()
     pad_id, eos_id = tokenizer_ids(tokenizer_json)
@@ -341,10 +342,14 @@ def loop_config(cfg: FinetuneConfig, spec: TaskSpec, base: Artifact, data: dict[
 def _arch_config(base: Artifact):
     """The base's architecture, for the resume check (the weights themselves come from base_uri)."""
     from models.arch import ModelConfig
+    from models.hf_llama import FAMILIES
 
     hf = json.loads(base.read_bytes("config.json"))
     if hf.get("model_type") == "gpt2":
         return ModelConfig(arch="gpt", n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+    if hf.get("model_type") in FAMILIES:
+        return ModelConfig(arch="llama", n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+                           n_embd=hf["hidden_size"], n_kv_head=hf.get("num_key_value_heads") or 0)
     return ModelConfig(arch="encoder", n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
                        n_embd=hf["hidden_size"])
 

@@ -28,7 +28,7 @@ from cluster.runtime import JobConfig, connect_job, embedded
 from cluster.storage import Artifact, ArtifactError, Storage
 from cluster.train_run import FailureConfig, ResourcesConfig, check_resources, check_resumable
 from cluster.zero import OptimConfig, ZeroConfig
-from models.arch import ModelConfig
+from models.arch import CAUSAL, ModelConfig
 
 log = logging.getLogger("helio")
 
@@ -113,7 +113,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
                                    f"{cfg.name}: {cfg.model.arch}", columns=["input_ids"])
     manifest = export_artifact(cfg, store, art, tokenizer_json, result, records, run_uri, seconds)
     print(summary(manifest, run_uri))
-    if cfg.sample.count and cfg.model.arch == "gpt":
+    if cfg.sample.count and cfg.model.arch in CAUSAL:
         print(samples(store, cfg))
     return manifest
 
@@ -182,7 +182,8 @@ def summary(manifest: dict[str, Any], run_uri: str) -> str:
 
 
 def _size(m: ModelConfig) -> str:
-    return f"{m.n_layer} layers x {m.n_embd} wide, {m.n_head} heads"
+    kv = f", {m.n_kv_head} key/value heads" if m.arch == "llama" and m.n_kv_head not in (0, m.n_head) else ""
+    return f"{m.n_layer} layers x {m.n_embd} wide, {m.n_head} heads{kv}"
 
 
 CONFIG_CLASS = PretrainConfig  # what jobs/configs/pretrain_*.yaml must load into

@@ -13,9 +13,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from models.decoding import DecoderLM
 from models.encoder import Encoder
 from models.gpt import GPT
 from models.hf import load_model, save_classifier, save_model
+from models.llama import Llama
 from models.lora import LoraSpec, adapter_state_dict, add_lora, merge_lora, save_adapter
 from models.task_heads import TASK_KINDS, SequenceClassifier
 
@@ -45,17 +47,17 @@ class TaskSpec:
 
 
 def arch_of(model: nn.Module) -> str:
-    return "gpt" if isinstance(model, GPT) else "encoder"
+    return "gpt" if isinstance(model, GPT) else "llama" if isinstance(model, Llama) else "encoder"
 
 
 def check_base(kind: str, base: nn.Module, source: str) -> None:
     """Which bases a task can start from, one clear sentence when it cannot."""
-    if kind == "sft" and not isinstance(base, GPT):
-        raise ValueError(f"task sft needs a GPT (causal LM) base; {source} is a {type(base).__name__}")
+    if kind == "sft" and not isinstance(base, DecoderLM):
+        raise ValueError(f"task sft needs a causal LM (GPT or Llama) base; {source} is a {type(base).__name__}")
     if kind == "embed" and not isinstance(base, Encoder):
         raise ValueError(f"task embed needs an encoder (BERT) base; {source} is a {type(base).__name__}")
-    if not isinstance(base, (GPT, Encoder)):
-        raise ValueError(f"{source} is a {type(base).__name__}, not a GPT or encoder base to finetune from")
+    if not isinstance(base, (DecoderLM, Encoder)):
+        raise ValueError(f"{source} is a {type(base).__name__}, not a GPT, Llama or encoder base to finetune from")
 
 
 def set_dropout(model: nn.Module, p: float) -> None:

@@ -3,9 +3,11 @@
 A GPT exports as GPT2LMHeadModel: the same parameter names, Conv1D weights
 stored transposed (in_features, out_features), the tied lm_head omitted as
 Hugging Face does. An Encoder exports as BertForMaskedLM: the same names, the
-tied decoder weight and bias omitted as Hugging Face does. `transformers` loads
-either folder and computes the same logits; `load_model` / `save_model` pick the
-right pair from config.json's model_type / the model's class.
+tied decoder weight and bias omitted as Hugging Face does. A Llama exports as
+LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM (models/hf_llama.py).
+`transformers` loads any of these folders and computes the same logits;
+`load_model` / `save_model` pick the right pair from config.json's model_type /
+the model's class.
 """
 
 from __future__ import annotations
@@ -18,15 +20,18 @@ from safetensors.torch import load_file, save_file
 
 from models.encoder import Encoder, EncoderConfig
 from models.gpt import GPT, GPTConfig
+from models.hf_llama import FAMILIES, INDEX, llama_config_from_hf, load_llama, save_llama
+from models.llama import Llama
 from models.task_heads import SequenceClassifier
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def _read_config(folder: Path) -> dict:
-    for name in ("config.json", "model.safetensors"):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"'{folder}' has no {name}: not a Hugging Face model folder")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"'{folder}' has no config.json: not a Hugging Face model folder")
+    if not (folder / "model.safetensors").is_file() and not (folder / INDEX).is_file():
+        raise FileNotFoundError(f"'{folder}' has neither model.safetensors nor {INDEX}: no weights")
     return json.loads((folder / "config.json").read_text())
 
 
@@ -242,13 +247,15 @@ def load_classifier(folder: str | Path) -> tuple[SequenceClassifier, list[str]]:
     return model, labels
 
 
-def save_model(model: GPT | Encoder, folder: str | Path) -> list[str]:
-    """save_gpt or save_encoder, by the model's class."""
+def save_model(model: GPT | Llama | Encoder, folder: str | Path) -> list[str]:
+    """save_gpt, save_llama or save_encoder, by the model's class."""
     if isinstance(model, GPT):
         return save_gpt(model, folder)
+    if isinstance(model, Llama):
+        return save_llama(model, folder)
     if isinstance(model, Encoder):
         return save_encoder(model, folder)
-    raise TypeError(f"cannot export a {type(model).__name__}: only GPT and Encoder have a Hugging Face layout")
+    raise TypeError(f"cannot export a {type(model).__name__}: only GPT, Llama and Encoder have a Hugging Face layout")
 
 
 def load_model(folder: str | Path) -> GPT | Encoder | SequenceClassifier:
@@ -262,9 +269,11 @@ def load_model(folder: str | Path) -> GPT | Encoder | SequenceClassifier:
     model_type = hf.get("model_type")
     if model_type == "gpt2":
         return load_gpt(folder)
+    if model_type in FAMILIES:
+        return load_llama(folder)
     if model_type == "bert":
         return load_encoder(folder)
-    raise ValueError(f"{folder}: model_type {model_type!r} is neither 'gpt2' nor 'bert'")
+    raise ValueError(f"{folder}: model_type {model_type!r} is not one of gpt2, {', '.join(FAMILIES)}, bert")
 
 
 def empty_model(folder: str | Path) -> GPT | Encoder | SequenceClassifier:
@@ -274,11 +283,13 @@ def empty_model(folder: str | Path) -> GPT | Encoder | SequenceClassifier:
     hf, source = _read_config(folder), str(folder)
     archs = hf.get("architectures") or []
     if hf.get("model_type") == "gpt2":
-        backbone: GPT | Encoder = GPT(gpt_config_from_hf(hf, source))
+        backbone: GPT | Llama | Encoder = GPT(gpt_config_from_hf(hf, source))
+    elif hf.get("model_type") in FAMILIES:
+        backbone = Llama(llama_config_from_hf(hf, source))
     elif hf.get("model_type") == "bert":
         backbone = Encoder(encoder_config_from_hf(hf, source))
     else:
-        raise ValueError(f"{folder}: model_type {hf.get('model_type')!r} is neither 'gpt2' nor 'bert'")
+        raise ValueError(f"{folder}: model_type {hf.get('model_type')!r} is not one of gpt2, {', '.join(FAMILIES)}, bert")
     if any(a.endswith("ForSequenceClassification") for a in archs):
         return SequenceClassifier(backbone, len(hf["id2label"]))
     return backbone.drop_mlm_head() if archs == ["BertModel"] else backbone

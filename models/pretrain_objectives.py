@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from models.arch import CAUSAL
 from models.masking import mask_tokens
 
 
@@ -51,4 +52,4 @@ class MaskedLM(nn.Module):
 
 def objective_for(model: nn.Module, arch: str, mask_id: int, special_ids: Sequence[int],
                   mask_prob: float = 0.15) -> nn.Module:
-    return CausalLM(model) if arch == "gpt" else MaskedLM(model, mask_id, special_ids, mask_prob)
+    return CausalLM(model) if arch in CAUSAL else MaskedLM(model, mask_id, special_ids, mask_prob)

@@ -9,15 +9,22 @@ import pytest
 import torch
 
 from actors.generation_engine import Engine
+from models.decoding import DecoderLM
 from models.gpt import GPT, GPTConfig
+from models.llama import Llama, LlamaConfig
 
-CFG = GPTConfig(vocab_size=97, block_size=40, n_layer=2, n_head=4, n_embd=32)
+MODELS = {
+    "gpt": lambda: GPT(GPTConfig(vocab_size=97, block_size=40, n_layer=2, n_head=4, n_embd=32)),
+    # grouped-query attention (a cache of 2 KV heads) and a sliding window shorter than most sequences
+    "llama": lambda: Llama(LlamaConfig(vocab_size=97, block_size=40, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                                       intermediate_size=64, sliding_window=12)),
+}
 
 
-@pytest.fixture(scope="module")
-def model() -> GPT:
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def model(request) -> DecoderLM:
     torch.manual_seed(0)
-    return GPT(CFG).eval()
+    return MODELS[request.param]().eval()
 
 
 def greedy(n: int, stop: tuple[int, ...] = ()) -> dict:
@@ -30,7 +37,7 @@ async def collect(engine: Engine, ids: list[int], params: dict, delay: float = 0
 
 
 def test_concurrent_requests_joining_mid_flight_get_their_own_greedy_continuation(model):
-    prompts = [torch.randint(0, CFG.vocab_size, (n,)).tolist() for n in (3, 11, 6, 20, 1, 8, 15)]
+    prompts = [torch.randint(0, model.cfg.vocab_size, (n,)).tolist() for n in (3, 11, 6, 20, 1, 8, 15)]
     lengths = [12, 5, 30, 9, 20, 1, 7]
 
     async def main():
@@ -41,7 +48,7 @@ def test_concurrent_requests_joining_mid_flight_get_their_own_greedy_continuatio
 
     engine, got = asyncio.run(main())
     for p, n, tokens in zip(prompts, lengths, got):
-        n = min(n, CFG.block_size - len(p))  # the context is full before max_tokens for the longest
+        n = min(n, model.cfg.block_size - len(p))  # the context is full before max_tokens for the longest
         assert tokens == model.generate(torch.tensor([p]), n, temperature=0)[0, len(p):].tolist()
     assert engine.tokens == sum(len(t) for t in got) and engine.cache.live == 0
     assert engine.steps < engine.tokens  # decode steps were shared between requests

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.gpt import GPT, GPTConfig, sample_next
+from models.decoding import sample_next
+from models.gpt import GPT, GPTConfig
 
 CFG = GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
 
@@ -68,7 +69,7 @@ def test_tied_embeddings_and_flops(model):
 
 def test_slot_cache_decodes_rows_of_different_lengths_joined_at_different_steps(model):
     """Iteration-level batching: every row's logits equal its own full recompute, whatever its batchmates."""
-    from models.gpt import SlotCache
+    from models.decoding import SlotCache
 
     pending = [torch.randint(0, CFG.vocab_size, (n,)).tolist() for n in (3, 9, 5, 14)]
     cache = SlotCache(CFG, slots=3)
@@ -94,7 +95,7 @@ def test_slot_cache_decodes_rows_of_different_lengths_joined_at_different_steps(
 
 
 def test_sample_rows_draws_for_each_row_what_it_draws_alone_and_follows_the_distribution():
-    from models.gpt import sample_rows
+    from models.decoding import sample_rows
 
     torch.manual_seed(0)
     logits = torch.randn(5, 97) * 3

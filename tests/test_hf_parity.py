@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from models.encoder import Encoder, EncoderConfig
 from models.gpt import GPT, GPTConfig
+from models.llama import Llama, LlamaConfig
 from models.hf import load_encoder, load_gpt, load_model, save_encoder, save_gpt, save_model
 
 CFG = GPTConfig(vocab_size=101, block_size=24, n_layer=2, n_head=2, n_embd=16)
@@ -126,7 +127,9 @@ def test_foreign_or_mismatched_weights_are_refused(tmp_path):
 
 def test_save_and_load_model_dispatch_on_the_kind(tmp_path):
     torch.manual_seed(6)
-    for kind, model in (("gpt", GPT(CFG)), ("bert", Encoder(ENC))):
+    llama = Llama(LlamaConfig(vocab_size=50, block_size=16, n_layer=1, n_head=4, n_kv_head=2, n_embd=16,
+                              intermediate_size=24, tie_embeddings=True))
+    for kind, model in (("gpt", GPT(CFG)), ("llama", llama), ("bert", Encoder(ENC))):
         assert save_model(model, tmp_path / kind) == ["config.json", "model.safetensors"]
         back = load_model(tmp_path / kind)
         assert type(back) is type(model) and back.cfg == model.cfg
@@ -134,6 +137,6 @@ def test_save_and_load_model_dispatch_on_the_kind(tmp_path):
             assert torch.equal(a, b), name
     with pytest.raises(TypeError, match="cannot export a Linear"):
         save_model(torch.nn.Linear(2, 2), tmp_path / "x")
-    (tmp_path / "gpt" / "config.json").write_text('{"model_type": "llama"}')
-    with pytest.raises(ValueError, match="neither 'gpt2' nor 'bert'"):
+    (tmp_path / "gpt" / "config.json").write_text('{"model_type": "t5"}')
+    with pytest.raises(ValueError, match="model_type 't5' is not one of gpt2, llama, qwen2, mistral, bert"):
         load_model(tmp_path / "gpt")

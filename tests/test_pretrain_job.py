@@ -133,6 +133,24 @@ def test_masked_lm_encoder_trains_and_exports(ray_cluster, storage):
     assert isinstance(load_model(f"{storage}/models/mlm"), Encoder)
 
 
+def test_llama_with_grouped_query_attention_pretrains_and_exports_for_transformers(ray_cluster, storage):
+    from transformers import AutoModelForCausalLM
+
+    from models.hf import load_model
+    from models.llama import Llama
+
+    _run(storage, "llama", "model.arch=llama", "model.n_kv_head=1", "zero.stage=2")
+    records = _metrics(storage, "llama")
+    assert [r["step"] for r in records] == list(range(1, 7)) and records[-1]["loss"] < records[0]["loss"]
+    model = load_model(f"{storage}/models/llama").eval()
+    assert isinstance(model, Llama) and (model.cfg.n_head, model.cfg.n_kv_head) == (2, 1)
+    hf = AutoModelForCausalLM.from_pretrained(f"{storage}/models/llama").eval()
+    assert hf.config.model_type == "llama"
+    ids = torch.randint(0, 400, (2, BLOCK_LEN - 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids)[0], atol=1e-4, rtol=0)
+
+
 def test_a_run_folder_of_another_config_is_not_resumed(ray_cluster, storage, uninterrupted):
     from cluster.cli import UserError
 

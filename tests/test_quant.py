@@ -20,6 +20,7 @@ import torch
 from models.encoder import Encoder, EncoderConfig
 from models.gpt import GPT, GPTConfig
 from models.hf import empty_model, save_model
+from models.llama import Llama, LlamaConfig
 from models.quant import (SATURATION_FREE_CODE, Int8Linear, QuantSpec, collect_inputs,
                           dequantize_int4, dequantize_int8, fbgemm_available, int8_pairs_saturate, layer_bytes,
                           load_quantized, pack_int4, plan_layers, probe_error, quantize_int4, quantize_int8,
@@ -91,6 +92,29 @@ def test_quantized_gpt_logits_stay_close_to_float(method):
         ref, out = model(ids)[0], qmodel(ids)[0]
     assert rel_err(out, ref) < bound, (method, rel_err(out, ref), bound)
     assert len(desc["layers"]) == 4 * GPT_CFG.n_layer  # c_attn, attn.c_proj, c_fc, mlp.c_proj; the tied head stays float
+
+
+@pytest.mark.parametrize("method", ["int8", "w8a8", "int4", "awq"])
+def test_a_llama_quantizes_its_swiglu_and_grouped_query_layers_and_loads_back(method, tmp_path):
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=300, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=128,
+                              intermediate_size=256)).eval()
+    ids = _ids()
+    calib = (lambda m: m(_ids(8, 64, seed=7))) if method == "awq" else None
+    qmodel, desc = quantize_model(model, QuantSpec(method=method, group_size=64), calib)
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert set(desc["layers"]) == {f"model.layers.{i}.{'self_attn' if p[0] in 'qkvo' else 'mlp'}.{p}"
+                                   for i in range(2) for p in projections} | {"lm_head"}  # untied: a head of its own
+    assert desc["layers"]["model.layers.0.self_attn.k_proj"]["shape"] == [2 * 32, 128]  # 2 KV heads of 32
+    bound = noise_bound(model, qmodel, desc["layers"], lambda m: m(ids)[0])
+    with torch.no_grad():
+        ref, out = model(ids)[0], qmodel(ids)[0]
+    assert rel_err(out, ref) < bound, (method, rel_err(out, ref), bound)
+    save_model(model, tmp_path)
+    save_quantized(qmodel, desc, tmp_path)
+    loaded, _ = load_quantized(empty_model(tmp_path), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids)[0], out)
 
 
 def test_int8_kernels_agree_and_w8a8_quantizes_activations():

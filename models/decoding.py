@@ -1,0 +1,208 @@
+"""What every causal LM in Helio shares: attention over a KV cache, the slot cache of batched
+decoding, generation and sampling.
+
+A model (models/gpt.py, models/llama.py) subclasses `DecoderLM` and provides
+`forward(idx, cache) -> (logits, cache)`, `hidden`, `decode(idx, SlotCache)`,
+`final_norm` (never quantized: it tells the activations' dtype and device) and a
+`cfg` with `vocab_size`, `n_layer`, `n_kv_head`, `head_dim` and `block_size`; `generate`,
+`stream` and `loss` come from here, and its attention layers call `attend`.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v of shape (B, n_kv_head, T_past, hs)
+
+
+class SlotView(NamedTuple):
+    """One layer's view of a SlotCache for a decode step: each row's new k, v go in at its own position."""
+    k: torch.Tensor  # (n, n_kv_head, block_size, hs), written in place
+    v: torch.Tensor
+    pos: torch.Tensor  # (n,) where each row's new token sits
+    mask: torch.Tensor  # (n, 1, 1, T): key j is visible to row i
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           past: tuple[torch.Tensor, torch.Tensor] | SlotView | None, dropout_p: float = 0.0,
+           window: int | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Causal attention of the new tokens over the cached and new keys.
+
+    q (B, n_head, T, hs); k, v (B, n_kv_head, T, hs), n_head a multiple of n_kv_head (grouped-query
+    attention when fewer). `window`: a token sees only the `window` most recent positions, itself
+    included (sliding-window attention). Returns y (B, n_head, T, hs) and the layer's new cache entry
+    (None for a SlotView, which is written in place).
+    """
+    B, _, T, _ = q.shape
+    gqa = k.size(1) != q.size(1)
+    if isinstance(past, SlotView):  # one token per row (T == 1), each at its own position
+        rows = torch.arange(B, device=q.device)
+        past.k[rows, :, past.pos] = k[:, :, 0]
+        past.v[rows, :, past.pos] = v[:, :, 0]
+        width = past.mask.size(-1)
+        y = F.scaled_dot_product_attention(q, past.k[:, :, :width], past.v[:, :, :width], attn_mask=past.mask,
+                                           enable_gqa=gqa)
+        return y, None
+    if past is not None:
+        k = torch.cat([past[0], k], dim=2)  # (B, n_kv_head, T_past + T, hs)
+        v = torch.cat([past[1], v], dim=2)
+    t_past, S = k.size(2) - T, k.size(2)
+    if window is not None and window < S:  # (T, S): new token i (at t_past + i) sees keys in its window
+        i = torch.arange(t_past, S, device=q.device)[:, None]
+        j = torch.arange(S, device=q.device)[None, :]
+        mask, causal = (j <= i) & (j > i - window), False
+    elif t_past == 0:
+        mask, causal = None, True
+    elif T == 1:
+        mask, causal = None, False  # one new token sees everything before it
+    else:  # (T, S): new token i sees the past and new tokens <= i
+        mask, causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=t_past), False
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
+                                       enable_gqa=gqa)
+    return y, (k, v)
+
+
+def slot_mask(pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """pos (n,) -> the decode step's (n, 1, 1, T) mask: row i sees keys j <= pos[i] (within the window)."""
+    keys = torch.arange(int(pos.max()) + 1, device=pos.device)
+    visible = keys[None, :] <= pos[:, None]
+    if window is not None:
+        visible &= keys[None, :] > pos[:, None] - window
+    return visible[:, None, None, :]
+
+
+class DecoderLM(nn.Module):
+    """A decoder-only language model: next-token loss, generation and streaming over its KV cache."""
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy; targets (B, T), `ignore_index` positions skipped."""
+        logits, _ = self(idx)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_tokens: Sequence[int] = (),
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Extends idx (B, T) by up to `max_new_tokens`; temperature 0 is greedy.
+
+        A row that emits a stop token keeps emitting it (the caller trims);
+        generation ends early once every row has stopped.
+        """
+        steps = self.stream(idx, max_new_tokens, temperature, top_k, top_p, stop_tokens, generator)
+        return torch.cat([idx, *steps], dim=1)
+
+    @torch.no_grad()
+    def stream(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_tokens: Sequence[int] = (),
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """`generate`, one new token per row (B, 1) at a time, as soon as it is sampled.
+
+        Uses the KV cache: one full forward over the prompt, then one token per step.
+        """
+        logits, cache = self(idx)
+        length = idx.size(1)
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        stops = torch.tensor(list(stop_tokens), dtype=idx.dtype, device=idx.device)
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            if len(stops):
+                nxt = torch.where(done[:, None], stops[0], nxt)
+                done |= torch.isin(nxt[:, 0], stops)
+            yield nxt
+            length += 1
+            if done.all() or length >= self.cfg.block_size:
+                return
+            logits, cache = self(nxt, cache)
+
+
+class SlotCache:
+    """A preallocated KV cache for iteration-level batching: room for `slots` sequences of up to
+    block_size tokens, sized by the model's KV heads. The live sequences are packed into slots
+    0..live-1, so a decode step reads views of one buffer and copies nothing; freeing a slot moves
+    the last live row into it."""
+
+    def __init__(self, cfg, slots: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        shape = (cfg.n_layer, slots, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.slots, self.live = slots, 0
+
+    def add(self, cache: KVCache) -> int:
+        """Copies one sequence's prefill cache (batch of 1) into the next free slot; returns the slot."""
+        if self.live == self.slots:
+            raise ValueError(f"all {self.slots} slots are live")
+        slot, length = self.live, cache[0][0].size(2)
+        for layer, (k, v) in enumerate(cache):
+            self.k[layer, slot, :, :length] = k[0]
+            self.v[layer, slot, :, :length] = v[0]
+        self.lengths[slot] = length
+        self.live += 1
+        return slot
+
+    def free(self, slot: int) -> None:
+        """Frees `slot`; the last live row (if another) moves into it."""
+        last = self.live - 1
+        if slot != last:
+            n = int(self.lengths[last])
+            self.k[:, slot, :, :n] = self.k[:, last, :, :n]
+            self.v[:, slot, :, :n] = self.v[:, last, :, :n]
+            self.lengths[slot] = n
+        self.live = last
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> next ids (B, 1): greedy at temperature 0, else top-k / nucleus sampling."""
+    B = logits.size(0)
+    return sample_rows(logits, torch.full((B,), float(temperature)), torch.full((B,), top_k or 0),
+                       torch.full((B,), 1.0 if top_p is None else float(top_p)), [generator] * B)[:, None]
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """`sample_next` for a batch whose rows each have their own parameters, filtered in one pass:
+    logits (n, V), temperature (n,) (0: greedy), top_k (n,) (0: off), top_p (n,) (1: off), one
+    generator or None per row -> ids (n,). A row's draw depends only on its own logits, parameters and
+    generator: one uniform number per row, mapped through the row's cumulative distribution (a
+    multinomial draw would spend a random number per vocabulary entry)."""
+    n, V = logits.shape
+    out = logits.argmax(dim=-1)  # (n,)
+    hot = (temperature > 0).nonzero().flatten().tolist()
+    if not hot:
+        return out
+    x = logits.float() / temperature.clamp(min=1e-6)[:, None]  # (n, V)
+    k = torch.where(top_k > 0, top_k.clamp(max=V), V)
+    if bool((k < V).any()):  # each row's k-th largest value, -inf for rows without top-k
+        vals = torch.topk(x, int(k[k < V].max()), dim=-1).values  # (n, k_max)
+        kth = vals.gather(1, (k.clamp(max=vals.size(1)) - 1)[:, None])  # (n, 1)
+        x = x.masked_fill((x < kth) & (k < V)[:, None], float("-inf"))
+    if bool((top_p < 1).any()):  # Holtzman et al. 2020, as in sample_next
+        sorted_x, order = torch.sort(x, descending=True, dim=-1)
+        p = sorted_x.softmax(dim=-1)
+        remove = (p.cumsum(dim=-1) - p >= top_p[:, None]) & (top_p < 1)[:, None]
+        x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x.masked_fill(remove, float("-inf")))
+    cdf = x.softmax(dim=-1).cumsum(dim=-1)  # (n, V)
+    u = torch.stack([torch.rand((), generator=generators[i]) for i in hot]).to(cdf.device)  # (h,)
+    picked = torch.searchsorted(cdf[hot], (u * cdf[hot, -1])[:, None], right=True)[:, 0]  # first cdf > u
+    out[hot] = picked.clamp(max=V - 1)
+    return out

@@ -15,11 +15,9 @@ base and of the result go into both manifests and the summary.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from actors.model_import import import_model, source_folder
 from actors.train_driver import fit
 from actors.train_loop import EXPORT_DIR, FaultConfig, LoopConfig, TrainConfig
 from cluster.cli import JobFailed, UserError, format_summary, run_job
@@ -40,7 +39,6 @@ from models.finetune import TaskSpec
 from models.lora import LoraSpec
 
 log = logging.getLogger("helio")
-MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 
 @dataclass(frozen=True)
@@ -109,53 +107,20 @@ class FinetuneConfig(JobConfig):
 
 # ---- the base model -------------------------------------------------------------------------------
 
-def hf_folder_path(spec: str) -> str:
-    """`pkg:<package>/<sub>` -> the folder inside an installed Python package; anything else as given."""
-    if not spec.startswith("pkg:"):
-        return spec
-    package, _, sub = spec[4:].partition("/")
-    found = importlib.util.find_spec(package)
-    if found is None or not found.submodule_search_locations:
-        raise ConfigError("base.hf_folder", f"Python package '{package}' is not installed")
-    return str(Path(list(found.submodule_search_locations)[0]) / sub)
-
-
 def open_base(store: Storage, cfg: BaseConfig) -> Artifact:
     """The base model artifact; an hf_folder is imported (validated by loading it) the first time."""
     if cfg.artifact:
         return store.open("model", cfg.artifact, verify=False)
-    folder = hf_folder_path(cfg.hf_folder)
+    folder = source_folder(cfg.hf_folder, "base.hf_folder")
     name = cfg.import_as or Path(folder.rstrip("/")).name.replace(".", "-") or "imported"
     if store.exists("model", name):
         art = store.open("model", name, verify=False)
-        if art.manifest.get("config", {}).get("hf_folder") != cfg.hf_folder:
+        imported = art.manifest.get("config", {})
+        if cfg.hf_folder not in (imported.get("source"), imported.get("hf_folder")):  # hf_folder: before jobs.import_model
             raise UserError(f"model artifact '{name}' exists and was not imported from {cfg.hf_folder}: "
                             f"set base.import_as to another name")
         return art
-    from models.hf import load_model
-
-    fs, path = resolve(folder)
-    files = {}
-    for rel in MODEL_FILES:
-        try:
-            with fs.open_input_stream(f"{path}/{rel}") as f:
-                files[rel] = f.read()
-        except (FileNotFoundError, OSError):
-            raise ConfigError("base.hf_folder", f"'{folder}' has no {rel}: a Hugging Face model folder with "
-                                                f"safetensors weights and a tokenizer.json is needed") from None
-    with tempfile.TemporaryDirectory() as d:
-        for rel, data in files.items():
-            Path(d, rel).write_bytes(data)
-        try:
-            load_model(d)
-        except ValueError as e:
-            raise ConfigError("base.hf_folder", str(e)) from None
-    log.info("importing %s as model artifact '%s'", folder, name)
-    with store.create("model", name, {"hf_folder": cfg.hf_folder, "source": folder}) as out:
-        for rel, data in files.items():
-            out.write_bytes(rel, data)
-        out.extra["model"] = {"imported_from": folder, "hf_layout": True}
-    return store.open("model", name, verify=False)
+    return import_model(store, cfg.hf_folder, name, "base.hf_folder")
 
 
 # ---- task data ------------------------------------------------------------------------------------

@@ -13,38 +13,21 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, LlamaConfig as HFLlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoModelForCausalLM
 
 from models.decoding import SlotCache
 from models.hf_llama import CheckpointError, load_llama, save_llama
 from models.llama import Llama, LlamaConfig
+from tiny_hf import FAMILIES, save_family
 
 ATOL = 1e-4  # fp32 logits of a 2-layer model: the two implementations differ by float reassociation only
-COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              intermediate_size=96, max_position_embeddings=96, initializer_range=0.1, bos_token_id=1,
-              eos_token_id=2, pad_token_id=0)
-FAMILIES = {
-    # untied embeddings and Llama 3.1's rope scaling, with a short original context so that it bites
-    "llama": lambda: HFLlamaConfig(**COMMON, tie_word_embeddings=False, rope_theta=500000.0,
-                                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
-    # q/k/v biases, tied embeddings, linear rope scaling
-    "qwen2": lambda: Qwen2Config(**COMMON, tie_word_embeddings=True, rope_theta=10000.0,
-                                 rope_scaling={"rope_type": "linear", "factor": 2.0}),
-    # a sliding window shorter than the sequences, and a head_dim other than hidden_size / heads
-    "mistral": lambda: MistralConfig(**COMMON, sliding_window=8, head_dim=24, tie_word_embeddings=False),
-}
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> dict:
     """name -> (the transformers model, its folder saved in shards with an index)."""
     out = {}
-    for name, config in FAMILIES.items():
-        torch.manual_seed(0)
-        hf = AutoModelForCausalLM.from_config(config()).eval()
+    for name in FAMILIES:
         folder = tmp_path_factory.mktemp(name)
-        hf.save_pretrained(folder, max_shard_size="40KB")
+        hf = save_family(name, folder)
         assert (folder / "model.safetensors.index.json").is_file()
         out[name] = hf, folder
     return out

@@ -2,7 +2,7 @@
 decoding, generation and sampling.
 
 A model (models/gpt.py, models/llama.py) subclasses `DecoderLM` and provides
-`forward(idx, cache) -> (logits, cache)`, `hidden`, `decode(idx, SlotCache)`,
+`hidden(idx, cache) -> (final hidden states, cache)`, `lm_head`, `decode(idx, SlotCache)`,
 `final_norm` (never quantized: it tells the activations' dtype and device) and a
 `cfg` with `vocab_size`, `n_layer`, `n_kv_head`, `head_dim` and `block_size`; `generate`,
 `stream` and `loss` come from here, and its attention layers call `attend`.
@@ -78,29 +78,39 @@ def slot_mask(pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
 class DecoderLM(nn.Module):
     """A decoder-only language model: next-token loss, generation and streaming over its KV cache."""
 
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        """idx (B, T) token ids -> logits (B, T, vocab) and the updated KV cache."""
+        x, presents = self.hidden(idx, cache)
+        return self.lm_head(x), presents  # (B, T, vocab)
+
+    def past_length(self, idx: torch.Tensor, cache: KVCache | None) -> int:
+        """How many tokens `cache` holds; refuses a sequence that would outgrow block_size."""
+        t_past = cache[0][0].size(2) if cache else 0
+        if t_past + idx.size(1) > self.cfg.block_size:
+            raise ValueError(f"sequence of {t_past + idx.size(1)} tokens exceeds block_size {self.cfg.block_size}")
+        return t_past
+
+    def slot_positions(self, idx: torch.Tensor, cache: SlotCache) -> torch.Tensor:
+        """Where each live row's new token (idx (n, 1)) sits, (n,); refuses rows past block_size."""
+        n = idx.size(0)
+        if n != cache.live:
+            raise ValueError(f"{n} tokens for a cache with {cache.live} live rows")
+        pos = cache.lengths[:n]
+        if int(pos.max()) >= self.cfg.block_size:
+            raise ValueError(f"a row is already {int(pos.max())} tokens long, block_size is {self.cfg.block_size}")
+        return pos
+
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy; targets (B, T), `ignore_index` positions skipped."""
         logits, _ = self(idx)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
 
     @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        stop_tokens: Sequence[int] = (),
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Extends idx (B, T) by up to `max_new_tokens`; temperature 0 is greedy.
-
-        A row that emits a stop token keeps emitting it (the caller trims);
-        generation ends early once every row has stopped.
-        """
-        steps = self.stream(idx, max_new_tokens, temperature, top_k, top_p, stop_tokens, generator)
-        return torch.cat([idx, *steps], dim=1)
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
+        """Extends idx (B, T) by up to `max_new_tokens`; `sampling` as `stream` takes it (temperature 0
+        is greedy). A row that emits a stop token keeps emitting it (the caller trims); generation
+        ends early once every row has stopped."""
+        return torch.cat([idx, *self.stream(idx, max_new_tokens, **sampling)], dim=1)
 
     @torch.no_grad()
     def stream(

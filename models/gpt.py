@@ -116,17 +116,9 @@ class GPT(DecoderLM):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
-        """idx (B, T) token ids -> logits (B, T, vocab) and the updated KV cache."""
-        x, presents = self.hidden(idx, cache)
-        return self.lm_head(x), presents  # (B, T, vocab)
-
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
         """idx (B, T) -> final-layer-norm hidden states (B, T, C) and the KV cache (task heads read these)."""
-        B, T = idx.shape
-        t_past = cache[0][0].size(2) if cache else 0
-        if t_past + T > self.cfg.block_size:
-            raise ValueError(f"sequence of {t_past + T} tokens exceeds block_size {self.cfg.block_size}")
+        T, t_past = idx.size(1), self.past_length(idx, cache)
         pos = torch.arange(t_past, t_past + T, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         presents: KVCache = []
@@ -146,12 +138,7 @@ class GPT(DecoderLM):
         so sequences of any lengths, admitted at any step, decode together
         (iteration-level batching). The cache grows by one token per row.
         """
-        n = idx.size(0)
-        if n != cache.live:
-            raise ValueError(f"{n} tokens for a cache with {cache.live} live rows")
-        pos = cache.lengths[:n]
-        if int(pos.max()) >= self.cfg.block_size:
-            raise ValueError(f"a row is already {int(pos.max())} tokens long, block_size is {self.cfg.block_size}")
+        n, pos = idx.size(0), self.slot_positions(idx, cache)
         mask = slot_mask(pos)  # (n, 1, 1, T)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)[:, None, :]  # (n, 1, C)
         for i, block in enumerate(self.transformer.h):

@@ -198,17 +198,9 @@ class Llama(DecoderLM):
     def _rope(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rope_cos[pos].to(dtype), self.rope_sin[pos].to(dtype)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
-        """idx (B, T) token ids -> logits (B, T, vocab) and the updated KV cache."""
-        x, presents = self.hidden(idx, cache)
-        return self.lm_head(x), presents  # (B, T, vocab)
-
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
         """idx (B, T) -> final-norm hidden states (B, T, C) and the KV cache (task heads read these)."""
-        B, T = idx.shape
-        t_past = cache[0][0].size(2) if cache else 0
-        if t_past + T > self.cfg.block_size:
-            raise ValueError(f"sequence of {t_past + T} tokens exceeds block_size {self.cfg.block_size}")
+        T, t_past = idx.size(1), self.past_length(idx, cache)
         x = self.model.embed_tokens(idx)  # (B, T, C)
         cos, sin = self._rope(torch.arange(t_past, t_past + T, device=idx.device), x.dtype)  # (T, hs)
         presents: KVCache = []
@@ -224,12 +216,7 @@ class Llama(DecoderLM):
     def decode(self, idx: torch.Tensor, cache: SlotCache) -> torch.Tensor:
         """One new token for each of the cache's live rows: idx (n, 1) -> next-token logits (n, vocab).
         Each row at its own position, as in GPT.decode (iteration-level batching)."""
-        n = idx.size(0)
-        if n != cache.live:
-            raise ValueError(f"{n} tokens for a cache with {cache.live} live rows")
-        pos = cache.lengths[:n]
-        if int(pos.max()) >= self.cfg.block_size:
-            raise ValueError(f"a row is already {int(pos.max())} tokens long, block_size is {self.cfg.block_size}")
+        n, pos = idx.size(0), self.slot_positions(idx, cache)
         mask = slot_mask(pos, self.cfg.sliding_window)  # (n, 1, 1, T)
         x = self.model.embed_tokens(idx)  # (n, 1, C)
         cos, sin = self._rope(pos, x.dtype)  # (n, hs): one position per row

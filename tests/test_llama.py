@@ -127,9 +127,8 @@ def _copy(folder, tmp_path):
     return out
 
 
-REFUSALS = {  # case -> the family whose config has the field
-    "rope": "llama", "architecture": "mistral", "missing shard": "qwen2", "lacking tensor": "llama",
-    "o_proj bias": "llama", "partial sliding": "qwen2",
+REFUSALS = {  # case -> the family whose config has the field (tests/test_import_model.py: rope, shards, ...)
+    "o_proj bias": "llama", "partial sliding": "qwen2", "tied head differs": "qwen2",
 }
 
 
@@ -137,30 +136,22 @@ REFUSALS = {  # case -> the family whose config has the field
 def test_what_helio_cannot_honour_is_refused_by_name(saved, tmp_path, case):
     folder = _copy(saved[REFUSALS[case]][1], tmp_path)
     config = json.loads((folder / "config.json").read_text())
-    index = json.loads((folder / "model.safetensors.index.json").read_text())
-    shard = sorted(set(index["weight_map"].values()))[0]
-    if case == "rope":
-        config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
-        config.pop("rope_parameters", None)
-        match = "config.json: rope_scaling type 'yarn' is not supported"
-    elif case == "architecture":
-        config.update(model_type="gemma", architectures=["GemmaForCausalLM"])
-        match = "config.json: model_type 'gemma' is not one of llama, qwen2, mistral"
-    elif case == "missing shard":
-        (folder / shard).unlink()
-        match = f"index.json: names shard {shard}, which is missing"
-    elif case == "lacking tensor":
-        with safe_open(str(folder / shard), framework="pt") as f:
-            lost, *rest = list(f.keys())
-            kept = {k: f.get_tensor(k) for k in rest}
-        save_file(kept, str(folder / shard))
-        match = f"{shard}: lacks {lost}, which model.safetensors.index.json places in it"
-    elif case == "o_proj bias":
+    if case == "o_proj bias":
         config["attention_bias"] = True
-        match = "attention_bias true is not supported"
-    else:
+        match = "config.json: attention_bias true is not supported"
+    elif case == "partial sliding":
         config.update(use_sliding_window=True, sliding_window=8, max_window_layers=1, layer_types=None)
-        match = "sliding_window on some layers only"
+        match = "config.json: sliding_window on some layers only"
+    else:
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        shard = index["weight_map"]["model.embed_tokens.weight"]
+        with safe_open(str(folder / shard), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"] + 1
+        save_file(tensors, str(folder / shard))
+        index["weight_map"]["lm_head.weight"] = shard
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+        match = "tie_word_embeddings is true but lm_head.weight differs from the embeddings"
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=re.escape(match)):
         load_llama(folder)

@@ -66,6 +66,7 @@ bench: install
 	$(PY) benchmarks/finetune.py
 	$(PY) benchmarks/quantize.py --storage $(STORAGE)
 	$(PY) benchmarks/serve.py --storage $(STORAGE)
+	$(PY) benchmarks/llama_generate.py
 
 # after editing actors/proto/helio.proto (tests/test_serve_config.py checks the committed stubs are current)
 proto: install

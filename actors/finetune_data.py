@@ -19,26 +19,19 @@ FIELDS = {"sft": ("prompt", "response"), "classify": ("text", "label"), "embed":
 OPTIONAL = {"embed": ("negative",)}
 
 
-def special_id(tok: Any, names: tuple[str, ...]) -> int | None:
-    for name in names:
-        i = tok.token_to_id(name)
-        if i is not None:
-            return i
-    return None
-
-
 class TokenizeTask:
-    """A batch of records (dict of object arrays) -> token columns, right-padded with `pad_id`."""
+    """A batch of records (dict of object arrays) -> token columns, right-padded with the pad token.
 
-    def __init__(self, kind: str, tokenizer_json: str, max_len: int, max_query_len: int, pad_id: int,
-                 eos_id: int | None):
-        from tokenizers import Tokenizer
+    `tokenizer_files` as actors.chat.tokenizer_files gives them: with a chat template (an imported
+    checkpoint), an SFT prompt is rendered as the user's turn and the reply as the assistant's, the
+    loss on the reply and its end-of-turn token only; without one, prompt + response + eos."""
 
-        self.kind, self.max_len, self.max_query_len, self.pad_id, self.eos_id = \
-            kind, max_len, max_query_len, pad_id, eos_id
-        self.tok = Tokenizer.from_str(tokenizer_json)
-        self.tok.no_padding()
-        self.tok.no_truncation()
+    def __init__(self, kind: str, tokenizer_files: dict[str, str], max_len: int, max_query_len: int):
+        from actors.chat import ChatFormat
+
+        self.kind, self.max_len, self.max_query_len = kind, max_len, max_query_len
+        self.chat = ChatFormat(tokenizer_files)
+        self.tok, self.pad_id, self.eos_id = self.chat.tokenizer, self.chat.pad_id, self.chat.eos_id
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(next(iter(batch.values())))
@@ -82,17 +75,22 @@ class TokenizeTask:
         ids = np.full((len(drop), L), self.pad_id, dtype=np.int32)
         prompt_len, length = np.zeros(len(drop), np.int32), np.zeros(len(drop), np.int32)
         texts = lambda name: [t if isinstance(t, str) else "" for t in v[name]]  # noqa: E731
-        prompts = self.tok.encode_batch(texts("prompt"), add_special_tokens=False)
-        responses = self.tok.encode_batch(texts("response"), add_special_tokens=False)
-        eos = [self.eos_id] if self.eos_id is not None else []
-        for i, (p, r) in enumerate(zip(prompts, responses)):
+        if self.chat.templated:
+            pairs = [self.chat.prompt_and_reply(p, r) if not drop[i] else ([], [])
+                     for i, (p, r) in enumerate(zip(texts("prompt"), texts("response")))]
+        else:
+            eos = [self.eos_id] if self.eos_id is not None else []
+            prompts = self.tok.encode_batch(texts("prompt"), add_special_tokens=False)
+            responses = self.tok.encode_batch(texts("response"), add_special_tokens=False)
+            pairs = [(p.ids, r.ids + eos) for p, r in zip(prompts, responses)]
+        for i, (p, r) in enumerate(pairs):
             if drop[i]:
                 continue
-            if len(p.ids) >= L - 1:
+            if len(p) >= L - 1:
                 drop[i] = "prompt_too_long"  # not one response token would be left to learn from
                 continue
-            row = (p.ids + r.ids + eos)[:L]
-            ids[i, :len(row)], prompt_len[i], length[i] = row, len(p.ids), len(row)
+            row = (p + r)[:L]
+            ids[i, :len(row)], prompt_len[i], length[i] = row, len(p), len(row)
         return {"input_ids": ids, "prompt_len": prompt_len, "length": length}
 
     def classify(self, v: dict[str, list], drop: np.ndarray) -> dict[str, np.ndarray]:

@@ -137,6 +137,7 @@ class ServeConfig(JobConfig):
 
 def entries(cfg: ServeConfig) -> list[dict[str, Any]]:
     """Each model's entry for the ingress (task, tokenizer, context), checked against its artifact."""
+    from actors.chat import tokenizer_files
     from actors.model_loader import artifact_kind, check_servable
 
     store = Storage(cfg.storage)
@@ -149,14 +150,13 @@ def entries(cfg: ServeConfig) -> list[dict[str, Any]]:
         if kind != m.task:
             raise ConfigError(f"models[{i}].task", f"artifact '{m.artifact}' is a {kind} model, not {m.task}")
         entry = {"id": m.id, "task": m.task, "artifact": m.artifact,
-                 "tokenizer_json": art.read_bytes("tokenizer.json").decode(),
+                 "tokenizer_files": tokenizer_files(art),  # with a checkpoint's chat template and eos ids
                  "context": hf.get("n_positions") or hf.get("max_position_embeddings"),
                  "labels": [hf["id2label"][str(j)] for j in range(len(hf.get("id2label") or {}))]}
         if m.canary is not None:
             new = store.open("model", m.canary.artifact, verify=False)
             check_servable(new, m.force)
-            if artifact_kind(new) != artifact_kind(art) or new.read_bytes("tokenizer.json").decode() != \
-                    entry["tokenizer_json"]:
+            if artifact_kind(new) != artifact_kind(art) or tokenizer_files(new) != entry["tokenizer_files"]:
                 raise ConfigError(f"models[{i}].canary.artifact", f"'{m.canary.artifact}' is not a new version of "
                                   f"'{m.artifact}': a canary needs the same kind of model and the same tokenizer")
             entry["canary_artifact"] = m.canary.artifact
@@ -171,9 +171,7 @@ def api_keys(cfg: ServeConfig) -> list[str]:
 
 def build_app(cfg: ServeConfig):
     """The Serve application: one deployment per model, bound into the ingress."""
-    from tokenizers import Tokenizer
-
-    from actors.finetune_data import special_id
+    from actors.chat import ChatFormat
     from actors.serve_api import Api
     from actors.serve_deployments import Classifier, Embedder, Generator, threads_for
 
@@ -188,8 +186,7 @@ def build_app(cfg: ServeConfig):
         else:
             opts["num_replicas"] = m.replicas
         if m.task != "generate":  # the batched encoders pad with the tokenizer's pad token
-            pad = special_id(Tokenizer.from_str(e["tokenizer_json"]), ("<|pad|>", "[PAD]", "<pad>"))
-            batch = (pad if pad is not None else 0, threads_for(m.num_cpus), m.max_batch_size, m.batch_wait_s)
+            batch = (ChatFormat(e["tokenizer_files"]).pad_id, threads_for(m.num_cpus), m.max_batch_size, m.batch_wait_s)
         versions = [(m.id, opts["name"], m.artifact)]
         if m.canary is not None:
             versions.append((f"{m.id}@canary", f"{opts['name']}-canary", m.canary.artifact))

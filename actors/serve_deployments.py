@@ -4,7 +4,7 @@
   batched (`@serve.batch`) and each batch is cut into length-sorted chunks,
   so a short text is never padded to a long one's length.
 - Classifier: label names and probabilities; batched the same way.
-- Generator: a GPT (float or quantized) with the KV cache and sampling;
+- Generator: a causal LM (GPT or Llama, float or quantized) with the KV cache and sampling;
   streams tokens as they are sampled. Concurrent requests share decode steps
   through iteration-level batching (actors/generation_engine.py): a new
   request joins the running batch at the next step.

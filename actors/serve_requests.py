@@ -19,9 +19,8 @@ import grpc
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-from tokenizers import Tokenizer
 
-from actors.finetune_data import special_id
+from actors.chat import ChatFormat
 from actors.monitor import routing_path
 from cluster.storage import Storage
 
@@ -113,11 +112,11 @@ class Served:
         self.id, self.task, self.handle, self.canary = entry["id"], entry["task"], handle, canary
         self.artifacts = {"stable": entry["artifact"], "canary": entry.get("canary_artifact")}
         self.version = "stable"
-        self.tokenizer = Tokenizer.from_str(entry["tokenizer_json"])
-        self.tokenizer.no_padding()
-        self.tokenizer.no_truncation()
+        self.chat = ChatFormat(entry["tokenizer_files"])
+        self.tokenizer = self.chat.tokenizer
         self.context = entry["context"]
-        self.eos_id = special_id(self.tokenizer, ("<|endoftext|>", "</s>", "[SEP]"))
+        self.eos_ids = self.chat.eos_ids  # a reply ends at any of them
+        self.imported = "tokenizer_config.json" in entry["tokenizer_files"]  # a checkpoint's own format, not Helio's
 
     def as_version(self, version: str) -> "Served":
         view = copy.copy(self)
@@ -141,9 +140,9 @@ class Completion:
     def finish(self, tokens: list[int]) -> tuple[str, str | None]:
         """(text so far, cut at a stop string or the end-of-text token; finish reason or None)."""
         self.used = len(tokens)
-        eos = self.served.eos_id
-        ended = eos is not None and eos in tokens
-        text = self.served.tokenizer.decode(tokens[:tokens.index(eos)] if ended else tokens)
+        end = next((i for i, t in enumerate(tokens) if t in self.served.eos_ids), None)
+        ended = end is not None
+        text = self.served.tokenizer.decode(tokens[:end] if ended else tokens)
         for s in self.stops:
             if s in text:
                 return text[:text.index(s)], "stop"
@@ -333,7 +332,7 @@ class Frontend:
         served = self.model(body.model, "generate", asked)
         chat = isinstance(body, ChatRequest)
         field = "messages" if chat else "prompt"
-        ids = served.tokenizer.encode(chat_prompt(body.messages) if chat else body.prompt,
+        ids = served.tokenizer.encode(self.prompt_text(served, body) if chat else body.prompt,
                                       add_special_tokens=False).ids
         if len(ids) >= served.context:
             raise ApiError(400, f"{field}: {len(ids)} tokens, the model's context is {served.context}", field,
@@ -343,9 +342,21 @@ class Frontend:
             raise ApiError(400, "stop: at most 4 non-empty strings", "stop")
         params = {"max_tokens": min(body.max_tokens, served.context - len(ids)), "temperature": float(body.temperature),
                   "top_p": float(body.top_p) if body.top_p < 1 else None, "top_k": body.top_k, "seed": body.seed,
-                  "stop_ids": [served.eos_id] if served.eos_id is not None else []}
-        return served, ids, params, Completion(served, len(ids), stops + ([CHAT_STOP] if chat else []),
+                  "stop_ids": list(served.eos_ids)}
+        transcript = chat and not served.chat.templated  # Helio's own format ends where the next turn starts
+        return served, ids, params, Completion(served, len(ids), stops + ([CHAT_STOP] if transcript else []),
                                                params["max_tokens"], chat)
+
+    @staticmethod
+    def prompt_text(served: Served, body: ChatRequest) -> str:
+        """The conversation as the model reads it: its checkpoint's chat template, or Helio's transcript
+        for a model Helio trained; an imported checkpoint without a template has no chat format."""
+        if served.chat.templated:
+            return served.chat.render([{"role": m.role, "content": m.content} for m in body.messages])
+        if served.imported:
+            raise ApiError(400, f"model '{served.id}' has no chat template (its tokenizer_config.json sets none): "
+                                f"use /v1/completions with a prompt", "messages")
+        return chat_prompt(body.messages)
 
     async def generate(self, served: Served, ids: list[int], params: dict) -> list[int]:
         return await answer(served.handle.generate.remote(ids, params), self.deadline())

@@ -108,7 +108,7 @@ class LoopConfig:
     def identity(self) -> dict:
         """What a checkpoint must agree on to be resumed: everything that shapes the weights."""
         t = self.train
-        return to_dict({"model": self.model, "zero": self.zero, "optim": self.optim, "steps": t.steps,
+        return to_dict({"model": self.model.identity(), "zero": self.zero, "optim": self.optim, "steps": t.steps,
                         "micro_batch": t.micro_batch, "grad_accum": t.grad_accum, "seed": t.seed,
                         "shuffle_buffer": t.shuffle_buffer, "mask_prob": t.mask_prob,
                         "vocab_size": self.vocab_size, "block_len": self.block_len,

@@ -96,7 +96,7 @@ async def load(url: str, bodies: list[dict], concurrency: int, stream: bool = Fa
 
 def embed_ceiling(storage: str, snippets: list[str]) -> dict:
     """The replica's batched encode, in this process, on one thread: texts/s and one text's time."""
-    from actors.finetune_data import special_id
+    from actors.chat import special_id
     from actors.model_loader import open_runnable
     from actors.serve_deployments import encode
     from cluster.storage import Storage

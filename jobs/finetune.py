@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from actors.chat import ChatFormat, tokenizer_files
 from actors.model_import import import_model, source_folder
 from actors.train_driver import fit
 from actors.train_loop import EXPORT_DIR, FaultConfig, LoopConfig, TrainConfig
@@ -149,8 +150,8 @@ def data_uris(store: Storage, cfg: FinetuneConfig) -> tuple[dict[str, list[str]]
     return uris, None
 
 
-def tokenize_split(cfg: FinetuneConfig, uris: list[str], tokenizer_json: str, pad_id: int,
-                   eos_id: int | None) -> tuple[dict[str, np.ndarray], dict[str, int], int]:
+def tokenize_split(cfg: FinetuneConfig, uris: list[str], tokenizer_files: dict[str, str]
+                   ) -> tuple[dict[str, np.ndarray], dict[str, int], int]:
     """Reads and tokenizes one split with Ray Data; (kept columns, drops by reason, records read)."""
     import ray.data
 
@@ -163,8 +164,8 @@ def tokenize_split(cfg: FinetuneConfig, uris: list[str], tokenizer_json: str, pa
     else:
         raise ConfigError("data", f"mixed Parquet and JSON files in {uris[:3]}: use one format per split")
     ds = ds.map_batches(tokenize_records, batch_format="numpy",
-                        fn_kwargs={"kind": cfg.task, "tokenizer_json": tokenizer_json, "max_len": cfg.data.max_len,
-                                   "max_query_len": cfg.data.max_query_len, "pad_id": pad_id, "eos_id": eos_id})
+                        fn_kwargs={"kind": cfg.task, "tokenizer_files": tokenizer_files, "max_len": cfg.data.max_len,
+                                   "max_query_len": cfg.data.max_query_len})
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     if not parts:
         return {}, {}, 0
@@ -190,14 +191,13 @@ def write_rows(uri: str, cols: dict[str, np.ndarray]) -> None:
     write_parquet_file(uri, pa.table(arrays))
 
 
-def prepare_data(cfg: FinetuneConfig, store: Storage, run_uri: str, tokenizer_json: str,
-                 pad_id: int, eos_id: int | None) -> dict[str, Any]:
+def prepare_data(cfg: FinetuneConfig, store: Storage, run_uri: str, tokenizer_files: dict[str, str]) -> dict[str, Any]:
     """Tokenizes train and val into `{run}/data/`; checks counts and labels. Returns what the run needs."""
     uris, lineage = data_uris(store, cfg)
     out: dict[str, Any] = {"lineage": lineage, "labels": (), "rows": {}, "drops": {}, "read": {}, "uris": {}}
     tables = {}
     for split in ("train", "val"):
-        cols, drops, read = tokenize_split(cfg, uris[split], tokenizer_json, pad_id, eos_id)
+        cols, drops, read = tokenize_split(cfg, uris[split], tokenizer_files)
         if read == 0:
             raise UserError(f"the {split} data ({', '.join(uris[split][:3])}) holds no records")
         if not cols or not len(next(iter(cols.values()))):
@@ -227,17 +227,6 @@ def prepare_data(cfg: FinetuneConfig, store: Storage, run_uri: str, tokenizer_js
 
 # ---- the run --------------------------------------------------------------------------------------
 
-def tokenizer_ids(tokenizer_json: str) -> tuple[int, int | None]:
-    from tokenizers import Tokenizer
-
-    from actors.finetune_data import special_id
-
-    tok = Tokenizer.from_str(tokenizer_json)
-    eos = special_id(tok, ("<|endoftext|>", "</s>", "[SEP]"))
-    pad = special_id(tok, ("<|pad|>", "[PAD]", "<pad>"))
-    return (pad if pad is not None else (eos if eos is not None else 0)), eos
-
-
 def evaluate(evaluator: Any, cfg: FinetuneConfig, model_uri: str, rows_uri: str, eos_id: int | None) -> dict:
     import ray
 
@@ -256,13 +245,14 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     if (cfg.task == "sft" and arch not in CAUSAL) or (cfg.task == "embed" and arch != "encoder"):
         need = "a causal LM (GPT or Llama)" if cfg.task == "sft" else "an encoder (BERT)"
         raise ConfigError("task", f"task {cfg.task} needs {need} base; model artifact '{base.name}' is a {arch}")
-    tokenizer_json = base.read_bytes("tokenizer.json").decode()
-    pad_id, eos_id = tokenizer_ids(tokenizer_json)
+    files = tokenizer_files(base)
+    chat = ChatFormat(files)
+    pad_id, eos_id = chat.pad_id, chat.eos_id
     run_uri = store.to_uri(f"{store.root_path}/runs/{cfg.name}")
     from actors.finetune_eval import Evaluator
 
     evaluator = Evaluator.remote(cfg.eval.threads)  # its process starts while the data is tokenized
-    data = prepare_data(cfg, store, run_uri, tokenizer_json, pad_id, eos_id)
+    data = prepare_data(cfg, store, run_uri, files)
     spec = TaskSpec(kind=cfg.task, method=cfg.method, lora=cfg.lora, labels=data["labels"],
                     temperature=cfg.temperature, dropout=cfg.dropout)
     loop = loop_config(cfg, spec, base, data, pad_id)
@@ -283,7 +273,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     after = evaluate(evaluator, cfg, f"{store.to_uri(result.checkpoint.path)}/{EXPORT_DIR}/model", data["uris"]["val"], eos_id)
     with result.checkpoint.as_directory() as folder:
         export = Path(folder) / EXPORT_DIR
-        manifest = export_artifacts(cfg, store, base, data, export, tokenizer_json, records, final, seconds,
+        manifest = export_artifacts(cfg, store, base, data, export, files, records, final, seconds,
                                     before, after, run_uri)
     print(summary(cfg, manifest, data, run_uri))
     return manifest
@@ -320,7 +310,7 @@ def _arch_config(base: Artifact):
 
 
 def export_artifacts(cfg: FinetuneConfig, store: Storage, base: Artifact, data: dict[str, Any], export: Path,
-                     tokenizer_json: str, records: list[dict], final: dict, seconds: float,
+                     tokenizer_files: dict[str, str], records: list[dict], final: dict, seconds: float,
                      before: dict, after: dict, run_uri: str) -> dict[str, Any]:
     """models/{name} (and adapters/{name} for LoRA), each recording base, task, method and metrics."""
     last_val = next((r for r in reversed(records) if "val_loss" in r), final)
@@ -339,7 +329,8 @@ def export_artifacts(cfg: FinetuneConfig, store: Storage, base: Artifact, data: 
         with store.create(kind, cfg.name, to_dict(cfg), parents=parents) as out:
             for f in sorted((export / sub).iterdir()):
                 out.write_bytes(f.name, f.read_bytes())
-            out.write_bytes("tokenizer.json", tokenizer_json.encode())
+            for rel, text in tokenizer_files.items():  # the chat template and special tokens go along
+                out.write_bytes(rel, text.encode())
             out.metrics = metrics
             out.extra["finetune"] = finetune
             out.extra["model"] = {"arch": _arch_config(base).arch, "hf_layout": kind == "model",

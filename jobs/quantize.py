@@ -29,12 +29,13 @@ import numpy as np
 from cluster.cli import JobFailed, UserError, format_summary, run_job
 from cluster.config import ConfigError, to_dict
 from cluster.runtime import JobConfig, connect_job, embedded, scoped_attrs
+from actors.chat import TOKENIZER_FILES
 from actors.model_loader import artifact_kind
 from cluster.storage import Artifact, Storage, resolve
 from models.quant import KERNELS, QuantSpec
 
 log = logging.getLogger("helio")
-COPIED = ("config.json", "tokenizer.json")
+COPIED = ("config.json", "tokenizer.json")  # and any other TOKENIZER_FILES the parent has
 
 
 @dataclass(frozen=True)
@@ -272,8 +273,8 @@ def run(cfg: QuantizeConfig) -> dict[str, Any]:
         log.info("quantizing model '%s' (%s) to %s on a Ray worker", parent.name, kind, cfg.method)
         done = fetch(quantize_remote.remote(parent.uri, to_dict(spec), cfg.kernel, calibration, writer.tmp_uri))
         writer.add_files(done["files"])
-        for rel in COPIED:
-            writer.write_bytes(rel, parent.read_bytes(rel))
+        for rel in COPIED + tuple(f for f in TOKENIZER_FILES if f not in COPIED and f in parent.manifest["files"]):
+            writer.write_bytes(rel, parent.read_bytes(rel))  # the chat template and eos ids go along
         log.info("scoring the float and the quantized model on %s, %d tasks each", data_source, cfg.eval.shards)
         float_parts = score_parts(parent.uri, "auto", data, cfg.eval.shards)
         quant_parts = score_parts(writer.tmp_uri, cfg.kernel, data, cfg.eval.shards)

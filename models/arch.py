@@ -6,6 +6,7 @@ come from the dataset artifact, so they are arguments here, not config keys.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from models.llama import Llama, LlamaConfig
 
 ARCHS = ("gpt", "llama", "encoder")
 CAUSAL = ("gpt", "llama")  # next-token pretraining; the encoder is a masked LM
+LLAMA_ONLY = {"n_kv_head": 0, "intermediate_size": 0, "rope_theta": 10000.0, "tie_embeddings": False}  # defaults
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,14 @@ class ModelConfig:
             raise ValueError(f"n_kv_head: must divide n_head ({self.n_head}), not {self.n_kv_head}")
         if self.intermediate_size < 0 or self.rope_theta <= 0:
             raise ValueError("intermediate_size and rope_theta: must be positive (intermediate_size 0: the default)")
-        llama_only = {"n_kv_head": 0, "intermediate_size": 0, "rope_theta": 10000.0, "tie_embeddings": False}
-        if self.arch != "llama" and (set_ := [k for k, v in llama_only.items() if getattr(self, k) != v]):
+        if self.arch != "llama" and (set_ := [k for k, v in LLAMA_ONLY.items() if getattr(self, k) != v]):
             raise ValueError(f"{set_[0]}: only arch llama has it, not {self.arch}")
+
+    def identity(self) -> dict:
+        """What a checkpoint of this model must agree on: every field, but the llama-only ones (always
+        their defaults) only for a llama, so that runs checkpointed before they existed still resume."""
+        out = dataclasses.asdict(self)
+        return out if self.arch == "llama" else {k: v for k, v in out.items() if k not in LLAMA_ONLY}
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, pad_id: int = 1) -> nn.Module:

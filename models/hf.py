@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from models.encoder import Encoder, EncoderConfig
 from models.gpt import GPT, GPTConfig
-from models.hf_llama import FAMILIES, INDEX, llama_config_from_hf, load_llama, save_llama
+from models.hf_llama import FAMILIES, INDEX, llama_config_from_hf, llama_hf_config, load_llama, save_llama
 from models.llama import Llama
 from models.task_heads import SequenceClassifier
 
@@ -205,16 +205,27 @@ def load_encoder(folder: str | Path) -> Encoder:
     return model
 
 
+def _classifier_layout(backbone: GPT | Llama | Encoder) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json without the labels, the backbone's tensors) as *ForSequenceClassification has them."""
+    if isinstance(backbone, GPT):
+        return gpt_hf_config(backbone.cfg) | {"architectures": ["GPT2ForSequenceClassification"]}, \
+            gpt_to_hf_state_dict(backbone)
+    if isinstance(backbone, Llama):  # no LM head: the score head reads the last real token
+        config = llama_hf_config(backbone.cfg)
+        config["architectures"] = [config["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")]
+        return config, {k: t.detach().float().cpu().contiguous() for k, t in backbone.state_dict().items()
+                        if k != "lm_head.weight"}
+    return bert_hf_config(backbone.cfg) | {"architectures": ["BertForSequenceClassification"]}, \
+        encoder_to_hf_state_dict(backbone)
+
+
 def save_classifier(model: SequenceClassifier, folder: str | Path, labels: list[str], pad_id: int) -> list[str]:
-    """As GPT2ForSequenceClassification / BertForSequenceClassification, label names in config.json."""
+    """As GPT2- / Llama- (Qwen2-, Mistral-) / BertForSequenceClassification, label names in config.json."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    gpt = isinstance(model.backbone, GPT)
-    config = gpt_hf_config(model.backbone.cfg) if gpt else bert_hf_config(model.backbone.cfg)
-    config.update(architectures=["GPT2ForSequenceClassification" if gpt else "BertForSequenceClassification"],
-                  num_labels=len(labels), id2label={str(i): n for i, n in enumerate(labels)},
+    config, state = _classifier_layout(model.backbone)
+    config.update(num_labels=len(labels), id2label={str(i): n for i, n in enumerate(labels)},
                   label2id={n: i for i, n in enumerate(labels)}, pad_token_id=pad_id)
-    state = gpt_to_hf_state_dict(model.backbone) if gpt else encoder_to_hf_state_dict(model.backbone)
     head = {SequenceClassifier.hf_name(k): t.detach().float().cpu().contiguous()
             for k, t in model.state_dict().items() if not k.startswith("backbone.")}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -229,11 +240,15 @@ def load_classifier(folder: str | Path) -> tuple[SequenceClassifier, list[str]]:
     labels = [hf["id2label"][str(i)] for i in range(len(hf["id2label"]))]
     state = load_file(str(folder / "model.safetensors"))
     if hf.get("model_type") == "gpt2":
-        backbone: GPT | Encoder = GPT(gpt_config_from_hf(hf, str(folder)))
+        backbone: GPT | Llama | Encoder = GPT(gpt_config_from_hf(hf, str(folder)))
         head = {k: state.pop(k) for k in list(state) if k.startswith("score.")}
         state = {k: (v.t() if k.endswith(_CONV1D) else v) for k, v in state.items()
                  if not k.endswith((".attn.bias", ".attn.masked_bias"))}
         state["lm_head.weight"] = state["transformer.wte.weight"]
+    elif hf.get("model_type") in FAMILIES:
+        config = hf | {"architectures": [FAMILIES[hf["model_type"]]]}  # the backbone's own class
+        backbone = Llama(llama_config_from_hf(config, str(folder / "config.json")))
+        head = {k: state.pop(k) for k in list(state) if k.startswith("score.")}
     else:
         backbone = Encoder(encoder_config_from_hf(hf, str(folder)))
         head = {k.removeprefix("bert."): state.pop(k) for k in list(state)
@@ -285,7 +300,7 @@ def empty_model(folder: str | Path) -> GPT | Encoder | SequenceClassifier:
     if hf.get("model_type") == "gpt2":
         backbone: GPT | Llama | Encoder = GPT(gpt_config_from_hf(hf, source))
     elif hf.get("model_type") in FAMILIES:
-        backbone = Llama(llama_config_from_hf(hf, source))
+        backbone = Llama(llama_config_from_hf(hf | {"architectures": [FAMILIES[hf["model_type"]]]}, source))
     elif hf.get("model_type") == "bert":
         backbone = Encoder(encoder_config_from_hf(hf, source))
     else:

@@ -6,7 +6,7 @@ Each objective wraps a model as an nn.Module whose forward returns the loss
 fixed-width columns (B, ...) into the forward's arguments. Rows are right-
 padded; the `*len` columns say how many tokens are real.
 
-- sft: instruction tuning of a GPT; the loss covers response tokens only.
+- sft: instruction tuning of a causal LM (GPT or Llama); the loss covers response tokens only.
 - classify: a sequence classification head on a GPT or an Encoder, laid out
   as Hugging Face's GPT2ForSequenceClassification / BertForSequenceClassification.
 - embed: contrastive sentence embeddings of an Encoder (mean pooling), a
@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.encoder import Encoder
-from models.gpt import GPT
+from models.decoding import DecoderLM
 
 TASK_KINDS = ("sft", "classify", "embed")  # the finetuning tasks (a TaskSpec's `kind`)
 IGNORE = -100
@@ -45,12 +45,12 @@ def trim(ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 class SequenceClassifier(nn.Module):
     """A pretrained backbone and a fresh linear head over one pooled vector per sequence.
 
-    GPT: the last real token's hidden state (it has seen the whole sequence),
+    GPT or Llama: the last real token's hidden state (it has seen the whole sequence),
     `score` without bias. Encoder: BERT's pooler, tanh(dense(first token)), then
     `classifier`. `hf_name` maps parameter names to Hugging Face's.
     """
 
-    def __init__(self, backbone: GPT | Encoder, num_labels: int, dropout: float = 0.0):
+    def __init__(self, backbone: DecoderLM | Encoder, num_labels: int, dropout: float = 0.0):
         super().__init__()
         self.backbone, self.num_labels = backbone, num_labels
         d = backbone.cfg.n_embd
@@ -89,7 +89,7 @@ class SequenceClassifier(nn.Module):
 class SFT(nn.Module):
     """Next-token loss on the response only: columns input_ids (B, L), prompt_len (B,), length (B,)."""
 
-    def __init__(self, model: GPT):
+    def __init__(self, model: DecoderLM):
         super().__init__()
         self.model = model
 
@@ -191,7 +191,7 @@ def classification_metrics(pred: torch.Tensor, gold: torch.Tensor, num_labels: i
 
 
 @torch.no_grad()
-def exact_match(model: GPT, rows: dict[str, torch.Tensor], eos_id: int | None, max_new_tokens: int) -> float:
+def exact_match(model: DecoderLM, rows: dict[str, torch.Tensor], eos_id: int | None, max_new_tokens: int) -> float:
     """Fraction of prompts whose greedy continuation reproduces the reference response token for token
     (up to and including the end-of-text token when there is one)."""
     hits = 0

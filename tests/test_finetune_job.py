@@ -25,6 +25,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from actors.chat import ChatFormat, tokenizer_files
 from cluster.cli import UserError
 from cluster.config import ConfigError, load_config
 from cluster.storage import Storage
@@ -144,13 +145,45 @@ def test_sft_lora_adapter_loads_with_peft_onto_the_base_like_the_merged_model(st
         assert (hf(input_ids=ids).logits - merged(ids)[0]).abs().max().item() <= 1e-4
 
 
+def test_lora_sft_on_an_imported_llama_learns_replies_in_its_chat_template(storage, ray_cluster, tmp_path):
+    from tiny_hf import save_family
+
+    folder = tmp_path / "llama"
+    save_family("llama", folder, texts=[" ".join(WORDS)] * 5 + [r["prompt"] + r["response"] for r in _records(50, 3)])
+    manifest = _run(storage, "name=llama-sft", "task=sft", "method=lora", f"base.hf_folder={folder}",
+                    "base.import_as=tiny-llama", "zero.stage=3", "train.steps=6", "train.micro_batch=4",
+                    "train.eval_every=3", "train.checkpoint_every=6", "optim.lr=0.01", "eval.max_new_tokens=8",
+                    "data.max_len=48")
+    before, after = manifest["metrics"]["before"], manifest["metrics"]["after"]
+    assert after["response_loss"] < before["response_loss"]
+    root = Path(storage["root"])
+    # what it learned from: the template's user turn (masked), then the reply and its end-of-turn token
+    rows = pq.read_table(root / "runs" / "llama-sft" / "data" / "train.parquet").to_pylist()[:8]
+    tok = tokenizer_files(Storage(str(root)).open("model", "tiny-llama"))
+    chat = ChatFormat(tok)
+    for row in rows:
+        ids, p, n = row["input_ids"], row["prompt_len"], row["length"]
+        head = chat.tokenizer.decode(ids[:p], skip_special_tokens=False)
+        assert head.startswith("<|begin_of_text|><|start|>user<|end|>\n\n# echo ") and \
+            head.endswith("<|eot_id|><|start|>assistant<|end|>\n\n"), head
+        assert ids[n - 1] == 2 or n == 49  # the reply ends with <|eot_id|> unless cut at max_len
+    # ZeRO-3 gathered every adapter; peft puts it on transformers' Llama with the merged model's logits
+    base = transformers.AutoModelForCausalLM.from_pretrained(root / "models" / "tiny-llama").eval()
+    hf = peft.PeftModel.from_pretrained(base, root / "adapters" / "llama-sft").eval()
+    merged = load_model(root / "models" / "llama-sft").eval()
+    ids = torch.randint(6, 320, (2, 20))
+    with torch.no_grad():
+        assert (hf(input_ids=ids).logits - merged(ids)[0]).abs().max().item() <= 1e-4
+    for rel in ("tokenizer_config.json", "tokenizer.json"):  # serving finds the chat template
+        assert (root / "models" / "llama-sft" / rel).read_text() == (folder / rel).read_text()
+
+
 def _prepare(storage: dict, tmp_path: Path, task: str, train: list[dict], val: list[dict]):
     cfg = load_config(finetune.FinetuneConfig, None, [
         f"storage={storage['root']}", "data.tasks=", f"data.train={_write_jsonl(tmp_path / 't.jsonl', train)}",
         f"data.val={_write_jsonl(tmp_path / 'v.jsonl', val)}", f"task={task}", "base.artifact=gpt"])
     store = Storage(storage["root"])
-    tok = store.open("model", "gpt").read_bytes("tokenizer.json").decode()
-    return finetune.prepare_data(cfg, store, str(tmp_path / "run"), tok, *finetune.tokenizer_ids(tok))
+    return finetune.prepare_data(cfg, store, str(tmp_path / "run"), tokenizer_files(store.open("model", "gpt")))
 
 
 def test_bad_records_are_counted_or_refused(storage, tmp_path, ray_cluster):
@@ -170,8 +203,7 @@ def test_bad_records_are_counted_or_refused(storage, tmp_path, ray_cluster):
             f"storage={storage['root']}", "data.tasks=", f"data.train={tmp_path / 't.parquet'}",
             f"data.val={tmp_path / 't.parquet'}", "task=classify"])
         store = Storage(storage["root"])
-        tok = store.open("model", "gpt").read_bytes("tokenizer.json").decode()
-        finetune.prepare_data(cfg, store, str(tmp_path / "run3"), tok, *finetune.tokenizer_ids(tok))
+        finetune.prepare_data(cfg, store, str(tmp_path / "run3"), tokenizer_files(store.open("model", "gpt")))
 
 
 def test_config_and_base_mistakes_are_one_sentence(storage, ray_cluster):

@@ -10,11 +10,14 @@ import transformers
 from models.encoder import Encoder, EncoderConfig
 from models.finetune import TaskSpec, build_task_model, export_task_model
 from models.gpt import GPT, GPTConfig
+from models.llama import Llama, LlamaConfig
 from models.hf import load_classifier, load_model, save_model
 from models.lora import LoraSpec, add_lora, lora_parameters, merge_lora, read_adapter
 from models.task_heads import SFT, Contrastive, SequenceClassifier, classification_metrics, retrieval_metrics
 
 GPT_CFG = GPTConfig(vocab_size=101, block_size=24, n_layer=2, n_head=2, n_embd=16)
+LLAMA_CFG = LlamaConfig(vocab_size=101, block_size=24, n_layer=2, n_head=4, n_kv_head=2, n_embd=16,
+                        intermediate_size=32, qkv_bias=True)  # a Qwen2: q/k/v biases
 ENC_CFG = EncoderConfig(vocab_size=101, max_position=24, n_layer=2, n_head=2, n_embd=16, intermediate_size=40)
 SPEC = LoraSpec(rank=4, alpha=8.0)
 
@@ -29,7 +32,8 @@ def _perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def _base_folder(tmp_path, arch: str):
     torch.manual_seed(0)
-    model = _perturbed(GPT(GPT_CFG) if arch == "gpt" else Encoder(ENC_CFG))
+    model = _perturbed({"gpt": GPT, "llama": Llama, "encoder": Encoder}[arch](
+        {"gpt": GPT_CFG, "llama": LLAMA_CFG, "encoder": ENC_CFG}[arch]))
     save_model(model, tmp_path / "base")
     return tmp_path / "base"
 
@@ -105,7 +109,7 @@ def test_classification_metrics():
     assert abs(m["macro_f1"] - (2 / 3 + 2 / 3 + 1) / 3) < 1e-9
 
 
-@pytest.mark.parametrize("arch", ["gpt", "encoder"])
+@pytest.mark.parametrize("arch", ["gpt", "llama", "encoder"])
 def test_classifier_export_round_trip_and_transformers_parity(tmp_path, arch):
     torch.manual_seed(0)
     spec = TaskSpec(kind="classify", labels=("a", "b", "c"))
@@ -126,7 +130,8 @@ def test_classifier_export_round_trip_and_transformers_parity(tmp_path, arch):
     assert (ours - theirs).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("kind,arch", [("sft", "gpt"), ("embed", "encoder"), ("classify", "encoder")])
+@pytest.mark.parametrize("kind,arch", [("sft", "gpt"), ("sft", "llama"), ("embed", "encoder"), ("classify", "encoder"),
+                                       ("classify", "llama")])
 def test_peft_loads_the_adapter_onto_the_exported_base_with_the_same_outputs(tmp_path, kind, arch):
     torch.manual_seed(0)
     base_folder = _base_folder(tmp_path, arch)
@@ -149,7 +154,7 @@ def test_peft_loads_the_adapter_onto_the_exported_base_with_the_same_outputs(tmp
     auto = {"sft": transformers.AutoModelForCausalLM, "embed": transformers.AutoModel,
             "classify": transformers.AutoModelForSequenceClassification}[kind]
     if kind == "classify":  # the base for the adapter: the exported merged model minus the merge
-        hf_base = auto.from_pretrained(base_folder, num_labels=2)
+        hf_base = auto.from_pretrained(base_folder, num_labels=2, pad_token_id=ENC_CFG.pad_id)  # a decoder's last real token
     else:
         hf_base = auto.from_pretrained(base_folder)
     hf = peft.PeftModel.from_pretrained(hf_base, tmp_path / "out" / "adapter").eval()

@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig as HFLlamaConfig, MistralConfig, Qwen2Config
 
-COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+COMMON = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=96, max_position_embeddings=96, initializer_range=0.1, bos_token_id=0,
               eos_token_id=2, pad_token_id=3)  # the ids of tokenizer()'s specials
 FAMILIES = {
@@ -33,8 +33,9 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|start|>assistant<|end|>\n\n{% endif %}")
 
 
-def tokenizer(texts: list[str], vocab_size: int = 256) -> Tokenizer:
-    """A byte-level BPE with Llama 3's special tokens (ids 0-3) and the header tokens."""
+def tokenizer(texts: list[str], vocab_size: int = 320) -> Tokenizer:
+    """A byte-level BPE with Llama 3's special tokens (ids 0-3) and the header tokens: the 256 bytes,
+    6 specials and merges up to `vocab_size` (every id fits the model's embeddings)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

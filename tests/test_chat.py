@@ -1,0 +1,71 @@
+"""actors/chat.py: a checkpoint's chat template renders what `transformers` renders, its end-of-turn ids
+come from its own files, an SFT example's loss covers the assistant's reply only, and a model without
+a template is told apart from one Helio trained."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from actors.chat import ChatFormat, NoChatTemplate
+from actors.finetune_data import TokenizeTask
+from tiny_hf import SPECIALS, save_family, tokenizer
+
+MESSAGES = [{"role": "system", "content": "You write Python."},
+            {"role": "user", "content": "Read a file."},
+            {"role": "assistant", "content": "def read(path):\n    return open(path).read()"},
+            {"role": "user", "content": "  And write one.  "}]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("llama")
+    save_family("llama", out)
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2]}))
+    return out
+
+
+def _files(folder, *names):
+    return {n: (folder / n).read_text() for n in ("tokenizer.json", *names)}
+
+
+def test_the_template_renders_and_tokenizes_as_transformers_does(folder):
+    chat = ChatFormat(_files(folder, "tokenizer_config.json", "generation_config.json"))
+    theirs = AutoTokenizer.from_pretrained(folder)
+    for prompt in (True, False):
+        text = chat.render(MESSAGES, add_generation_prompt=prompt)
+        assert text == theirs.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=prompt)
+        ids = theirs.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=prompt)
+        assert chat.encode(text) == list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    assert text.startswith(SPECIALS[0]) and "And write one.<|eot_id|>" in text  # bos once, contents trimmed
+    # the reply ends at generation_config's ids first, then the tokenizer's own eos (<|eot_id|>, id 2)
+    assert chat.eos_ids == (1, 2) and chat.eos_id == 2 and chat.pad_id == 3 and chat.templated
+
+
+def test_an_sft_example_learns_the_reply_and_its_end_of_turn_only(folder):
+    chat = ChatFormat(_files(folder, "tokenizer_config.json"))
+    head, reply = chat.prompt_and_reply("Read a file.", "def read(path): ...")
+    assert chat.tokenizer.decode(head, skip_special_tokens=False).endswith("<|start|>assistant<|end|>\n\n")
+    assert chat.tokenizer.decode(reply, skip_special_tokens=False) == "def read(path): ...<|eot_id|>"
+    task = TokenizeTask("sft", _files(folder, "tokenizer_config.json"), max_len=64, max_query_len=8)
+    out = task({"prompt": ["Read a file."], "response": ["def read(path): ..."]})
+    n, p = int(out["length"][0]), int(out["prompt_len"][0])
+    assert out["input_ids"][0, :n].tolist() == head + reply and p == len(head) and out["drop"][0] == ""
+    assert out["input_ids"][0, n:].tolist() == [3] * (65 - n)  # padded with the tokenizer's pad token
+
+
+def test_no_template_is_refused_and_a_helio_tokenizer_keeps_its_specials_by_name(folder):
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    files = _files(folder) | {"tokenizer_config.json": json.dumps(config)}
+    chat = ChatFormat(files)
+    assert not chat.templated and chat.eos_ids == (2,)
+    with pytest.raises(NoChatTemplate, match="sets no chat_template"):
+        chat.render(MESSAGES)
+    helio = tokenizer(["plain text"] * 10, 300)  # no tokenizer_config.json: a tokenizer Helio trained
+    helio.add_special_tokens(["<|endoftext|>", "<|pad|>"])
+    chat = ChatFormat({"tokenizer.json": helio.to_str()})
+    assert not chat.templated and chat.hf is None
+    assert chat.eos_ids == (helio.token_to_id("<|endoftext|>"),) and chat.pad_id == helio.token_to_id("<|pad|>")

@@ -1,0 +1,100 @@
+"""A Llama-family checkpoint served by jobs.serve over real HTTP and gRPC: chat renders its own chat
+template and ends at its own end-of-turn ids, answering what `transformers` generates; an imported
+checkpoint without a template answers chat with a 400 that says so."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from actors.model_import import import_model
+from cluster.config import load_config
+from jobs import serve as serve_job
+from test_serve import AUTH, KEY, _grpc, call
+from tiny_hf import save_family
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+MESSAGES = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Read a file."}]
+
+
+@pytest.fixture(scope="module")
+def llama(serve_ports, tiny_store, tmp_path_factory):
+    """(base URL, config, the transformers model, its folder): the checkpoint imported twice, with its
+    chat template and without one, and served."""
+    folder = tmp_path_factory.mktemp("llama-chat")
+    hf = save_family("llama", folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 1]}))
+    plain = tmp_path_factory.mktemp("llama-plain") / "src"
+    shutil.copytree(folder, plain)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    import_model(tiny_store, str(folder), "serve_llama")
+    import_model(tiny_store, str(plain), "serve_llama_plain")
+    cfg = load_config(serve_job.ServeConfig, None, [
+        f"storage={tiny_store.root}", "name=llama_app", f"http.port={serve_ports['http']}",
+        f"grpc.port={serve_ports['grpc']}", f"api_keys=[{KEY}]",
+        "models=[{id: llama, artifact: serve_llama, num_cpus: 0.2}, {id: llama-plain, artifact: serve_llama_plain, "
+        "num_cpus: 0.2}]"])
+    url = serve_job.deploy(cfg)
+    yield url, cfg, hf, folder
+    from ray import serve
+
+    serve.delete(cfg.name)
+
+
+def _expected(hf, folder, ids: list[int], n: int) -> tuple[list[int], str]:
+    """transformers' greedy tokens for `ids`, cut before the first end-of-turn id, and the finish reason."""
+    out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=[2, 1],
+                      pad_token_id=3)[0, len(ids):].tolist()
+    end = next((i for i, t in enumerate(out) if t in (1, 2)), None)
+    return (out, "length") if end is None else (out[:end], "stop")
+
+
+def _decode(folder, tokens: list[int]) -> str:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(folder / "tokenizer.json")).decode(tokens)  # special tokens skipped
+
+
+def test_chat_uses_the_checkpoints_template_and_answers_what_transformers_generates(llama):
+    url, _, hf, folder = llama
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    tokens, finish = _expected(hf, folder, ids, 24)
+    status, body = call(url, "/v1/chat/completions", {"model": "llama", "messages": MESSAGES, "max_tokens": 24,
+                                                      "temperature": 0})
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"] == _decode(folder, tokens)
+    assert body["choices"][0]["finish_reason"] == finish
+    assert body["usage"]["prompt_tokens"] == len(ids)
+
+
+def test_completions_over_grpc_equal_http_on_the_grouped_query_cache(llama):
+    from actors.proto import helio_pb2 as pb
+
+    url, cfg, hf, folder = llama
+    prompt = "def read(path):"
+    http = call(url, "/v1/completions", {"model": "llama", "prompt": prompt, "max_tokens": 12, "temperature": 0})[1]
+    ids = AutoTokenizer.from_pretrained(folder)(prompt, add_special_tokens=False)["input_ids"]
+    tokens, _ = _expected(hf, folder, ids, 12)
+    assert http["choices"][0]["text"] == _decode(folder, tokens)
+    channel, stub = _grpc(cfg)
+    with channel:
+        chunks = list(stub.Complete(pb.CompleteRequest(model="llama", prompt=prompt, max_tokens=12, temperature=0),
+                                    metadata=AUTH, timeout=60))
+    assert "".join(c.text for c in chunks) == http["choices"][0]["text"]
+
+
+def test_a_checkpoint_without_a_chat_template_answers_chat_with_a_400(llama):
+    url = llama[0]
+    status, body = call(url, "/v1/chat/completions", {"model": "llama-plain", "messages": MESSAGES})
+    assert status == 400 and body["error"]["param"] == "messages"
+    assert "model 'llama-plain' has no chat template" in body["error"]["message"]
+    status, body = call(url, "/v1/completions", {"model": "llama-plain", "prompt": "def", "max_tokens": 4})
+    assert status == 200 and body["usage"]["completion_tokens"] <= 4

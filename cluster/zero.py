@@ -200,8 +200,10 @@ class ZeroStrategy:
                     full = p.detach().clone()
             out[name] = (full if full is not None else p.detach()).float().cpu().clone()
         if not trainable_only:
+            persistent = set(module.state_dict(keep_vars=True))  # not what a module recomputes (RoPE tables)
             for name, b in module.named_buffers():
-                out[name] = b.detach().float().cpu().clone()
+                if name in persistent:
+                    out[name] = b.detach().float().cpu().clone()
         return out
 
 

@@ -1,7 +1,7 @@
 """Promote or roll back a model's canary by hand (the monitor does either on its own).
 
-    python -m jobs.rollout --set app=serve_demo --set model=demo-gpt --set action=rollback
-    python -m jobs.rollout --set app=serve_demo --set model=demo-gpt --set action=promote
+    python -m jobs.rollout --set app=serve_demo --set model=demo-llama --set action=rollback
+    python -m jobs.rollout --set app=serve_demo --set model=demo-llama --set action=promote
 
 A canary starts with jobs.serve: give a model entry `canary: {artifact: NEW, share: 0.1}` and deploy
 the config again. Promote sends all of the model's traffic to the canary; rollback sends none. The

@@ -125,7 +125,7 @@ def test_the_lineage_runs_from_the_dataset_to_the_served_version(demo):
                                                         "served"], lineage
     assert "prepare_demo" in lineage[0] and "/runs/pretrain_demo/checkpoint_" in lineage[1]
     assert "(step 6)" in lineage[1] and "finetune_sft_demo" in lineage[3] and "int8" in lineage[4]
-    assert "'demo-gpt-int8'" in lineage[5] and f":{demo['port']}/v1" in lineage[5]
+    assert "'demo-llama-int8'" in lineage[5] and f":{demo['port']}/v1" in lineage[5]
     assert "lineage: dataset prepare_demo" in demo["printed"]
 
 
@@ -136,7 +136,7 @@ def test_the_served_models_answer_over_http_and_grpc_and_every_monitor_probe_pas
     from actors.proto import helio_pb2_grpc
 
     url = f"http://127.0.0.1:{demo['port']}/v1"
-    request = {"model": "demo-gpt-int8", "prompt": "def ", "max_tokens": 4, "temperature": 0}
+    request = {"model": "demo-llama-int8", "prompt": "def ", "max_tokens": 4, "temperature": 0}
     completion = _post(f"{url}/completions", request)
     assert completion["usage"]["completion_tokens"] >= 1
     with grpc.insecure_channel(f"127.0.0.1:{demo['grpc_port']}") as channel:  # the same answer over gRPC
@@ -146,7 +146,7 @@ def test_the_served_models_answer_over_http_and_grpc_and_every_monitor_probe_pas
     vectors = _post(f"{url}/embeddings", {"model": "minilm-code-search", "input": ["open a file"]})["data"]
     assert len(vectors[0]["embedding"]) == 384
     monitor = Storage(demo["storage"]).read_json("monitor/serve_demo/state.json")
-    assert sorted(monitor["health"]) == ["demo-gpt", "demo-gpt-int8", "minilm-code-search"]
+    assert sorted(monitor["health"]) == ["demo-llama", "demo-llama-int8", "minilm-code-search"]
     for model, h in monitor["health"].items():  # a state turns only after fail_after rounds: read the probes
         last = h["rounds"][-1]
         assert last["verdict"] == "ok" and all(p["ok"] for p in last["probes"]), (model, last)
@@ -213,7 +213,7 @@ def test_ray_job_submit_to_a_local_head_with_token_auth_serves_the_pipeline(demo
         assert "serve: running jobs.serve" in log  # not running on this cluster yet
         # the job has ended; its application keeps serving
         answer = _post(f"http://127.0.0.1:{port}/v1/completions",
-                       {"model": "demo-gpt", "prompt": "import ", "max_tokens": 4, "temperature": 0})
+                       {"model": "demo-llama", "prompt": "import ", "max_tokens": 4, "temperature": 0})
         assert answer["object"] == "text_completion" and answer["usage"]["completion_tokens"] >= 1
     finally:
         head.stop()

@@ -117,7 +117,8 @@ def open_base(store: Storage, cfg: BaseConfig) -> Artifact:
     if store.exists("model", name):
         art = store.open("model", name, verify=False)
         imported = art.manifest.get("config", {})
-        if cfg.hf_folder not in (imported.get("source"), imported.get("hf_folder")):  # hf_folder: before jobs.import_model
+        # "hf_folder": what artifacts imported before jobs.import_model existed recorded
+        if cfg.hf_folder not in (imported.get("source"), imported.get("hf_folder")):
             raise UserError(f"model artifact '{name}' exists and was not imported from {cfg.hf_folder}: "
                             f"set base.import_as to another name")
         return art
@@ -244,7 +245,8 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     arch = _arch_config(base).arch
     if (cfg.task == "sft" and arch not in CAUSAL) or (cfg.task == "embed" and arch != "encoder"):
         need = "a causal LM (GPT or Llama)" if cfg.task == "sft" else "an encoder (BERT)"
-        raise ConfigError("task", f"task {cfg.task} needs {need} base; model artifact '{base.name}' is a {arch}")
+        raise ConfigError("task", f"task {cfg.task} needs {need} base; "
+                                  f"model artifact '{base.name}' is of arch {arch}")
     files = tokenizer_files(base)
     chat = ChatFormat(files)
     pad_id, eos_id = chat.pad_id, chat.eos_id

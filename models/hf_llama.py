@@ -191,7 +191,8 @@ def load_llama(folder: str | Path) -> Llama:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise _refuse(str(folder), f"weights do not match this config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise _refuse(str(folder), f"weights do not match this config: missing {missing[:3]}, "
+                                   f"unexpected {unexpected[:3]}")
     for name, shape in expected.items():
         if state[name].shape != shape:
             raise _refuse(str(folder), f"{name} has shape {tuple(state[name].shape)}, the config needs {tuple(shape)}")

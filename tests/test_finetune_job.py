@@ -211,7 +211,7 @@ def test_config_and_base_mistakes_are_one_sentence(storage, ray_cluster):
         load_config(finetune.FinetuneConfig, None, ["task=translate"])
     with pytest.raises(ConfigError, match="exactly one of base.artifact and base.hf_folder"):
         load_config(finetune.FinetuneConfig, None, ["base.artifact=a", "base.hf_folder=/x"])
-    with pytest.raises(ConfigError, match="needs a GPT"):
+    with pytest.raises(ConfigError, match=r"needs a causal LM \(GPT or Llama\) base; model artifact 'enc' is of arch"):
         _run(storage, "name=bad", "task=sft", "base.artifact=enc")
     with pytest.raises(ConfigError, match="has no config.json"):
         _run(storage, "name=bad", "task=embed", "base.artifact=", f"base.hf_folder={storage['data']}")

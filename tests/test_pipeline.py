@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.train_driver import START_TIMEOUT_ENV
+from actors.train_driver import POLL_ENV, START_TIMEOUT_ENV
 from cluster.cli import JobFailed
 from cluster.config import ConfigError, load_config
 from cluster.storage import Storage
@@ -74,7 +74,7 @@ def demo(ray_cluster, serve_ports, tmp_path_factory):
     from actors.monitor import NAMESPACE, actor_name
 
     storage = str(tmp_path_factory.mktemp("pipeline"))
-    environ_before = os.environ.get(START_TIMEOUT_ENV)
+    environ_before = {k: os.environ.get(k) for k in (START_TIMEOUT_ENV, POLL_ENV)}
     port = serve_ports["http"]
     overrides = [f"storage={storage}", *TINY, f"serve.http.port={port}", f"serve.grpc.port={serve_ports['grpc']}"]
     # no retries: the run fails with one sentence saying why and how to resume, and exports nothing
@@ -85,7 +85,7 @@ def demo(ray_cluster, serve_ports, tmp_path_factory):
     failed = Storage(storage).read_json(pipeline.state_path("demo"))
     state, printed = _run(overrides)
     # what a stage sets for Ray Train's controller is its own: the driver's environment is as it was
-    assert os.environ.get(START_TIMEOUT_ENV) == environ_before
+    assert {k: os.environ.get(k) for k in environ_before} == environ_before
     yield {"storage": storage, "port": port, "grpc_port": serve_ports["grpc"], "overrides": overrides,
            "failed": failed, "state": state, "printed": printed}
     ray_cluster.kill(ray_cluster.get_actor(actor_name("serve_demo"), namespace=NAMESPACE), no_restart=True)
@@ -205,7 +205,9 @@ def test_ray_job_submit_to_a_local_head_with_token_auth_serves_the_pipeline(demo
         sets = [a for o in demo["overrides"] if not o.startswith(("serve.http.port", "serve.grpc.port"))
                 for a in ("--set", o)]
         done = head.submit(["python", "-m", "jobs.pipeline", "jobs/configs/demo.yaml", *sets, "--set",
-                            f"serve.http.port={port}", "--set", f"serve.grpc.port={free_port()}"], timeout=600)
+                            f"serve.http.port={port}", "--set", f"serve.grpc.port={free_port()}",
+                            # one model: what this test adds is the way in, not the models (served above)
+                            "--set", "serve.models=[{id: demo-llama, artifact: finetune_sft_demo}]"], timeout=600)
         log = done.stdout + done.stderr
         assert done.returncode == 0 and "succeeded" in log, log[-4000:]
         for label in ("prepare", "pretrain", "make_tasks", "finetune.sft", "finetune.embed", "quantize"):

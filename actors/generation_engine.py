@@ -45,11 +45,15 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, model: DecoderLM, max_batch: int, stream_interval_s: float = 0.0):
+    def __init__(self, model: DecoderLM, max_batch: int, stream_interval_s: float = 0.0, context: int = 0):
+        """`context`: tokens per sequence, prompt and reply (0: the model's block_size; more is capped to
+        it). The KV cache holds max_batch x context tokens, so a long-context checkpoint is served with
+        a smaller context than its own to fit memory."""
         self.model, self.max_batch, self.interval = model, max_batch, stream_interval_s
+        self.context = min(context or model.cfg.block_size, model.cfg.block_size)
         norm = model.final_norm.weight  # never quantized: the activations' dtype and device
         self.device = norm.device
-        self.cache = SlotCache(model.cfg, max_batch, norm.dtype, self.device)
+        self.cache = SlotCache(model.cfg, max_batch, norm.dtype, self.device, length=self.context)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.live: list[Sequence] = []  # live[i] is in slot i
         self.wake: asyncio.Event | None = None
@@ -62,8 +66,8 @@ class Engine:
         """The request's new token ids as they are sampled, in pieces: the first at once, then every token
         sampled since the last piece, at most one piece per `stream_interval_s` (each piece costs a message
         on every hop to the client; a token every millisecond would cost more than it computes)."""
-        if not ids or len(ids) >= self.model.cfg.block_size:
-            raise ValueError(f"a prompt needs 1 to {self.model.cfg.block_size - 1} tokens, got {len(ids)}")
+        if not ids or len(ids) >= self.context:
+            raise ValueError(f"a prompt needs 1 to {self.context - 1} tokens, got {len(ids)}")
         seed = params.get("seed")
         seq = Sequence(list(ids), int(params["max_tokens"]), float(params["temperature"]), params.get("top_k"),
                        params.get("top_p"), frozenset(params.get("stop_ids", ())),
@@ -130,7 +134,7 @@ class Engine:
             self.cache.add(kv)
             seq.logits = logits[0, -1]
             self.live.append(seq)
-        emitted, block = [], self.model.cfg.block_size
+        emitted, block = [], self.context
         live = self.live
         tokens = sample_rows(torch.stack([s.logits for s in live]), torch.tensor([s.temperature for s in live]),
                              torch.tensor([s.top_k or 0 for s in live]),

@@ -16,9 +16,9 @@ import torch.nn as nn
 
 from cluster.storage import Artifact, ArtifactError, Storage, fetch_folder, resolve
 from models.decoding import DecoderLM
-from models.encoder import Encoder, EncoderConfig
+from models.encoder import EncoderConfig
 from models.hf import empty_model, load_inference_model
-from models.hf_llama import FAMILIES
+from models.hf_llama import FAMILIES, is_headless
 from models.quant import QUANT_CONFIG, load_quantized
 from models.task_heads import SequenceClassifier
 
@@ -58,14 +58,14 @@ def artifact_kind(art: Artifact) -> str:
     hf = json.loads(art.read_bytes("config.json"))
     if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []):
         return "classify"
-    return "lm" if hf.get("model_type") in ("gpt2", *FAMILIES) else "embed"
+    return "lm" if hf.get("model_type") in ("gpt2", *FAMILIES) and not is_headless(hf) else "embed"
 
 
 def model_kind(model: nn.Module) -> str:
-    """lm (a GPT or Llama), classify (a SequenceClassifier) or embed (an Encoder)."""
+    """lm (a GPT or Llama), classify (a SequenceClassifier) or embed (an Encoder, a Llama without LM head)."""
     if isinstance(model, SequenceClassifier):
         return "classify"
-    return "lm" if isinstance(model, DecoderLM) else "embed"
+    return "lm" if isinstance(model, DecoderLM) and model.has_lm_head else "embed"
 
 
 def max_len(model: nn.Module) -> int:
@@ -78,7 +78,7 @@ def forward(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """One inference forward over full rows ids (B, T): logits, class logits or embeddings."""
     if isinstance(model, SequenceClassifier):
         return model(ids, torch.full((ids.size(0),), ids.size(1), dtype=torch.long))
-    if isinstance(model, Encoder):
+    if model_kind(model) == "embed":
         return model.embed(ids)
     return model(ids)[0]
 

@@ -72,6 +72,8 @@ class ModelEntry:
     max_queued_requests: int = 64  # per caller, before a 503 with Retry-After
     force: bool = False  # serve an artifact its quality gate rejected
     canary: Canary | None = None  # a new version of this model, rolled out beside it
+    max_context: int = 0  # tokens per request, prompt and reply; 0: the model's own (a 128k checkpoint's KV
+    #                       cache is max_batch_size x this, so cap it to what the replica's memory holds)
 
     def __post_init__(self) -> None:
         if self.task not in ENDPOINT_KINDS:
@@ -84,6 +86,8 @@ class ModelEntry:
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(f"max_ongoing_requests: {self.max_ongoing_requests} is below max_batch_size "
                              f"({self.max_batch_size}), so a replica could never fill a batch")
+        if self.max_context < 0 or self.max_context == 1:
+            raise ValueError(f"max_context: must be 0 (the model's own) or at least 2 tokens, not {self.max_context}")
         if not self.num_cpus > 0 or min(self.num_gpus, self.batch_wait_s, self.stream_interval_s) < 0:
             raise ValueError("num_cpus: must be positive (num_gpus, batch_wait_s, stream_interval_s not negative)")
 
@@ -151,7 +155,8 @@ def entries(cfg: ServeConfig) -> list[dict[str, Any]]:
             raise ConfigError(f"models[{i}].task", f"artifact '{m.artifact}' is a {kind} model, not {m.task}")
         entry = {"id": m.id, "task": m.task, "artifact": m.artifact,
                  "tokenizer_files": tokenizer_files(art),  # with a checkpoint's chat template and eos ids
-                 "context": hf.get("n_positions") or hf.get("max_position_embeddings"),
+                 "context": min(own := hf.get("n_positions") or hf.get("max_position_embeddings"),
+                                m.max_context or own),
                  "labels": [hf["id2label"][str(j)] for j in range(len(hf.get("id2label") or {}))]}
         if m.canary is not None:
             new = store.open("model", m.canary.artifact, verify=False)
@@ -193,7 +198,8 @@ def build_app(cfg: ServeConfig):
         for key, name, artifact in versions:
             args, dep = (cfg.storage, artifact, m.force), {**opts, "name": name}
             handles[key] = (
-                Generator.options(**dep).bind(*args, threads_for(m.num_cpus), m.max_batch_size, m.stream_interval_s)
+                Generator.options(**dep).bind(*args, threads_for(m.num_cpus), m.max_batch_size, m.stream_interval_s,
+                                              e["context"])
                 if m.task == "generate" else Embedder.options(**dep).bind(*args, *batch) if m.task == "embed" else
                 Classifier.options(**dep).bind(*args, *batch, e["labels"]))
     return Api.options(ray_actor_options={"num_cpus": cfg.ingress_cpus}, backpressure_config=BACKPRESSURE,

@@ -243,8 +243,8 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     check_resources(cfg.resources, embedded(cfg))
     base = open_base(store, cfg.base)
     arch = _arch_config(base).arch
-    if (cfg.task == "sft" and arch not in CAUSAL) or (cfg.task == "embed" and arch != "encoder"):
-        need = "a causal LM (GPT or Llama)" if cfg.task == "sft" else "an encoder (BERT)"
+    if (cfg.task == "sft" and arch not in CAUSAL) or (cfg.task == "embed" and arch not in ("encoder", "llama")):
+        need = "a causal LM (GPT or Llama)" if cfg.task == "sft" else "an encoder (BERT) or Llama-family"
         raise ConfigError("task", f"task {cfg.task} needs {need} base; "
                                   f"model artifact '{base.name}' is of arch {arch}")
     files = tokenizer_files(base)

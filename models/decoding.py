@@ -83,6 +83,27 @@ class DecoderLM(nn.Module):
         x, presents = self.hidden(idx, cache)
         return self.lm_head(x), presents  # (B, T, vocab)
 
+    @property
+    def has_lm_head(self) -> bool:
+        """False for an embedding model (`drop_lm_head`): hidden states in, no token logits out."""
+        return hasattr(self, "lm_head")
+
+    def drop_lm_head(self) -> "DecoderLM":
+        """For a model that embeds and never predicts tokens: an untied head would be dead weight with no
+        gradient; a tied one stays as the input embeddings."""
+        if self.has_lm_head:  # an embedding model loaded from its own export has none already
+            del self.lm_head
+        return self
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Sentence embeddings (B, C): the final hidden state of each row's last real token, the only one
+        that has seen the whole text under causal attention (last-token pooling, as decoder embedders
+        such as E5-Mistral and gte-Qwen2 pool). `attention_mask` (B, T): 1 for real tokens, padding after."""
+        h, _ = self.hidden(input_ids)  # (B, T, C)
+        last = (attention_mask.sum(dim=1) - 1 if attention_mask is not None
+                else torch.full((input_ids.size(0),), input_ids.size(1) - 1, device=input_ids.device))
+        return h[torch.arange(input_ids.size(0), device=input_ids.device), last.long()]  # (B, C)
+
     def past_length(self, idx: torch.Tensor, cache: KVCache | None) -> int:
         """How many tokens `cache` holds; refuses a sequence that would outgrow block_size."""
         t_past = cache[0][0].size(2) if cache else 0
@@ -91,13 +112,13 @@ class DecoderLM(nn.Module):
         return t_past
 
     def slot_positions(self, idx: torch.Tensor, cache: SlotCache) -> torch.Tensor:
-        """Where each live row's new token (idx (n, 1)) sits, (n,); refuses rows past block_size."""
+        """Where each live row's new token (idx (n, 1)) sits, (n,); refuses rows past the cache's length."""
         n = idx.size(0)
         if n != cache.live:
             raise ValueError(f"{n} tokens for a cache with {cache.live} live rows")
         pos = cache.lengths[:n]
-        if int(pos.max()) >= self.cfg.block_size:
-            raise ValueError(f"a row is already {int(pos.max())} tokens long, block_size is {self.cfg.block_size}")
+        if int(pos.max()) >= cache.length:
+            raise ValueError(f"a row is already {int(pos.max())} tokens long, the cache holds {cache.length}")
         return pos
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -145,13 +166,15 @@ class DecoderLM(nn.Module):
 
 class SlotCache:
     """A preallocated KV cache for iteration-level batching: room for `slots` sequences of up to
-    block_size tokens, sized by the model's KV heads. The live sequences are packed into slots
+    `length` tokens (block_size unless capped), sized by the model's KV heads. The live sequences are packed into slots
     0..live-1, so a decode step reads views of one buffer and copies nothing; freeing a slot moves
     the last live row into it."""
 
     def __init__(self, cfg, slots: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None):
-        shape = (cfg.n_layer, slots, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
+                 device: torch.device | str | None = None, length: int | None = None):
+        """`length`: tokens per slot, at most block_size (the default): a context cap below the model's own."""
+        self.length = min(length or cfg.block_size, cfg.block_size)
+        shape = (cfg.n_layer, slots, cfg.n_kv_head, self.length, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)

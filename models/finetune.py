@@ -54,8 +54,9 @@ def check_base(kind: str, base: nn.Module, source: str) -> None:
     """Which bases a task can start from, one clear sentence when it cannot."""
     if kind == "sft" and not isinstance(base, DecoderLM):
         raise ValueError(f"task sft needs a causal LM (GPT or Llama) base; {source} is a {type(base).__name__}")
-    if kind == "embed" and not isinstance(base, Encoder):
-        raise ValueError(f"task embed needs an encoder (BERT) base; {source} is a {type(base).__name__}")
+    if kind == "embed" and not isinstance(base, (Encoder, Llama)):
+        raise ValueError(f"task embed needs an encoder (BERT) or Llama-family base; {source} is a "
+                         f"{type(base).__name__}")
     if not isinstance(base, (DecoderLM, Encoder)):
         raise ValueError(f"{source} is a {type(base).__name__}, not a GPT, Llama or encoder base to finetune from")
 
@@ -78,7 +79,9 @@ def build_task_model(spec: TaskSpec, base_folder: str | Path) -> tuple[nn.Module
         model: nn.Module = SequenceClassifier(base, len(spec.labels), dropout=spec.dropout or 0.0)
         head = model.head
     else:
-        model, head = (base.drop_mlm_head() if isinstance(base, Encoder) else base), ()
+        model, head = base, ()
+        if spec.kind == "embed":  # hidden states only: the token-predicting head would get no gradient
+            model = base.drop_mlm_head() if isinstance(base, Encoder) else base.drop_lm_head()
     if spec.method == "lora":
         model = add_lora(model, spec.lora, arch_of(base), trainable=head)
     return model, head
@@ -129,8 +132,8 @@ def hf_adapter_name(kind: str):
         inner = key.removeprefix(prefix) if key.startswith(prefix) else key
         if kind == "classify":
             inner = SequenceClassifier.hf_name(inner)
-        elif kind == "embed":
-            inner = inner.removeprefix("bert.")  # exported as BertModel, no prefix
+        elif kind == "embed":  # exported as BertModel or LlamaModel (Qwen2Model, ...): no prefix
+            inner = inner.removeprefix("bert.").removeprefix("model.")
         return prefix + inner if key.startswith(prefix) else inner
 
     return rename

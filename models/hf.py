@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from models.encoder import Encoder, EncoderConfig
 from models.gpt import GPT, GPTConfig
-from models.hf_llama import FAMILIES, INDEX, llama_config_from_hf, llama_hf_config, load_llama, save_llama
+from models.hf_llama import (FAMILIES, INDEX, is_headless, llama_config_from_hf, llama_hf_config, load_llama,
+                             save_llama)
 from models.llama import Llama
 from models.task_heads import SequenceClassifier
 
@@ -307,7 +308,9 @@ def empty_model(folder: str | Path) -> GPT | Encoder | SequenceClassifier:
         raise ValueError(f"{folder}: model_type {hf.get('model_type')!r} is not one of gpt2, {', '.join(FAMILIES)}, bert")
     if any(a.endswith("ForSequenceClassification") for a in archs):
         return SequenceClassifier(backbone, len(hf["id2label"]))
-    return backbone.drop_mlm_head() if archs == ["BertModel"] else backbone
+    if archs == ["BertModel"]:
+        return backbone.drop_mlm_head()
+    return backbone.drop_lm_head() if is_headless(hf) else backbone
 
 
 def load_inference_model(folder: str | Path) -> GPT | Encoder | SequenceClassifier:

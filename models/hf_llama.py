@@ -1,6 +1,7 @@
 """Hugging Face checkpoints of the Llama family in and out: LlamaForCausalLM, Qwen2ForCausalLM and
 MistralForCausalLM folders (config.json + model.safetensors, or shards named by
-model.safetensors.index.json) to a Helio Llama, and back.
+model.safetensors.index.json) to a Helio Llama, and back; an embedding model (no LM head) as
+LlamaModel, Qwen2Model or MistralModel.
 
 The parameter names are Hugging Face's, so loading is a check that every tensor is there and fits;
 what Helio cannot honour in a config (an unknown rope scaling, biases it has no place for, sliding
@@ -19,6 +20,8 @@ from safetensors.torch import save_file
 from models.llama import ROPE_SCALING_TYPES, Llama, LlamaConfig, RopeScaling
 
 FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+# the same families without the LM head (LlamaModel, ...): how an embedding model finetuned from one is saved
+HEADLESS = {t: c.replace("ForCausalLM", "Model") for t, c in FAMILIES.items()}
 INDEX = "model.safetensors.index.json"
 
 
@@ -79,8 +82,8 @@ def llama_config_from_hf(hf: dict, source: str) -> LlamaConfig:
     if model_type not in FAMILIES:
         raise _refuse(source, f"model_type {model_type!r} is not one of {', '.join(FAMILIES)}")
     archs = hf.get("architectures") or [FAMILIES[model_type]]
-    if archs != [FAMILIES[model_type]]:
-        raise _refuse(source, f"architectures {archs} is not [{FAMILIES[model_type]!r}]")
+    if archs not in ([FAMILIES[model_type]], [HEADLESS[model_type]]):
+        raise _refuse(source, f"architectures {archs} is not [{FAMILIES[model_type]!r}] or [{HEADLESS[model_type]!r}]")
     if hf.get("hidden_act", "silu") != "silu":
         raise _refuse(source, f"hidden_act {hf['hidden_act']!r} is not SwiGLU's 'silu'")
     if hf.get("mlp_bias", False):
@@ -141,6 +144,11 @@ def llama_hf_config(cfg: LlamaConfig) -> dict:
     return out
 
 
+def is_headless(hf: dict) -> bool:
+    """A config.json of the family's base model class (LlamaModel, ...): hidden states, no LM head."""
+    return (hf.get("architectures") or [None]) == [HEADLESS.get(hf.get("model_type"))]
+
+
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of model.safetensors, or of the shards model.safetensors.index.json names (each
     checked to hold the tensors the index says it does), as fp32."""
@@ -180,13 +188,16 @@ def load_llama(folder: str | Path) -> Llama:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise _refuse(str(folder), "has no config.json: not a Hugging Face model folder")
-    cfg = llama_config_from_hf(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
+    hf = json.loads((folder / "config.json").read_text())
+    cfg = llama_config_from_hf(hf, str(folder / "config.json"))
     state = {k: v for k, v in read_weights(folder).items() if not k.endswith("rotary_emb.inv_freq")}
+    if is_headless(hf):  # LlamaModel's names are those inside LlamaForCausalLM's `model.`
+        state = {"model." + k: v for k, v in state.items()}
     if cfg.tie_embeddings:
         head = state.pop("lm_head.weight", None)
         if head is not None and not torch.equal(head, state.get("model.embed_tokens.weight", head)):
             raise _refuse(str(folder), "tie_word_embeddings is true but lm_head.weight differs from the embeddings")
-    model = Llama(cfg)
+    model = Llama(cfg).drop_lm_head() if is_headless(hf) else Llama(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -205,9 +216,13 @@ def save_llama(model: Llama, folder: str | Path, max_shard_bytes: int | None = N
     file names. A tied head is stored once, as Hugging Face does."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(llama_hf_config(model.cfg), indent=2))
+    config = llama_hf_config(model.cfg)
     state = {k: t.detach().float().cpu().contiguous() for k, t in model.state_dict().items()
              if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
+    if not model.has_lm_head:  # an embedding model: the family's base model class
+        config["architectures"] = [HEADLESS[config["model_type"]]]
+        state = {k.removeprefix("model."): t for k, t in state.items()}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in state.items():

@@ -7,9 +7,10 @@ fixed-width columns (B, ...) into the forward's arguments. Rows are right-
 padded; the `*len` columns say how many tokens are real.
 
 - sft: instruction tuning of a causal LM (GPT or Llama); the loss covers response tokens only.
-- classify: a sequence classification head on a GPT or an Encoder, laid out
-  as Hugging Face's GPT2ForSequenceClassification / BertForSequenceClassification.
-- embed: contrastive sentence embeddings of an Encoder (mean pooling), a
+- classify: a sequence classification head on a GPT, a Llama or an Encoder, laid out
+  as Hugging Face's *ForSequenceClassification.
+- embed: contrastive sentence embeddings of an Encoder (mean pooling) or a Llama
+  (the last token's final hidden state), a
   symmetric in-batch-negatives InfoNCE loss (van den Oord et al. 2018,
   https://arxiv.org/abs/1807.03748; as in CLIP and sentence-transformers'
   MultipleNegativesRankingLoss), negatives gathered from every worker.
@@ -117,8 +118,9 @@ class Classify(nn.Module):
         return F.cross_entropy(self.model(ids, lengths).float(), labels)
 
 
-def embed(model: Encoder, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Unit-length sentence embeddings (B, C): mean pooling, then L2 normalisation (sentence-transformers)."""
+def embed(model: Encoder | DecoderLM, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Unit-length sentence embeddings (B, C): the model's pooling (an Encoder's mean, a decoder's last
+    token), then L2 normalisation (sentence-transformers)."""
     return F.normalize(model.embed(ids, length_mask(lengths, ids.size(1))).float(), dim=-1)
 
 
@@ -132,7 +134,7 @@ class Contrastive(nn.Module):
     scaled by W to equal one process training on the whole global batch.
     """
 
-    def __init__(self, model: Encoder, temperature: float, gather: Gather | None = None, world: int = 1):
+    def __init__(self, model: Encoder | DecoderLM, temperature: float, gather: Gather | None = None, world: int = 1):
         super().__init__()
         self.model, self.temperature = model, temperature
         self.gather, self.world = gather or (lambda x: x), world

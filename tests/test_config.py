@@ -88,3 +88,12 @@ def test_prepare_config_rejects_contradictions():
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(Outer, tmp_path / "missing.yaml")
+
+
+def test_a_serve_models_context_cap_is_checked_where_it_is_written():
+    from jobs.serve import ServeConfig
+
+    with pytest.raises(ConfigError, match=r"'models\[0\].max_context': must be 0 \(the model's own\) or at least 2"):
+        load_config(ServeConfig, None, ["models=[{id: m, artifact: a, max_context: -8}]"])
+    cfg = load_config(ServeConfig, None, ["models=[{id: m, artifact: a, max_context: 2048}]"])
+    assert cfg.models[0].max_context == 2048

@@ -95,3 +95,22 @@ def test_a_prompt_that_fills_the_context_is_refused(model):
             await collect(engine, list(range(40)), greedy(1))
 
     asyncio.run(main())
+
+
+def test_a_context_cap_sizes_the_cache_and_ends_sequences_where_the_cap_says(model):
+    """A long-context checkpoint served with a smaller context: a cache of max_batch x cap tokens, prompts
+    refused at the cap, and a reply cut where prompt + reply fill it, the same tokens as uncapped."""
+    cap = 16
+    engine = Engine(model, max_batch=2, context=cap)
+    assert engine.context == cap and engine.cache.k.shape[3] == cap
+    assert Engine(model, max_batch=2, context=10 * model.cfg.block_size).context == model.cfg.block_size
+    prompt = torch.randint(0, model.cfg.vocab_size, (6,)).tolist()
+
+    async def main():
+        got = await collect(engine, prompt, greedy(30))
+        with pytest.raises(ValueError, match=f"a prompt needs 1 to {cap - 1} tokens, got {cap}"):
+            await collect(engine, list(range(cap)), greedy(2))
+        return got
+
+    got = asyncio.run(main())
+    assert got == model.generate(torch.tensor([prompt]), cap - len(prompt), temperature=0)[0, len(prompt):].tolist()

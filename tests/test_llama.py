@@ -155,3 +155,29 @@ def test_what_helio_cannot_honour_is_refused_by_name(saved, tmp_path, case):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=re.escape(match)):
         load_llama(folder)
+
+
+@pytest.mark.parametrize("qwen2", [False, True])
+def test_an_embedding_model_is_saved_as_the_familys_base_class_and_pools_the_last_token(tmp_path, qwen2):
+    """No LM head: saved as LlamaModel / Qwen2Model, whose last real token's hidden state transformers
+    computes as Helio's `embed` does (right padding, an attention mask), and loaded back headless."""
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                      intermediate_size=64, tie_embeddings=not qwen2, qkv_bias=qwen2)
+    model = Llama(cfg).eval().drop_lm_head()
+    save_llama(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2Model" if qwen2 else "LlamaModel"]
+    hf = AutoModel.from_pretrained(tmp_path).eval()
+    back = load_llama(tmp_path).eval()
+    assert not back.has_lm_head
+    ids = torch.randint(0, 100, (3, 10), generator=torch.Generator().manual_seed(1))
+    mask = (torch.arange(10)[None] < torch.tensor([10, 6, 3])[:, None]).long()
+    with torch.no_grad():
+        h = hf(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, C)
+        theirs = h[torch.arange(3), mask.sum(1) - 1]
+        ours = model.embed(ids, mask)
+        assert (ours - theirs).abs().max().item() <= ATOL
+        assert torch.equal(back.embed(ids, mask), ours)

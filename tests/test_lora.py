@@ -130,8 +130,8 @@ def test_classifier_export_round_trip_and_transformers_parity(tmp_path, arch):
     assert (ours - theirs).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("kind,arch", [("sft", "gpt"), ("sft", "llama"), ("embed", "encoder"), ("classify", "encoder"),
-                                       ("classify", "llama")])
+@pytest.mark.parametrize("kind,arch", [("sft", "gpt"), ("sft", "llama"), ("embed", "encoder"), ("embed", "llama"),
+                                       ("classify", "encoder"), ("classify", "llama")])
 def test_peft_loads_the_adapter_onto_the_exported_base_with_the_same_outputs(tmp_path, kind, arch):
     torch.manual_seed(0)
     base_folder = _base_folder(tmp_path, arch)
@@ -162,9 +162,11 @@ def test_peft_loads_the_adapter_onto_the_exported_base_with_the_same_outputs(tmp
     with torch.no_grad():
         if kind == "sft":
             ours, theirs, again = fresh(ids)[0], hf(input_ids=ids).logits, merged(ids)[0]
-        elif kind == "embed":
-            ours, again = fresh(ids, mask), merged(ids, mask)
-            theirs = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+        elif kind == "embed":  # each model's pooling: an encoder's mean, a decoder's last real token
+            ours, again = fresh.embed(ids, mask), merged.embed(ids, mask)
+            h = hf(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, C)
+            theirs = (h[torch.arange(2), lens - 1] if arch == "llama"
+                      else (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
         else:
             ours, again = fresh(ids, lens), merged(ids, lens)
             theirs = hf(input_ids=ids, attention_mask=mask).logits

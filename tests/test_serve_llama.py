@@ -1,6 +1,7 @@
 """A Llama-family checkpoint served by jobs.serve over real HTTP and gRPC: chat renders its own chat
 template and ends at its own end-of-turn ids, answering what `transformers` generates; an imported
-checkpoint without a template answers chat with a 400 that says so."""
+checkpoint without a template answers chat with a 400 that says so; the same weights without the LM
+head serve embeddings as transformers' LlamaModel pools them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from transformers import AutoTokenizer
 
 from actors.model_import import import_model
+from models.hf_llama import load_llama, save_llama
 from cluster.config import load_config
 from jobs import serve as serve_job
 from test_serve import AUTH, KEY, _grpc, call
@@ -33,15 +35,21 @@ def llama(serve_ports, tiny_store, tmp_path_factory):
     config = json.loads((plain / "tokenizer_config.json").read_text())
     del config["chat_template"]
     (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    embedder = tmp_path_factory.mktemp("llama-embed") / "src"  # the same weights, headless (LlamaModel)
+    shutil.copytree(folder, embedder)
+    for weights in [*embedder.glob("*.safetensors"), *embedder.glob("*.safetensors.index.json")]:
+        weights.unlink()
+    save_llama(load_llama(folder).drop_lm_head(), embedder)
     import_model(tiny_store, str(folder), "serve_llama")
     import_model(tiny_store, str(plain), "serve_llama_plain")
+    import_model(tiny_store, str(embedder), "serve_llama_embed")
     cfg = load_config(serve_job.ServeConfig, None, [
         f"storage={tiny_store.root}", "name=llama_app", f"http.port={serve_ports['http']}",
         f"grpc.port={serve_ports['grpc']}", f"api_keys=[{KEY}]",
         "models=[{id: llama, artifact: serve_llama, num_cpus: 0.2}, {id: llama-plain, artifact: serve_llama_plain, "
-        "num_cpus: 0.2}]"])
+        "num_cpus: 0.2, max_context: 48}, {id: llama-embed, artifact: serve_llama_embed, task: embed, num_cpus: 0.2}]"])
     url = serve_job.deploy(cfg)
-    yield url, cfg, hf, folder
+    yield url, cfg, hf, folder, embedder
     from ray import serve
 
     serve.delete(cfg.name)
@@ -62,7 +70,7 @@ def _decode(folder, tokens: list[int]) -> str:
 
 
 def test_chat_uses_the_checkpoints_template_and_answers_what_transformers_generates(llama):
-    url, _, hf, folder = llama
+    url, _, hf, folder, _ = llama
     tok = AutoTokenizer.from_pretrained(folder)
     ids = tok.apply_chat_template(MESSAGES, add_generation_prompt=True)
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
@@ -78,7 +86,7 @@ def test_chat_uses_the_checkpoints_template_and_answers_what_transformers_genera
 def test_completions_over_grpc_equal_http_on_the_grouped_query_cache(llama):
     from actors.proto import helio_pb2 as pb
 
-    url, cfg, hf, folder = llama
+    url, cfg, hf, folder, _ = llama
     prompt = "def read(path):"
     http = call(url, "/v1/completions", {"model": "llama", "prompt": prompt, "max_tokens": 12, "temperature": 0})[1]
     ids = AutoTokenizer.from_pretrained(folder)(prompt, add_special_tokens=False)["input_ids"]
@@ -98,3 +106,35 @@ def test_a_checkpoint_without_a_chat_template_answers_chat_with_a_400(llama):
     assert "model 'llama-plain' has no chat template" in body["error"]["message"]
     status, body = call(url, "/v1/completions", {"model": "llama-plain", "prompt": "def", "max_tokens": 4})
     assert status == 200 and body["usage"]["completion_tokens"] <= 4
+
+
+def test_a_context_cap_below_the_checkpoints_own_bounds_prompt_and_reply(llama):
+    """llama-plain is served with max_context 48 (its checkpoint has 96 positions)."""
+    url, *_, folder, _ = llama
+    tok = AutoTokenizer.from_pretrained(folder)
+    prompt = "def read(path): return open(path).read()\n" * 6
+    n = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert 48 <= n < 96
+    status, body = call(url, "/v1/completions", {"model": "llama-plain", "prompt": prompt, "max_tokens": 4})
+    assert status == 400 and f"prompt: {n} tokens, the model's context is 48" in body["error"]["message"], body
+    short = "def read(path):"
+    m = len(tok(short, add_special_tokens=False)["input_ids"])
+    status, body = call(url, "/v1/completions", {"model": "llama-plain", "prompt": short, "max_tokens": 200,
+                                                 "temperature": 0})
+    assert status == 200 and body["usage"]["completion_tokens"] <= 48 - m, body["usage"]
+
+
+def test_a_headless_llama_serves_embeddings_of_its_last_token_as_transformers_computes_them(llama):
+    from transformers import AutoModel
+
+    url, *_, embedder = llama
+    texts = ["open a file", "def read(path): return open(path).read()"]
+    status, body = call(url, "/v1/embeddings", {"model": "llama-embed", "input": texts})
+    assert status == 200, body
+    tok = AutoTokenizer.from_pretrained(embedder)
+    hf = AutoModel.from_pretrained(embedder).eval()
+    for text, item in zip(texts, body["data"]):
+        ids = tok(text, return_tensors="pt")["input_ids"]  # the tokenizer's own specials, as served
+        with torch.no_grad():
+            expected = torch.nn.functional.normalize(hf(input_ids=ids).last_hidden_state[0, -1], dim=-1)
+        assert (torch.tensor(item["embedding"]) - expected).abs().max().item() <= 1e-4

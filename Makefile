@@ -58,6 +58,7 @@ test-fast: install
 bench: install
 	$(PY) benchmarks/prepare.py
 	$(PY) benchmarks/train.py
+	$(PY) benchmarks/train_reports.py
 	$(PY) benchmarks/finetune.py
 	$(PY) benchmarks/quantize.py --storage $(STORAGE)
 	$(PY) benchmarks/serve.py --storage $(STORAGE)

@@ -88,8 +88,8 @@ def _without_the_shared_memory_op() -> None:
     """Tells DeepSpeed its CPU shared-memory allreduce op is unavailable, so it never compiles it.
 
     The op serves only DeepSpeed's tensor-parallel inference allreduce (`inference_all_reduce`);
-    training's collectives are torch.distributed's (gloo on CPU) either way. Compiling it just in time
-    took about 70 s of a fresh checkout's first run on 2 cores, and needed a ninja on PATH.
+    training's collectives are torch.distributed's (gloo on CPU) either way. Compiling it took about
+    70 s on 2 cores (in `make install`, or just in time in a fresh checkout's first run), with a ninja.
     `deepspeed.ops.__compatible_ops__` is the one table DeepSpeed consults for it (cached on first use).
     """
     import deepspeed.ops

@@ -166,9 +166,9 @@ class DecoderLM(nn.Module):
 
 class SlotCache:
     """A preallocated KV cache for iteration-level batching: room for `slots` sequences of up to
-    `length` tokens (block_size unless capped), sized by the model's KV heads. The live sequences are packed into slots
-    0..live-1, so a decode step reads views of one buffer and copies nothing; freeing a slot moves
-    the last live row into it."""
+    `length` tokens (block_size unless capped), sized by the model's KV heads. The live sequences
+    are packed into slots 0..live-1, so a decode step reads views of one buffer and copies nothing;
+    freeing a slot moves the last live row into it."""
 
     def __init__(self, cfg, slots: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, length: int | None = None):

@@ -14,7 +14,9 @@ threads, in this process:
   aggregate tokens/s against its one stream.
 
 Targets (issue 17): Helio's single stream >= 1.2 x `transformers`; 8 streams >= 3 x one stream.
-Both decode the same tokens (checked). Writes JSON to --out.
+Both decode the same tokens (checked). Also Helio's int8 model (models/quant.py) on one stream: one
+decoded token reads every weight once, so at batch 1 the float models are bound by memory
+bandwidth and int8 reads a quarter of the bytes. Writes JSON to --out.
 """
 
 from __future__ import annotations
@@ -125,6 +127,10 @@ def main() -> int:
     theirs = best([timed_hf(hf, prompt, args.tokens) for _ in range(args.repeats)])
     one = best([timed_helio(model, prompt, args.tokens, 1) for _ in range(args.repeats)])
     eight = best([timed_helio(model, prompt, args.tokens, 8) for _ in range(args.repeats)])
+    from models.quant import QuantSpec, quantize_model
+
+    int8 = quantize_model(model, QuantSpec("int8"))[0]  # a quarter of the weight bytes each token reads
+    one_int8 = best([timed_helio(int8, prompt, args.tokens, 1) for _ in range(args.repeats)])
     same = one["tokens"] == theirs["tokens"] == eight["tokens"] and eight["same_in_every_stream"]
     result = {
         "model": {"layers": args.layers, "width": args.width, "heads": 8, "kv_heads": 2, "parameters": params},
@@ -133,19 +139,25 @@ def main() -> int:
         "transformers": {k: v for k, v in theirs.items() if k != "tokens"},
         "helio_1_stream": {k: v for k, v in one.items() if k not in ("tokens", "same_in_every_stream")},
         "helio_8_streams": {k: v for k, v in eight.items() if k not in ("tokens", "same_in_every_stream")},
+        "helio_int8_1_stream": {k: v for k, v in one_int8.items() if k not in ("tokens", "same_in_every_stream")}
+        | {"tokens_equal_to_float": sum(a == b for a, b in zip(one_int8["tokens"], one["tokens"]))},
     }
     result["ratios"] = {"helio_vs_transformers_1_stream": one["tokens_per_s"] / theirs["tokens_per_s"],
-                        "helio_8_vs_1_streams": eight["tokens_per_s"] / one["tokens_per_s"]}
+                        "helio_8_vs_1_streams": eight["tokens_per_s"] / one["tokens_per_s"],
+                        "helio_int8_vs_transformers_1_stream": one_int8["tokens_per_s"] / theirs["tokens_per_s"]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"Llama {args.layers} layers x {args.width}, 8 heads / 2 KV heads, {params / 1e6:.1f} M parameters; "
           f"{args.prompt}-token prompt, {args.tokens} greedy tokens, {args.threads} thread(s); same tokens: {same}")
     print(f"{'':24} {'tokens/s':>9} {'TTFT ms':>8} {'ITL p50':>8} {'ITL p99':>8}")
-    for name, r in (("transformers generate", theirs), ("Helio, 1 stream", one), ("Helio, 8 streams", eight)):
+    for name, r in (("transformers generate", theirs), ("Helio, 1 stream", one), ("Helio, 8 streams", eight),
+                    ("Helio int8, 1 stream", one_int8)):
         print(f"{name:24} {r['tokens_per_s']:9.1f} {r['ttft_ms']:8.1f} {r['itl_p50_ms']:8.2f} {r['itl_p99_ms']:8.2f}")
     r = result["ratios"]
     print(f"Helio / transformers, 1 stream: {r['helio_vs_transformers_1_stream']:.2f}x (target >= 1.2x); "
           f"8 streams / 1 stream: {r['helio_8_vs_1_streams']:.2f}x (target >= 3x)")
+    print(f"Helio int8 / transformers (float), 1 stream: {r['helio_int8_vs_transformers_1_stream']:.2f}x; int8's "
+          f"first {args.tokens} tokens equal float's at {result['helio_int8_1_stream']['tokens_equal_to_float']}")
     return 0 if same else 1
 
 

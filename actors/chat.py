@@ -93,9 +93,28 @@ class ChatFormat:
     def prompt_and_reply(self, prompt: str, reply: str) -> tuple[list[int], list[int]]:
         """(ids of the user turn with the assistant's header, ids of the reply through its end-of-turn
         token): a single-turn example whose loss covers the reply only."""
-        user = [{"role": "user", "content": prompt}]
-        head = self.encode(self.render(user))
-        full = self.encode(self.render(user + [{"role": "assistant", "content": reply}], add_generation_prompt=False))
-        if full[:len(head)] != head:
-            raise ValueError("the chat template renders the prompt differently once a reply follows it")
-        return head, full[len(head):]
+        ids, replies = self.conversation([{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}])
+        start, _ = replies[0]
+        return ids[:start], ids[start:]
+
+    def conversation(self, messages: list[dict[str, str]]) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids of a whole conversation as the chat template renders it, and the [start, end) span of
+        each assistant reply in them: from after the assistant's header through its end-of-turn token,
+        the tokens a model learns to write.
+
+        Each reply's span comes from rendering the conversation up to it twice, ready for the reply and
+        with it; a template that renders a turn differently once later turns follow (one that drops
+        earlier replies' reasoning, say) has no such spans, and is refused.
+        """
+        ids = self.encode(self.render(messages, add_generation_prompt=False))
+        replies = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            head = self.encode(self.render(messages[:i]))  # ready for the reply: ends with its header
+            through = self.encode(self.render(messages[:i + 1], add_generation_prompt=False))
+            if through[:len(head)] != head or ids[:len(through)] != through:
+                raise ValueError(f"the chat template renders message {i} differently once later messages follow "
+                                 f"it, so its reply cannot be told apart from the rest of the conversation")
+            replies.append((len(head), len(through)))
+        return ids, replies

@@ -5,8 +5,9 @@ worker processes (an actor pool would start processes of its own, seconds each o
 small machine); it builds the tokenizer from its JSON for every batch, which costs
 little next to tokenizing the batch. Nothing is
 skipped silently: a record that cannot be used keeps its row with a `drop`
-reason (missing_field:<name>, bad_type:<name>, empty:<name>, prompt_too_long)
-so the job counts every one; usable rows have drop == "".
+reason (missing_field:<name>, bad_type:<name>, empty:<name>, prompt_too_long, and for a
+conversation bad_role:messages, no_reply:messages, no_chat_template:messages) so the job counts
+every one; usable rows have drop == "".
 """
 
 from __future__ import annotations
@@ -17,6 +18,27 @@ import numpy as np
 
 FIELDS = {"sft": ("prompt", "response"), "classify": ("text", "label"), "embed": ("query", "positive")}
 OPTIONAL = {"embed": ("negative",)}
+MESSAGES = "messages"  # sft: a whole conversation ([{role, content}, ...]) in place of prompt + response
+ROLES = ("system", "user", "assistant")
+
+
+def conversation(value: Any) -> list[dict[str, str]] | str | None:
+    """A record's `messages` as [{role, content}] ready for a chat template; a drop reason when it is
+    not one; None when the record has none (it is a prompt + response record)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):  # JSON lines without it read as NaN
+        return None
+    if not isinstance(value, (list, tuple, np.ndarray)) or not len(value):
+        return "bad_type:messages" if not isinstance(value, (list, tuple, np.ndarray)) else "empty:messages"
+    out = []
+    for m in value:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return "bad_type:messages"  # each message an object with a string role and content
+        if m["role"] not in ROLES:
+            return "bad_role:messages"
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
+        return "no_reply:messages"  # nothing to learn
+    return out
 
 
 class TokenizeTask:
@@ -24,7 +46,9 @@ class TokenizeTask:
 
     `tokenizer_files` as actors.chat.tokenizer_files gives them: with a chat template (an imported
     checkpoint), an SFT prompt is rendered as the user's turn and the reply as the assistant's, the
-    loss on the reply and its end-of-turn token only; without one, prompt + response + eos."""
+    loss on the reply and its end-of-turn token only; without one, prompt + response + eos. An SFT
+    record with `messages` is a whole conversation, rendered by the chat template, the loss on every
+    assistant reply (`loss_mask`); `prompt_len` is where the last reply starts (exact match writes it)."""
 
     def __init__(self, kind: str, tokenizer_files: dict[str, str], max_len: int, max_query_len: int):
         from actors.chat import ChatFormat
@@ -37,6 +61,11 @@ class TokenizeTask:
         n = len(next(iter(batch.values())))
         drop = np.array([""] * n, dtype=object)
         values: dict[str, list] = {}
+        conversations = [None] * n  # sft records with messages: their fields are not prompt + response
+        if self.kind == "sft" and batch.get(MESSAGES) is not None:
+            conversations = [conversation(m) for m in batch[MESSAGES]]
+            drop[:] = [c if isinstance(c, str) else "" for c in conversations]
+        values[MESSAGES] = conversations
         for name in FIELDS[self.kind] + OPTIONAL.get(self.kind, ()):
             col = batch.get(name)
             required = name in FIELDS[self.kind]
@@ -44,7 +73,7 @@ class TokenizeTask:
                 continue
             vals = [None] * n if col is None else list(col)
             for i, v in enumerate(vals):
-                if drop[i]:
+                if drop[i] or conversations[i] is not None:
                     continue
                 if v is None or (isinstance(v, float) and np.isnan(v)):
                     drop[i] = f"missing_field:{name}" if required else ""
@@ -72,26 +101,46 @@ class TokenizeTask:
 
     def sft(self, v: dict[str, list], drop: np.ndarray) -> dict[str, np.ndarray]:
         L = self.max_len + 1  # inputs are the first L-1 tokens, targets the last L-1
-        ids = np.full((len(drop), L), self.pad_id, dtype=np.int32)
-        prompt_len, length = np.zeros(len(drop), np.int32), np.zeros(len(drop), np.int32)
+        n = len(drop)
+        ids, mask = np.full((n, L), self.pad_id, dtype=np.int32), np.zeros((n, L), dtype=np.int32)
+        prompt_len, length = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        for i, (row, replies) in enumerate(self._conversations(v, drop)):
+            if drop[i]:
+                continue
+            fits = [(start, end) for start, end in replies if start < L - 1]  # a reply with a token to learn
+            if not fits:
+                drop[i] = "prompt_too_long"
+                continue
+            end = min(L, fits[-1][1])  # what follows the last reply teaches nothing
+            ids[i, :end], prompt_len[i], length[i] = row[:end], fits[-1][0], end
+            for start, stop in fits:
+                mask[i, start:min(stop, L)] = 1
+        return {"input_ids": ids, "loss_mask": mask, "prompt_len": prompt_len, "length": length}
+
+    def _conversations(self, v: dict[str, list], drop: np.ndarray) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Each record's (ids, [start, end) of each reply): a conversation through the chat template, a
+        prompt + response as its single turn (or, without a template, prompt + response + eos)."""
         texts = lambda name: [t if isinstance(t, str) else "" for t in v[name]]  # noqa: E731
-        if self.chat.templated:
-            pairs = [self.chat.prompt_and_reply(p, r) if not drop[i] else ([], [])
-                     for i, (p, r) in enumerate(zip(texts("prompt"), texts("response")))]
-        else:
+        if not self.chat.templated:
             eos = [self.eos_id] if self.eos_id is not None else []
             prompts = self.tok.encode_batch(texts("prompt"), add_special_tokens=False)
             responses = self.tok.encode_batch(texts("response"), add_special_tokens=False)
-            pairs = [(p.ids, r.ids + eos) for p, r in zip(prompts, responses)]
-        for i, (p, r) in enumerate(pairs):
+        out = []
+        for i, (prompt, response, messages) in enumerate(zip(texts("prompt"), texts("response"), v[MESSAGES])):
             if drop[i]:
-                continue
-            if len(p) >= L - 1:
-                drop[i] = "prompt_too_long"  # not one response token would be left to learn from
-                continue
-            row = (p + r)[:L]
-            ids[i, :len(row)], prompt_len[i], length[i] = row, len(p), len(row)
-        return {"input_ids": ids, "prompt_len": prompt_len, "length": length}
+                out.append(([], []))
+            elif messages is not None and not self.chat.templated:
+                drop[i] = "no_chat_template:messages"  # its tokenizer_config.json sets no chat_template
+                out.append(([], []))
+            elif messages is not None:
+                out.append(self.chat.conversation(messages))
+            elif self.chat.templated:
+                out.append(self.chat.conversation([{"role": "user", "content": prompt},
+                                                   {"role": "assistant", "content": response}]))
+            else:
+                p, r = prompts[i].ids, responses[i].ids + eos
+                out.append((p + r, [(len(p), len(p) + len(r))]))
+        return out
 
     def classify(self, v: dict[str, list], drop: np.ndarray) -> dict[str, np.ndarray]:
         ids, lens = self._ids(v["text"], self.max_len)

@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/serve.py [--storage ./runs] [--requests 256]
 
-One run, one local Ray cluster, one Serve application (jobs.serve) hosting the demo GPT
-(`pretrain_demo`) and the finetuned MiniLM (`finetune_embed_demo`), each replica given one CPU and
+One run, one local Ray cluster, one Serve application (jobs.serve) hosting the demo's Llama
+(`pretrain_demo`, a Llama-architecture model with grouped-query attention) and the finetuned MiniLM (`finetune_embed_demo`), each replica given one CPU and
 one torch thread; the in-process ceilings use one thread too. Clients are asyncio + aiohttp with
 keep-alive connections, in this process.
 
@@ -11,7 +11,9 @@ keep-alive connections, in this process.
     latency, against the in-process ceiling: the same texts through the same batched encode the
     replica runs (`Embedder.embed`'s length-sorted chunks of 16), texts/s.
 (b) Generation: tokens/s of 1 SSE stream and the aggregate of 8 concurrent streams (seeded sampling,
-    128 tokens), against in-process `GPT.generate` of 1 row and of 8 rows at once (KV cache).
+    128 tokens), time to first token and inter-token latency (p50 / p99 over the streams), against
+    in-process `generate` of 1 row and of 8 rows at once (KV cache). Against `transformers`' own
+    `generate` on the same weights: benchmarks/llama_generate.py.
 (c) Overhead: p50 latency at concurrency 1 of a plain Serve echo deployment (the framework's floor),
     of Helio's GET /health, and of a one-text embeddings request minus its in-process compute.
 
@@ -70,6 +72,7 @@ async def load(url: str, bodies: list[dict], concurrency: int, stream: bool = Fa
     for b in bodies:
         queue.put_nowait(b)
     latencies, tokens, errors = [], 0, 0
+    ttfts, itls = [], []  # streams: time to the first token; each stream's mean gap between tokens
 
     async def worker(session) -> None:
         nonlocal tokens, errors
@@ -77,13 +80,22 @@ async def load(url: str, bodies: list[dict], concurrency: int, stream: bool = Fa
             body = queue.get_nowait()
             t = time.perf_counter()
             async with session.request("POST" if body else "GET", url, json=body or None) as r:
-                raw = await r.read()
+                if not stream or r.status != 200:
+                    await r.read()
+                else:  # server-sent events, timed as they arrive
+                    first = last_at = None
+                    async for line in r.content:
+                        if line.startswith(b"data: {"):
+                            last_at, last = time.perf_counter(), line
+                            first = first or last_at
             latencies.append(time.perf_counter() - t)
             if r.status != 200:
                 errors += 1
             elif stream:
-                last = [e for e in raw.decode().split("\n\n") if e.startswith("data: {")][-1]
-                tokens += json.loads(last[6:])["usage"]["completion_tokens"]
+                n = json.loads(last[6:])["usage"]["completion_tokens"]
+                tokens += n
+                ttfts.append(first - t)
+                itls.append((last_at - first) / max(n - 1, 1))
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
         t0 = time.perf_counter()
@@ -91,7 +103,9 @@ async def load(url: str, bodies: list[dict], concurrency: int, stream: bool = Fa
         wall = time.perf_counter() - t0
     return {"concurrency": concurrency, "requests": len(bodies), "errors": errors, "seconds": wall,
             "requests_per_s": len(bodies) / wall, "p50_ms": 1e3 * pct(latencies, 0.5),
-            "p99_ms": 1e3 * pct(latencies, 0.99), "tokens_per_s": tokens / wall}
+            "p99_ms": 1e3 * pct(latencies, 0.99), "tokens_per_s": tokens / wall} | ({
+                "ttft_p50_ms": 1e3 * pct(ttfts, 0.5), "ttft_p99_ms": 1e3 * pct(ttfts, 0.99),
+                "itl_p50_ms": 1e3 * pct(itls, 0.5), "itl_p99_ms": 1e3 * pct(itls, 0.99)} if ttfts else {})
 
 
 def embed_ceiling(storage: str, snippets: list[str]) -> dict:
@@ -228,12 +242,14 @@ def print_tables(r: dict) -> None:
               f"{lv['requests_per_s'] / e['ceiling_texts_per_s']:>9.2f} {lv['p50_ms']:>8.1f} {lv['p99_ms']:>8.1f} "
               f"{lv['errors']:>6}")
     g = r["generation"]
-    print("\n(b) generation, 128 sampled tokens per stream")
-    print(f"{'':>24} {'tokens/s':>9}")
+    print("\n(b) generation (the demo's Llama), 128 sampled tokens per stream; TTFT and inter-token latency")
+    print("    (a stream's mean gap between tokens: pieces arrive every stream_interval_s) p50 / p99 over streams")
+    print(f"{'':>24} {'tokens/s':>9} {'TTFT ms':>15} {'ITL ms':>13}")
     print(f"{'in-process, 1 row':>24} {g['ceiling']['rows_1_tokens_per_s']:>9.0f}")
     print(f"{'in-process, 8 rows':>24} {g['ceiling']['rows_8_tokens_per_s']:>9.0f}")
     for n, s in g["streams"].items():
-        print(f"{f'Helio, {n} stream(s)':>24} {s['tokens_per_s']:>9.0f}   (errors {s['errors']})")
+        print(f"{f'Helio, {n} stream(s)':>24} {s['tokens_per_s']:>9.0f} {s['ttft_p50_ms']:>7.0f} / {s['ttft_p99_ms']:<5.0f}"
+              f" {s['itl_p50_ms']:>5.1f} / {s['itl_p99_ms']:<5.1f} (errors {s['errors']})")
     print(f"8 streams / 1 stream: {g['ratio_8_over_1']:.2f} (target >= 3)")
     o = r["overhead"]
     print(f"\n(c) per-request overhead at concurrency 1 (p50): echo deployment {o['echo_p50_ms']:.2f} ms, "

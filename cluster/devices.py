@@ -37,7 +37,7 @@ def gpu_peak_flops(name: str) -> float | None:
     return None
 
 
-def cpu_matmul_peak(n: int = 1024, seconds: float = 1.0) -> float:
+def cpu_matmul_peak(n: int = 1024, seconds: float = 0.3) -> float:
     """Measured fp32 matmul FLOP/s on this process's threads (best repetition)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b  # warm-up: thread pool and caches

@@ -88,7 +88,8 @@ class SequenceClassifier(nn.Module):
 
 
 class SFT(nn.Module):
-    """Next-token loss on the response only: columns input_ids (B, L), prompt_len (B,), length (B,)."""
+    """Next-token loss on the replies only: columns input_ids (B, L), loss_mask (B, L) (1 where a token
+    is a reply's, to be learned), length (B,)."""
 
     def __init__(self, model: DecoderLM):
         super().__init__()
@@ -97,7 +98,7 @@ class SFT(nn.Module):
     def batch(self, rows: dict[str, torch.Tensor], generator: torch.Generator | None = None):
         ids = trim(rows["input_ids"], rows["length"])
         j = torch.arange(1, ids.size(1))[None, :]  # (1, L-1): the position each target comes from
-        keep = (j >= rows["prompt_len"][:, None]) & (j < rows["length"][:, None])
+        keep = rows["loss_mask"][:, 1:ids.size(1)].bool() & (j < rows["length"][:, None])
         return ids[:, :-1], torch.where(keep, ids[:, 1:], IGNORE)  # (B, T), (B, T)
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """jobs.finetune on a real local Ray cluster: tiny bases, generated task data, real DeepSpeed ZeRO.
 
-The bases are a 2-layer GPT and a 2-layer encoder with a BPE trained here on a
+The bases are a 2-layer GPT, Llama and encoder with a BPE trained here on a
 few stdlib modules, stored as model artifacts the way jobs.pretrain exports
-them; each run takes about a minute on 2 cores.
+them (and a tiny Llama checkpoint imported from a Hugging Face folder); each
+run takes under a minute on 2 cores.
 """
 
 from __future__ import annotations
@@ -118,40 +119,44 @@ def _adapter(storage: dict, name: str) -> dict[str, torch.Tensor]:
     return load_file(str(Path(storage["root"]) / "adapters" / name / "adapter_model.safetensors"))
 
 
-def test_zero3_lora_adapters_are_complete_and_equal_zero0s(storage, ray_cluster):
-    runs = {}
-    for stage in (3, 0):
-        runs[stage] = _run(storage, f"name=emb{stage}", "task=embed", "method=lora", "base.artifact=enc",
-                           f"zero.stage={stage}", "train.steps=6", "train.micro_batch=4", "train.eval_every=3",
-                           "train.checkpoint_every=3", "optim.lr=0.01", "lora.rank=4")
-    z3, z0 = _adapter(storage, "emb3"), _adapter(storage, "emb0")
-    assert z3.keys() == z0.keys() and len(z3) == 2 * 6 * 2  # A and B of 6 projections in 2 layers
+@pytest.fixture(scope="module")
+def llama_embedders(storage, ray_cluster) -> dict[int, dict]:
+    """A Llama learning contrastive embeddings with LoRA, once under ZeRO-3 and once under ZeRO-0."""
+    return {stage: _run(storage, f"name=llama-emb{stage}", "task=embed", "method=lora", "base.artifact=llama",
+                        f"zero.stage={stage}", "train.steps=6", "train.micro_batch=8", "train.eval_every=3",
+                        "train.checkpoint_every=3", "optim.lr=0.02", "lora.rank=8")
+            for stage in (3, 0)}
+
+
+def test_zero3_lora_adapters_are_complete_and_equal_zero0s(storage, llama_embedders):
+    z3, z0 = _adapter(storage, "llama-emb3"), _adapter(storage, "llama-emb0")
+    assert z3.keys() == z0.keys() and len(z3) == 2 * 7 * 2  # A and B of 7 projections in 2 layers
+    # The same training: ZeRO-3's reduce-scatter and ZeRO-0's all-reduce sum in other orders (~1e-7 per
+    # element), which Adam magnifies where a gradient is near zero (one element in thousands moved 1.3e-5,
+    # measured): each tensor must agree to 1e-4 of its norm (a missing or misplaced shard differs by ~all of it).
     for k in z3:
         assert z3[k].numel() > 0 and z3[k].shape == z0[k].shape, k
-        assert torch.allclose(z3[k], z0[k], atol=1e-5), k
+        assert (z3[k] - z0[k]).norm() <= 1e-4 * z0[k].norm(), k
     assert any("lora_B" in k and z3[k].abs().max() > 0 for k in z3)  # B left zero: nothing was trained
-    m = runs[3]["metrics"]
-    assert set(m["before"]) == set(m["after"]) == {"recall@1", "recall@10", "mrr"}
-    assert runs[3]["finetune"]["task"] == "embed" and runs[3]["finetune"]["method"] == "lora"
-    assert runs[3]["parents"][0]["name"] == "enc"
+    m = llama_embedders[3]
+    assert m["finetune"]["task"] == "embed" and m["finetune"]["method"] == "lora"
+    assert m["parents"][0]["name"] == "llama"
 
 
-def test_a_llama_trains_contrastive_embeddings_with_lora_that_peft_pools_like_the_merged_model(storage, ray_cluster):
+def test_a_llama_trains_contrastive_embeddings_with_lora_that_peft_pools_like_the_merged_model(storage,
+                                                                                              llama_embedders):
     """The contrastive task on the Llama family: last-token embeddings, exported as LlamaModel."""
-    manifest = _run(storage, "name=llama-emb", "task=embed", "method=lora", "base.artifact=llama", "zero.stage=2",
-                    "train.steps=6", "train.micro_batch=8", "train.eval_every=3", "train.checkpoint_every=6",
-                    "optim.lr=0.02", "lora.rank=8")
-    before, after = manifest["metrics"]["before"], manifest["metrics"]["after"]
+    before, after = llama_embedders[3]["metrics"]["before"], llama_embedders[3]["metrics"]["after"]
     assert set(before) == set(after) == {"recall@1", "recall@10", "mrr"}
     # The contrastive loss falls (a random base embeds every text alike: at temperature 0.05 its first loss
     # is several times the ~ln(27) of spread-out embeddings). Retrieval quality is the demo's claim, on MiniLM.
-    records = [json.loads(line) for line in (Path(storage["root"]) / "runs" / "llama-emb" / "metrics.jsonl").open()]
+    records = [json.loads(line) for line in (Path(storage["root"]) / "runs" / "llama-emb3" / "metrics.jsonl").open()]
     assert records[-1]["loss"] < records[0]["loss"] / 2, [r["loss"] for r in records]
     root = Path(storage["root"])
-    assert json.loads((root / "models" / "llama-emb" / "config.json").read_text())["architectures"] == ["LlamaModel"]
+    assert json.loads((root / "models" / "llama-emb3" / "config.json").read_text())["architectures"] == ["LlamaModel"]
     base = transformers.AutoModel.from_pretrained(root / "models" / "llama")  # LlamaModel from the causal LM
-    hf = peft.PeftModel.from_pretrained(base, root / "adapters" / "llama-emb").eval()
-    merged = load_model(root / "models" / "llama-emb").eval()
+    hf = peft.PeftModel.from_pretrained(base, root / "adapters" / "llama-emb3").eval()
+    merged = load_model(root / "models" / "llama-emb3").eval()
     ids = torch.randint(5, 500, (2, 12))
     mask = (torch.arange(12)[None] < torch.tensor([12, 8])[:, None]).long()
     with torch.no_grad():
@@ -159,44 +164,40 @@ def test_a_llama_trains_contrastive_embeddings_with_lora_that_peft_pools_like_th
         assert (h[torch.arange(2), mask.sum(1) - 1] - merged.embed(ids, mask)).abs().max().item() <= 1e-4
 
 
-def test_sft_lora_adapter_loads_with_peft_onto_the_base_like_the_merged_model(storage, ray_cluster):
-    manifest = _run(storage, "name=sft", "task=sft", "method=lora", "base.artifact=gpt", "zero.stage=2",
-                    "train.steps=6", "train.micro_batch=4", "train.eval_every=3", "train.checkpoint_every=6",
-                    "optim.lr=0.01", "lora.targets=[c_attn, c_fc]", "eval.max_new_tokens=16")
-    before, after = manifest["metrics"]["before"], manifest["metrics"]["after"]
-    assert set(before) == set(after) == {"exact_match", "response_loss"}
-    assert after["response_loss"] < before["response_loss"]  # it learned the responses, measured on held-out
-    root = Path(storage["root"])
-    base = transformers.GPT2LMHeadModel.from_pretrained(root / "models" / "gpt")
-    hf = peft.PeftModel.from_pretrained(base, root / "adapters" / "sft").eval()
-    merged = load_model(root / "models" / "sft").eval()
-    ids = torch.randint(5, 500, (2, 20))
-    with torch.no_grad():
-        assert (hf(input_ids=ids).logits - merged(ids)[0]).abs().max().item() <= 1e-4
-
-
 def test_lora_sft_on_an_imported_llama_learns_replies_in_its_chat_template(storage, ray_cluster, tmp_path):
     from tiny_hf import save_family
 
     folder = tmp_path / "llama"
     save_family("llama", folder, texts=[" ".join(WORDS)] * 5 + [r["prompt"] + r["response"] for r in _records(50, 3)])
+    # one record in two is a two-turn conversation (`messages`), the others prompt + response
+    records = _records(384, 1)
+    train = [r if i % 2 else {"messages": [{"role": "user", "content": r["prompt"]},
+                                           {"role": "assistant", "content": r["response"]},
+                                           {"role": "user", "content": records[i + 1]["prompt"]},
+                                           {"role": "assistant", "content": records[i + 1]["response"]}]}
+             for i, r in enumerate(records)]
     manifest = _run(storage, "name=llama-sft", "task=sft", "method=lora", f"base.hf_folder={folder}",
                     "base.import_as=tiny-llama", "zero.stage=3", "train.steps=6", "train.micro_batch=4",
                     "train.eval_every=3", "train.checkpoint_every=6", "optim.lr=0.01", "eval.max_new_tokens=8",
-                    "data.max_len=48")
+                    "data.max_len=64", f"data.train={_write_jsonl(tmp_path / 'train.jsonl', train)}")
     before, after = manifest["metrics"]["before"], manifest["metrics"]["after"]
     assert after["response_loss"] < before["response_loss"]
+    assert manifest["finetune"]["dropped"]["train"] == {} and manifest["finetune"]["records_read"]["train"] == 384
     root = Path(storage["root"])
-    # what it learned from: the template's user turn (masked), then the reply and its end-of-turn token
+    # what it learned from: the template's turns, the loss on each reply and its end-of-turn token only
     rows = pq.read_table(root / "runs" / "llama-sft" / "data" / "train.parquet").to_pylist()[:8]
-    tok = tokenizer_files(Storage(str(root)).open("model", "tiny-llama"))
-    chat = ChatFormat(tok)
-    for row in rows:
-        ids, p, n = row["input_ids"], row["prompt_len"], row["length"]
-        head = chat.tokenizer.decode(ids[:p], skip_special_tokens=False)
+    chat = ChatFormat(tokenizer_files(Storage(str(root)).open("model", "tiny-llama")))
+    for i, row in enumerate(rows):
+        ids, mask, p, n = row["input_ids"], row["loss_mask"], row["prompt_len"], row["length"]
+        learned = [j for j in range(n) if mask[j]]
+        replies = chat.tokenizer.decode([ids[j] for j in learned], skip_special_tokens=False)
+        turns = [records[i]] if i % 2 else [records[i], records[i + 1]]
+        assert replies.startswith("".join(t["response"].strip() + "<|eot_id|>" for t in turns)[:len(replies)])
+        assert learned[-1] == n - 1 and len(learned) < n, replies  # the row ends with a reply; no prompt is learned
+        assert ids[n - 1] == 2 or n == 65  # with its <|eot_id|>, unless cut at max_len
+        head = chat.tokenizer.decode(ids[:p], skip_special_tokens=False)  # exact match continues the last reply
         assert head.startswith("<|begin_of_text|><|start|>user<|end|>\n\n# echo ") and \
             head.endswith("<|eot_id|><|start|>assistant<|end|>\n\n"), head
-        assert ids[n - 1] == 2 or n == 49  # the reply ends with <|eot_id|> unless cut at max_len
     # ZeRO-3 gathered every adapter; peft puts it on transformers' Llama with the merged model's logits
     base = transformers.AutoModelForCausalLM.from_pretrained(root / "models" / "tiny-llama").eval()
     hf = peft.PeftModel.from_pretrained(base, root / "adapters" / "llama-sft").eval()

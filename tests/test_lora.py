@@ -79,12 +79,14 @@ def test_targets_that_match_nothing_are_refused():
         add_lora(GPT(GPT_CFG), LoraSpec(targets=("nope",)), "gpt")
 
 
-def test_sft_masks_prompt_and_padding_out_of_the_loss():
+def test_sft_masks_prompts_and_padding_out_of_the_loss():
     ids = torch.arange(10, 18).repeat(2, 1)  # (2, 8)
-    rows = {"input_ids": ids, "prompt_len": torch.tensor([3, 5]), "length": torch.tensor([8, 6])}
+    mask = torch.tensor([[0, 0, 0, 1, 1, 0, 1, 1],  # two replies: tokens 3-4 and 6-7
+                         [0, 0, 0, 0, 0, 1, 1, 1]])  # one reply from token 5, padding from 6
+    rows = {"input_ids": ids, "loss_mask": mask, "length": torch.tensor([8, 6])}
     _, targets = SFT(GPT(GPT_CFG)).batch(rows)
-    # target j-1 predicts token j: kept for prompt_len <= j < length
-    assert targets[0].tolist() == [-100, -100, 13, 14, 15, 16, 17]
+    # target j-1 predicts token j: kept where token j is a reply's and j < length
+    assert targets[0].tolist() == [-100, -100, 13, 14, -100, 16, 17]
     assert targets[1].tolist() == [-100, -100, -100, -100, 15, -100, -100]
 
 

@@ -12,7 +12,7 @@ from cluster.storage import Storage
 from jobs import make_tasks
 from models.pyfuncs import in_val
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # full tier: the pipeline test runs make_tasks once in make test-fast
 
 CONFIG = str(Path(make_tasks.__file__).parent / "configs" / "make_tasks_demo.yaml")
 MODULES = ([f"alpha.m{i}" for i in range(6)] + ["alpha"] + [f"beta.m{i}" for i in range(6)] + ["beta"]

@@ -30,7 +30,8 @@ LIB = sysconfig.get_paths()["stdlib"]
 TINY = [
     f"prepare.source.paths=[{LIB}/json, {LIB}/email]", "prepare.source.extensions=[.py]",
     "prepare.tokenizer.vocab_size=512", "prepare.pack.block_size=64", "prepare.pack.val_fraction=0.1",
-    "pretrain.model.n_layer=2", "pretrain.model.n_head=2", "pretrain.model.n_embd=32", "pretrain.train.steps=6",
+    "pretrain.model.n_layer=2", "pretrain.model.n_head=2", "pretrain.model.n_kv_head=1", "pretrain.model.n_embd=32",
+    "pretrain.train.steps=6",
     "pretrain.train.micro_batch=2", "pretrain.train.log_every=2", "pretrain.train.eval_every=3",
     "pretrain.train.eval_batches=1", "pretrain.train.checkpoint_every=2", "pretrain.train.shuffle_buffer=16",
     "pretrain.optim.warmup_steps=2", "pretrain.sample.count=0", "pretrain.failure.num_to_keep=3",
@@ -117,6 +118,23 @@ def test_a_failed_run_continues_at_the_failed_stage_and_then_runs_every_stage(de
     assert [p["name"] for p in sft["parents"]] == ["pretrain_demo", "stdlib_tasks"]
     q = store.open("model", "quantize_demo").manifest
     assert q["parents"][0]["name"] == "finetune_sft_demo" and q["rejected"] is False
+
+
+def test_the_pretrained_llama_with_one_key_value_head_loads_in_transformers_with_the_same_logits(demo):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from models.hf import load_model
+    from models.llama import Llama
+
+    folder = Path(demo["storage"], "models", "pretrain_demo")
+    model = load_model(folder).eval()
+    assert isinstance(model, Llama) and (model.cfg.n_head, model.cfg.n_kv_head) == (2, 1)  # multi-query attention
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert hf.config.model_type == "llama" and hf.config.num_key_value_heads == 1
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids)[0], atol=1e-4, rtol=0)
 
 
 def test_the_lineage_runs_from_the_dataset_to_the_served_version(demo):

@@ -64,13 +64,15 @@ def fit(name: str, store: Storage, loop: LoopConfig, train_uris: list[str], reso
             dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=exec_opts),
         )
         t0 = time.time()
+        resume = (f"checkpoints are in {run_uri}: run the job again with the same name and storage to resume from "
+                  f"the latest")
         try:
             result = trainer.fit()
         except ray.train.TrainingFailedError as e:
             raise JobFailed(f"training failed (failure.max_failures={failure.max_failures}, controller_failure_limit="
-                            f"{failure.controller_failure_limit}): {cause(e)}; "
-                            f"checkpoints are in {run_uri}: run the job again with the same name and storage to "
-                            f"resume from the latest") from None
+                            f"{failure.controller_failure_limit}): {cause(e)}; {resume}") from None
+        except ray.exceptions.RayActorError as e:  # the controller's own process (or its node) went away
+            raise JobFailed(f"Ray Train's controller died before the run ended: {cause(e)}; {resume}") from None
         seconds = time.time() - t0
     records = read_metrics(run_uri)
     fs, run_path = resolve(run_uri)

@@ -167,12 +167,16 @@ def test_a_worker_group_that_can_never_be_placed_fails_the_job_instead_of_waitin
     storage = tmp_path / "runs"
     write_tiny_dataset(Storage(str(storage)), [collections, textwrap, shutil], 33)
     started = time.monotonic()
-    done = cluster.submit(["python", "-m", "jobs.pretrain", "--set", f"storage={storage}", "--set", "dataset=tiny",
-                           "--set", "name=stranded", "--set", "train.steps=4", *[a for o in TINY_GPT for a in ("--set", o)],
-                           "--set", "resources.cpus_per_worker=4",  # no node type has 4 CPUs: never placed
-                           "--set", "failure.controller_failure_limit=1", "--set", "failure.start_timeout_s=5"],
-                          timeout=300)
+    job = ["python", "-m", "jobs.pretrain", "--set", f"storage={storage}", "--set", "dataset=tiny", "--set",
+           "name=stranded", "--set", "train.steps=4", *[a for o in TINY_GPT for a in ("--set", o)],
+           "--set", "resources.cpus_per_worker=4",  # no node type has 4 CPUs: never placed
+           "--set", "failure.controller_failure_limit=1", "--set", "failure.start_timeout_s=5"]
+    done = cluster.submit(job, timeout=300)
     log = done.stdout + done.stderr
+    if "Ray Train's controller died" in log:  # seen once on a loaded 2-core machine: its process died starting
+        print("the controller's process died before the run began (said in one sentence); submitting once more")
+        done = cluster.submit(job, timeout=300)
+        log = done.stdout + done.stderr
     assert done.returncode != 0, log[-3000:]
     assert "training failed" in log and "controller_failure_limit=1" in log, log[-3000:]
     print(f"failed after {time.monotonic() - started:.0f} s")

@@ -90,13 +90,6 @@ class ChatFormat:
         """Token ids of rendered text: the template wrote the special tokens itself, none are added."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def prompt_and_reply(self, prompt: str, reply: str) -> tuple[list[int], list[int]]:
-        """(ids of the user turn with the assistant's header, ids of the reply through its end-of-turn
-        token): a single-turn example whose loss covers the reply only."""
-        ids, replies = self.conversation([{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}])
-        start, _ = replies[0]
-        return ids[:start], ids[start:]
-
     def conversation(self, messages: list[dict[str, str]]) -> tuple[list[int], list[tuple[int, int]]]:
         """The ids of a whole conversation as the chat template renders it, and the [start, end) span of
         each assistant reply in them: from after the assistant's header through its end-of-turn token,

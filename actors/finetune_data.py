@@ -6,8 +6,8 @@ small machine); it builds the tokenizer from its JSON for every batch, which cos
 little next to tokenizing the batch. Nothing is
 skipped silently: a record that cannot be used keeps its row with a `drop`
 reason (missing_field:<name>, bad_type:<name>, empty:<name>, prompt_too_long, and for a
-conversation bad_role:messages, no_reply:messages, no_chat_template:messages) so the job counts
-every one; usable rows have drop == "".
+conversation bad_role:messages, no_reply:messages and no_chat_template:messages) so the job
+counts every one; usable rows have drop == "".
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ def conversation(value: Any) -> list[dict[str, str]] | str | None:
     not one; None when the record has none (it is a prompt + response record)."""
     if value is None or (isinstance(value, float) and np.isnan(value)):  # JSON lines without it read as NaN
         return None
-    if not isinstance(value, (list, tuple, np.ndarray)) or not len(value):
-        return "bad_type:messages" if not isinstance(value, (list, tuple, np.ndarray)) else "empty:messages"
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        return "bad_type:messages"
+    if not len(value):
+        return "empty:messages"
     out = []
     for m in value:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):

@@ -46,7 +46,10 @@ def test_the_template_renders_and_tokenizes_as_transformers_does(folder):
 
 def test_an_sft_example_learns_the_reply_and_its_end_of_turn_only(folder):
     chat = ChatFormat(_files(folder, "tokenizer_config.json"))
-    head, reply = chat.prompt_and_reply("Read a file.", "def read(path): ...")
+    ids, [(start, end)] = chat.conversation([{"role": "user", "content": "Read a file."},
+                                             {"role": "assistant", "content": "def read(path): ..."}])
+    head, reply = ids[:start], ids[start:end]
+    assert end == len(ids)  # the reply ends the conversation
     assert chat.tokenizer.decode(head, skip_special_tokens=False).endswith("<|start|>assistant<|end|>\n\n")
     assert chat.tokenizer.decode(reply, skip_special_tokens=False) == "def read(path): ...<|eot_id|>"
     task = TokenizeTask("sft", _files(folder, "tokenizer_config.json"), max_len=64, max_query_len=8)

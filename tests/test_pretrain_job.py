@@ -157,6 +157,46 @@ def test_a_run_folder_of_another_config_is_not_resumed(ray_cluster, storage, uni
         _run(storage, "zero2", "zero.stage=2", "resources.num_workers=1", "train.micro_batch=4")
 
 
+def test_a_controller_that_dies_fails_the_job_in_one_sentence_that_says_how_to_resume(ray_cluster, storage):
+    """Ray Train's controller process killed mid-run (as when its node goes): the job's error names
+    it and where the checkpoints are, not Ray's traceback."""
+    import os
+    import signal
+    import threading
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    from cluster.cli import JobFailed
+
+    errors: list[BaseException] = []
+
+    def train():
+        try:
+            _run(storage, "orphaned", "zero.stage=0", "train.steps=100000", "train.checkpoint_every=1000")
+        except BaseException as e:  # noqa: BLE001 - handed to the test's thread
+            errors.append(e)
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 180
+    while not Path(storage, "runs", "orphaned", "metrics.jsonl").exists():  # the workers are training
+        assert time.monotonic() < deadline and thread.is_alive(), errors
+        time.sleep(0.2)
+    # Ray titles an actor's process with the method it runs: the one controller in `fit` (an earlier
+    # run's may still be exiting, titled ray::TrainController)
+    controllers = [p for p in psutil.process_iter(["cmdline"])
+                   if (p.info["cmdline"] or [""])[0].startswith("ray::TrainController.run")]
+    assert len(controllers) == 1, controllers
+    os.kill(controllers[0].pid, signal.SIGKILL)  # its process dies, as it does with its node
+    thread.join(timeout=120)
+    assert not thread.is_alive() and len(errors) == 1 and isinstance(errors[0], JobFailed), errors
+    message = str(errors[0])
+    assert message.startswith("Ray Train's controller died before the run ended") and "runs/orphaned" in message
+    assert "run the job again with the same name and storage to resume" in message
+
+
 def test_config_against_dataset_errors(ray_cluster, storage):
     from cluster.config import ConfigError
 

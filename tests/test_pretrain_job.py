@@ -178,6 +178,7 @@ def test_a_controller_that_dies_fails_the_job_in_one_sentence_that_says_how_to_r
         except BaseException as e:  # noqa: BLE001 - handed to the test's thread
             errors.append(e)
 
+    started = time.time()
     thread = threading.Thread(target=train, daemon=True)
     thread.start()
     deadline = time.monotonic() + 180
@@ -186,8 +187,9 @@ def test_a_controller_that_dies_fails_the_job_in_one_sentence_that_says_how_to_r
         time.sleep(0.2)
     # Ray titles an actor's process with the method it runs: the one controller in `fit` (an earlier
     # run's may still be exiting, titled ray::TrainController)
-    controllers = [p for p in psutil.process_iter(["cmdline"])
-                   if (p.info["cmdline"] or [""])[0].startswith("ray::TrainController.run")]
+    controllers = [p for p in psutil.process_iter(["cmdline", "create_time"])
+                   if (p.info["cmdline"] or [""])[0].startswith("ray::TrainController.run")
+                   and p.info["create_time"] >= started - 1]
     assert len(controllers) == 1, controllers
     os.kill(controllers[0].pid, signal.SIGKILL)  # its process dies, as it does with its node
     thread.join(timeout=120)

@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/serve.py [--storage ./runs] [--requests 256]
 
 One run, one local Ray cluster, one Serve application (jobs.serve) hosting the demo's Llama
-(`pretrain_demo`, a Llama-architecture model with grouped-query attention) and the finetuned MiniLM (`finetune_embed_demo`), each replica given one CPU and
-one torch thread; the in-process ceilings use one thread too. Clients are asyncio + aiohttp with
-keep-alive connections, in this process.
+(`pretrain_demo`, grouped-query attention) and the finetuned MiniLM (`finetune_embed_demo`), each
+replica given one CPU and one torch thread; the in-process ceilings use one thread too. Clients are
+asyncio + aiohttp with keep-alive connections, in this process.
 
 (a) Embeddings: single-text POST /v1/embeddings at concurrency 1, 4 and 16: requests/s and p50/p99
     latency, against the in-process ceiling: the same texts through the same batched encode the

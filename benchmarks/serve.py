@@ -248,8 +248,9 @@ def print_tables(r: dict) -> None:
     print(f"{'in-process, 1 row':>24} {g['ceiling']['rows_1_tokens_per_s']:>9.0f}")
     print(f"{'in-process, 8 rows':>24} {g['ceiling']['rows_8_tokens_per_s']:>9.0f}")
     for n, s in g["streams"].items():
-        print(f"{f'Helio, {n} stream(s)':>24} {s['tokens_per_s']:>9.0f} {s['ttft_p50_ms']:>7.0f} / {s['ttft_p99_ms']:<5.0f}"
-              f" {s['itl_p50_ms']:>5.1f} / {s['itl_p99_ms']:<5.1f} (errors {s['errors']})")
+        print(f"{f'Helio, {n} stream(s)':>24} {s['tokens_per_s']:>9.0f} "
+              f"{s['ttft_p50_ms']:>7.0f} / {s['ttft_p99_ms']:<5.0f} {s['itl_p50_ms']:>5.1f} / {s['itl_p99_ms']:<5.1f} "
+              f"(errors {s['errors']})")
     print(f"8 streams / 1 stream: {g['ratio_8_over_1']:.2f} (target >= 3)")
     o = r["overhead"]
     print(f"\n(c) per-request overhead at concurrency 1 (p50): echo deployment {o['echo_p50_ms']:.2f} ms, "

@@ -128,6 +128,8 @@ class ServeConfig(JobConfig):
     ingress_max_ongoing_requests: int = 256  # requests one ingress replica holds at once
     ingress_max_queued_requests: int = 512  # waiting at the proxy before a 503 with Retry-After
     monitor: str | None = None  # a jobs.monitor config: start the app's monitor once it serves
+    start_timeout_s: float = 600.0  # every replica serving by then (an autoscaling cluster adds nodes
+    #                                 meanwhile), or the app is deleted and the job fails saying why
     serve_seconds: float | None = None  # embedded cluster: None serves until interrupted; 0 answers the
     #                                     sample requests and stops (jobs.pipeline)
 
@@ -135,6 +137,8 @@ class ServeConfig(JobConfig):
         if not self.models:
             raise ValueError("models: name at least one model artifact to serve")
         ids = [m.id for m in self.models]
+        if self.start_timeout_s <= 0:
+            raise ValueError(f"start_timeout_s: must be positive, got {self.start_timeout_s}")
         if len(set(ids)) != len(ids):
             raise ValueError(f"models: model ids must be unique, got {ids}")
 

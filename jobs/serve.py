@@ -40,7 +40,7 @@ log = logging.getLogger("helio")
 __all__ = ["BACKPRESSURE", "ENDPOINT_KINDS", "GRPC_SERVICERS", "PROBE", "SAMPLE", "Autoscaling", "Canary",
            "GrpcConfig", "HttpConfig", "ModelEntry", "ServeConfig", "api_keys", "app", "build_app",
            "config_from_args", "deploy", "entries", "grpc_health", "main", "monitor_app", "post", "proxy_options",
-           "record_references", "routing", "run", "samples"]
+           "record_references", "routing", "run", "samples", "wait_running"]
 
 
 def app(args: dict[str, Any]):
@@ -65,17 +65,45 @@ def deploy(cfg: ServeConfig) -> str:
     store = Storage(cfg.storage)
     store.write_json(routing_path(cfg.name), {"models": {}})  # no canary gets traffic or probes while deploying
     serve.start(**proxy_options(cfg))
-    serve.run(application, name=cfg.name, route_prefix="/")
+    serve.run_many([serve.RunTarget(application, name=cfg.name, route_prefix="/")],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    wait_running(cfg.name, cfg.start_timeout_s)
     store.write_json(routing_path(cfg.name), routing(cfg))  # once every version serves
     return f"http://{cfg.http.host}:{cfg.http.port}"
 
 
+def wait_running(name: str, timeout_s: float) -> None:
+    """Waits for application `name` to serve. One that failed (a replica raised in `__init__`) or is
+    not serving after `timeout_s` (replicas the cluster has no room for) is deleted, so that it holds
+    neither the route nor a request for nodes, and the job fails in one sentence that says why."""
+    import ray
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(name)
+        state = app.status if app else ApplicationStatus.NOT_STARTED
+        if state == ApplicationStatus.RUNNING:
+            return
+        if state == ApplicationStatus.DEPLOY_FAILED:
+            why = (app.message or "no message").strip().splitlines()[0]
+            break
+        if time.monotonic() > deadline:
+            waiting = [f"deployment '{d}' is {s.status} ({(s.message or 'no message').strip().splitlines()[0]})"
+                       for d, s in (app.deployments.items() if app else ()) if s.status != "HEALTHY"]
+            free = ray.available_resources().get("CPU", 0.0)
+            why = (f"not serving after {timeout_s:g} s (start_timeout_s): {'; '.join(waiting) or state}; "
+                   f"the cluster has {free:g} CPU free")
+            break
+        time.sleep(0.5)
+    serve.delete(name)
+    raise UserError(f"application '{name}' did not start and was deleted: {why}")
+
+
 def run(cfg: ServeConfig) -> str:
     connect_job(cfg)
-    try:
-        url = deploy(cfg)
-    except RuntimeError as e:  # a deployment that failed to start (its replica raised in __init__)
-        raise UserError(f"application '{cfg.name}' did not start: {str(e).splitlines()[0]}") from None
+    url = deploy(cfg)
     rows = [(m.id, f"{m.task}: {m.artifact} ({m.replicas} replica(s))") for m in cfg.models]
     rows += [("HTTP", f"{url}/v1 (OpenAI-compatible), {url}/health")]
     if cfg.grpc.port:

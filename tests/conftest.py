@@ -15,8 +15,13 @@ def ray_cluster():
     """A real local Ray cluster with 2 CPUs, shared by every test that asks for it."""
     import ray
 
-    # "local": its own cluster, even with a `ray start` head running on this machine (make demo's)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from tiny_data import free_port
+
+    # "local": its own cluster, even with a `ray start` head running on this machine (make demo's).
+    # With its dashboard, as cluster/runtime.py's embedded one: Ray Train frees the workers' placement
+    # group of a controller that died through the dashboard's state API.
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=free_port(), log_to_driver=False)
     try:
         yield ray
     finally:

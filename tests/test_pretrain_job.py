@@ -159,7 +159,7 @@ def test_a_run_folder_of_another_config_is_not_resumed(ray_cluster, storage, uni
 
 def test_a_controller_that_dies_fails_the_job_in_one_sentence_that_says_how_to_resume(ray_cluster, storage):
     """Ray Train's controller process killed mid-run (as when its node goes): the job's error names
-    it and where the checkpoints are, not Ray's traceback."""
+    it and where the checkpoints are, not Ray's traceback; the workers' CPUs go back to the cluster."""
     import os
     import signal
     import threading
@@ -178,6 +178,9 @@ def test_a_controller_that_dies_fails_the_job_in_one_sentence_that_says_how_to_r
         except BaseException as e:  # noqa: BLE001 - handed to the test's thread
             errors.append(e)
 
+    from ray.util.placement_group import placement_group_table
+
+    before = set(placement_group_table())
     started = time.time()
     thread = threading.Thread(target=train, daemon=True)
     thread.start()
@@ -197,6 +200,11 @@ def test_a_controller_that_dies_fails_the_job_in_one_sentence_that_says_how_to_r
     message = str(errors[0])
     assert message.startswith("Ray Train's controller died before the run ended") and "runs/orphaned" in message
     assert "run the job again with the same name and storage to resume" in message
+    # and the workers' CPUs go back to the cluster: a dead controller's placement group is removed
+    deadline = time.monotonic() + 60
+    while any(pg["state"] != "REMOVED" for k, pg in placement_group_table().items() if k not in before):
+        assert time.monotonic() < deadline, placement_group_table()
+        time.sleep(0.5)
 
 
 def test_config_against_dataset_errors(ray_cluster, storage):

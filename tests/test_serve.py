@@ -63,6 +63,25 @@ def server(serve_ports, tiny_store):
     serve.delete(cfg.name)
 
 
+def test_an_app_the_cluster_has_no_room_for_fails_in_one_sentence_and_is_deleted(serve_ports, tiny_store):
+    """Before `server` takes the route: a replica asking for more CPUs than the 2-CPU cluster has is
+    never placed; the job says so and deletes the app instead of waiting forever."""
+    from ray import serve
+
+    from cluster.cli import UserError
+
+    cfg = load_config(serve_job.ServeConfig, None, [
+        f"storage={tiny_store.root}", "name=too_big", f"http.port={serve_ports['http']}",
+        f"grpc.port={serve_ports['grpc']}", "start_timeout_s=3", "models=[{id: gpt, artifact: tiny_gpt, num_cpus: 3}]"])
+    with pytest.raises(UserError, match=r"^application 'too_big' did not start and was deleted: not serving after "
+                                        r"3 s \(start_timeout_s\): deployment '.*' is .*the cluster has .* CPU free$"):
+        serve_job.deploy(cfg)
+    deadline = time.monotonic() + 60
+    while "too_big" in serve.status().applications:  # deleting takes a moment; the route is free after it
+        assert time.monotonic() < deadline, serve.status().applications["too_big"]
+        time.sleep(0.5)
+
+
 def call(url: str, path: str, body=None, key: str | None = KEY, raw: bytes | None = None,
          headers: dict | None = None, with_headers: bool = False):
     """(status, JSON body or text), plus the response headers when asked."""

@@ -43,6 +43,9 @@ TINY = [
     "finetune.embed.train.checkpoint_every=2", "finetune.embed.train.eval_batches=1",
     "finetune.embed.train.shuffle_buffer=64", "finetune.embed.data.max_len=32", "finetune.embed.data.max_query_len=16",
     "finetune.embed.eval.max_examples=16", "finetune.embed.optim.warmup_steps=1",
+    # embeddings from the tiny Llama pretrained above (MiniLM's demo finetune is tests/test_demo.py's)
+    "finetune.embed.base.artifact=pretrain_demo", "finetune.embed.base.hf_folder=",
+    "finetune.embed.lora.targets=[q_proj, k_proj, v_proj, o_proj]",
     "quantize.eval.max_examples=8", "quantize.eval.shards=1", "quantize.eval.seq_len=32", "quantize.eval.iters=2",
     "quantize.eval.threads=1", "quantize.eval.decode_tokens=4", "quantize.max_quality_delta=0.2",
     "monitor.period_s=2", "serve_seconds=0",
@@ -162,7 +165,7 @@ def test_the_served_models_answer_over_http_and_grpc_and_every_monitor_probe_pas
     assert "".join(c.text for c in chunks) == completion["choices"][0]["text"]
     assert chunks[-1].usage.completion_tokens == completion["usage"]["completion_tokens"]
     vectors = _post(f"{url}/embeddings", {"model": "minilm-code-search", "input": ["open a file"]})["data"]
-    assert len(vectors[0]["embedding"]) == 384
+    assert len(vectors[0]["embedding"]) == 32  # the tiny Llama's width (pretrain.model.n_embd)
     monitor = Storage(demo["storage"]).read_json("monitor/serve_demo/state.json")
     assert sorted(monitor["health"]) == ["demo-llama", "demo-llama-int8", "minilm-code-search"]
     for model, h in monitor["health"].items():  # a state turns only after fail_after rounds: read the probes

@@ -110,7 +110,7 @@ def test_a_checkpoint_without_a_chat_template_answers_chat_with_a_400(llama):
 
 def test_a_context_cap_below_the_checkpoints_own_bounds_prompt_and_reply(llama):
     """llama-plain is served with max_context 48 (its checkpoint has 96 positions)."""
-    url, *_, folder, _ = llama
+    url, _, hf, folder, _ = llama
     tok = AutoTokenizer.from_pretrained(folder)
     prompt = "def read(path): return open(path).read()\n" * 6
     n = len(tok(prompt, add_special_tokens=False)["input_ids"])
@@ -118,10 +118,14 @@ def test_a_context_cap_below_the_checkpoints_own_bounds_prompt_and_reply(llama):
     status, body = call(url, "/v1/completions", {"model": "llama-plain", "prompt": prompt, "max_tokens": 4})
     assert status == 400 and f"prompt: {n} tokens, the model's context is 48" in body["error"]["message"], body
     short = "def read(path):"
-    m = len(tok(short, add_special_tokens=False)["input_ids"])
+    ids = tok(short, add_special_tokens=False)["input_ids"]
+    tokens, finish = _expected(hf, folder, ids, 48 - len(ids))
+    assert finish == "length"  # this model does not stop early from this prompt: the cap is what ends it
     status, body = call(url, "/v1/completions", {"model": "llama-plain", "prompt": short, "max_tokens": 200,
                                                  "temperature": 0})
-    assert status == 200 and body["usage"]["completion_tokens"] <= 48 - m, body["usage"]
+    assert status == 200 and body["usage"]["completion_tokens"] == 48 - len(ids), body["usage"]
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["choices"][0]["text"] == _decode(folder, tokens)
 
 
 def test_a_headless_llama_serves_embeddings_of_its_last_token_as_transformers_computes_them(llama):

@@ -61,6 +61,12 @@ def artifact_kind(art: Artifact) -> str:
     return "lm" if hf.get("model_type") in ("gpt2", *FAMILIES) and not is_headless(hf) else "embed"
 
 
+def artifact_arch(art: Artifact) -> str:
+    """gpt, llama (the Llama family) or encoder (BERT): the architecture an artifact's config.json names."""
+    model_type = json.loads(art.read_bytes("config.json")).get("model_type")
+    return "gpt" if model_type == "gpt2" else "llama" if model_type in FAMILIES else "encoder"
+
+
 def model_kind(model: nn.Module) -> str:
     """lm (a GPT or Llama), classify (a SequenceClassifier) or embed (an Encoder, a Llama without LM head)."""
     if isinstance(model, SequenceClassifier):

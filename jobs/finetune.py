@@ -27,6 +27,7 @@ import numpy as np
 
 from actors.chat import ChatFormat, tokenizer_files
 from actors.model_import import import_model, source_folder
+from actors.model_loader import artifact_arch
 from actors.train_driver import fit
 from actors.train_loop import EXPORT_DIR, FaultConfig, LoopConfig, TrainConfig
 from cluster.cli import JobFailed, UserError, format_summary, run_job
@@ -299,12 +300,11 @@ def loop_config(cfg: FinetuneConfig, spec: TaskSpec, base: Artifact, data: dict[
 def _arch_config(base: Artifact):
     """The base's architecture, for the resume check (the weights themselves come from base_uri)."""
     from models.arch import ModelConfig
-    from models.hf_llama import FAMILIES
 
-    hf = json.loads(base.read_bytes("config.json"))
-    if hf.get("model_type") == "gpt2":
+    hf, arch = json.loads(base.read_bytes("config.json")), artifact_arch(base)
+    if arch == "gpt":
         return ModelConfig(arch="gpt", n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
-    if hf.get("model_type") in FAMILIES:
+    if arch == "llama":
         return ModelConfig(arch="llama", n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
                            n_embd=hf["hidden_size"], n_kv_head=hf.get("num_key_value_heads") or 0)
     return ModelConfig(arch="encoder", n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],

@@ -30,7 +30,7 @@ from cluster.cli import JobFailed, UserError, format_summary, run_job
 from cluster.config import ConfigError, to_dict
 from cluster.runtime import JobConfig, connect_job, embedded, scoped_attrs
 from actors.chat import TOKENIZER_FILES
-from actors.model_loader import artifact_kind
+from actors.model_loader import artifact_arch, artifact_kind
 from cluster.storage import Artifact, Storage, resolve
 from models.quant import KERNELS, QuantSpec
 
@@ -295,7 +295,7 @@ def run(cfg: QuantizeConfig) -> dict[str, Any]:
         writer.extra["quantization"] = {k: v for k, v in done["description"].items() if k != "layers"}
         writer.extra["quality_gate"] = report["gate"]
         writer.extra["rejected"] = not passed
-        writer.extra["model"] = {"arch": "gpt" if kind == "lm" else "encoder", "kind": kind, "quantized": True}
+        writer.extra["model"] = {"arch": artifact_arch(parent), "kind": kind, "quantized": True}
         manifest = writer.commit().manifest
     except BaseException:
         writer.abort()

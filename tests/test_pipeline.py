@@ -173,6 +173,28 @@ def test_the_served_models_answer_over_http_and_grpc_and_every_monitor_probe_pas
         assert last["verdict"] == "ok" and all(p["ok"] for p in last["probes"]), (model, last)
 
 
+def test_the_llama_embedder_quantizes_to_int8_and_is_scored_on_its_retrieval_rows(demo):
+    """The pipeline's LoRA-finetuned Llama embedder (headless) through jobs.quantize: every Linear of
+    its 2 layers runs int8, and it is scored on its finetune's held-out retrieval rows."""
+    from actors.model_loader import model_kind, open_runnable
+    from jobs import quantize
+
+    cfg = load_config(quantize.QuantizeConfig, Path(pipeline.__file__).parent / "configs" / "quantize_demo.yaml", [
+        f"storage={demo['storage']}", "model=finetune_embed_demo", "name=embed_llama_int8", "max_quality_delta=1.0",
+        "eval.max_examples=16", "eval.shards=1", "eval.seq_len=32", "eval.iters=2", "eval.threads=1"])
+    manifest = quantize.run(cfg)
+    assert manifest["model"] | {"arch": "llama", "kind": "embed", "quantized": True} == manifest["model"]
+    store = Storage(demo["storage"])
+    report = json.loads(store.open("model", "embed_llama_int8").read_bytes("report.json"))
+    assert report["quality"]["metric"] == "mrr" and "runs/finetune_embed_demo" in report["quality"]["data"]
+    assert sum(report["kernels"].values()) == 2 * 7  # q, k, v, o, gate, up, down of each layer; no LM head
+    # int8 per-channel weights move an output by a few percent of its norm at most (tests/test_quant.py's
+    # bounds): a relative error e costs a cosine of about 1 - e^2 / 2, and 0.99 still allows e = 0.14
+    assert report["quality"]["cosine_to_float"]["min"] > 0.99, report["quality"]
+    model, _ = open_runnable(store, "embed_llama_int8")
+    assert model_kind(model) == "embed"
+
+
 def test_a_second_run_skips_every_stage(demo):
     state, printed = _run(demo["overrides"])
     skipped = re.findall(r"\[\d/8\] (\S+): skipped", printed)

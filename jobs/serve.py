@@ -87,10 +87,10 @@ def wait_running(name: str, timeout_s: float) -> None:
         if state == ApplicationStatus.RUNNING:
             return
         if state == ApplicationStatus.DEPLOY_FAILED:
-            why = (app.message or "no message").strip().splitlines()[0]
+            why = _first_line(app.message)
             break
         if time.monotonic() > deadline:
-            waiting = [f"deployment '{d}' is {s.status} ({(s.message or 'no message').strip().splitlines()[0]})"
+            waiting = [f"deployment '{d}' is {s.status} ({_first_line(s.message)})"
                        for d, s in (app.deployments.items() if app else ()) if s.status != "HEALTHY"]
             free = ray.available_resources().get("CPU", 0.0)
             why = (f"not serving after {timeout_s:g} s (start_timeout_s): {'; '.join(waiting) or state}; "
@@ -99,6 +99,11 @@ def wait_running(name: str, timeout_s: float) -> None:
         time.sleep(0.5)
     serve.delete(name)
     raise UserError(f"application '{name}' did not start and was deleted: {why}")
+
+
+def _first_line(message: str | None) -> str:
+    """A Serve status message's first non-blank line (they can run to a traceback)."""
+    return next((line.strip() for line in (message or "").splitlines() if line.strip()), "no message")
 
 
 def run(cfg: ServeConfig) -> str:

@@ -167,6 +167,7 @@ def test_a_controller_that_dies_fails_the_job_in_one_sentence_that_says_how_to_r
     from pathlib import Path
 
     import psutil
+    from ray.util.placement_group import placement_group_table
 
     from cluster.cli import JobFailed
 
@@ -177,8 +178,6 @@ def test_a_controller_that_dies_fails_the_job_in_one_sentence_that_says_how_to_r
             _run(storage, "orphaned", "zero.stage=0", "train.steps=100000", "train.checkpoint_every=1000")
         except BaseException as e:  # noqa: BLE001 - handed to the test's thread
             errors.append(e)
-
-    from ray.util.placement_group import placement_group_table
 
     before = set(placement_group_table())
     started = time.time()

@@ -34,6 +34,7 @@ class RayHead:
         self.port, self.dashboard_port = free_port(), free_port()
         self.num_cpus, self.autoscaling_config = num_cpus, autoscaling_config
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.working_dir = str(REPO)  # uploaded by `ray job submit`, unpacked on each node
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -82,7 +83,7 @@ class RayHead:
         Following the logs over the dashboard's WebSocket can end before the job's last lines arrive,
         so a waited-for job's stdout ends with the whole log as `ray job logs` gives it afterwards."""
         submission = f"helio-test-{os.urandom(6).hex()}"
-        cmd = [str(BIN / "ray"), "job", "submit", "--address", self.address, "--working-dir", str(REPO),
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", self.address, "--working-dir", self.working_dir,
                "--submission-id", submission]
         if runtime_env:
             cmd += ["--runtime-env-json", json.dumps(runtime_env)]

@@ -72,6 +72,8 @@ class ModelEntry:
     max_queued_requests: int = 64  # per caller, before a 503 with Retry-After
     force: bool = False  # serve an artifact its quality gate rejected
     canary: Canary | None = None  # a new version of this model, rolled out beside it
+    drain_s: float = 20.0  # a stopping replica's time to finish its requests before it is killed (Serve's
+    #                        graceful_shutdown_timeout_s; also how long deleting a never-placed replica takes)
     max_context: int = 0  # tokens per request, prompt and reply; 0: the model's own (a 128k checkpoint's KV
     #                       cache is max_batch_size x this, so cap it to what the replica's memory holds)
 
@@ -90,6 +92,8 @@ class ModelEntry:
             raise ValueError(f"max_context: must be 0 (the model's own) or at least 2 tokens, not {self.max_context}")
         if not self.num_cpus > 0 or min(self.num_gpus, self.batch_wait_s, self.stream_interval_s) < 0:
             raise ValueError("num_cpus: must be positive (num_gpus, batch_wait_s, stream_interval_s not negative)")
+        if self.drain_s < 0:
+            raise ValueError(f"drain_s: must not be negative, not {self.drain_s}")
 
 
 @dataclass(frozen=True)
@@ -189,7 +193,7 @@ def build_app(cfg: ServeConfig):
     for m, e in zip(cfg.models, models):
         opts = {"name": f"{e['task']}-{m.id}", "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
                 "max_ongoing_requests": m.max_ongoing_requests, "max_queued_requests": m.max_queued_requests,
-                "backpressure_config": BACKPRESSURE}
+                "backpressure_config": BACKPRESSURE, "graceful_shutdown_timeout_s": m.drain_s}
         if m.autoscaling is not None:
             opts["autoscaling_config"] = to_dict(m.autoscaling)
         else:

@@ -97,3 +97,5 @@ def test_a_serve_models_context_cap_is_checked_where_it_is_written():
         load_config(ServeConfig, None, ["models=[{id: m, artifact: a, max_context: -8}]"])
     cfg = load_config(ServeConfig, None, ["models=[{id: m, artifact: a, max_context: 2048}]"])
     assert cfg.models[0].max_context == 2048
+    with pytest.raises(ConfigError, match=r"'models\[0\].drain_s': must not be negative, not -1"):
+        load_config(ServeConfig, None, ["models=[{id: m, artifact: a, drain_s: -1}]"])

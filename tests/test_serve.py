@@ -72,7 +72,9 @@ def test_an_app_the_cluster_has_no_room_for_fails_in_one_sentence_and_is_deleted
 
     cfg = load_config(serve_job.ServeConfig, None, [
         f"storage={tiny_store.root}", "name=too_big", f"http.port={serve_ports['http']}",
-        f"grpc.port={serve_ports['grpc']}", "start_timeout_s=3", "models=[{id: gpt, artifact: tiny_gpt, num_cpus: 3}]"])
+        f"grpc.port={serve_ports['grpc']}", "start_timeout_s=3",
+        # drain_s: deleting the never-placed replica waits this long for it to finish its requests
+        "models=[{id: gpt, artifact: tiny_gpt, num_cpus: 3, drain_s: 1}]"])
     with pytest.raises(UserError, match=r"^application 'too_big' did not start and was deleted: not serving after "
                                         r"3 s \(start_timeout_s\): deployment '.*' is .*the cluster has .* CPU free$"):
         serve_job.deploy(cfg)

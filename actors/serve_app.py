@@ -22,6 +22,9 @@ from cluster.storage import Storage
 # What a served model answers (a model entry's `task`): which of the ingress's endpoints reach it.
 ENDPOINT_KINDS = ("generate", "embed", "classify")
 BACKPRESSURE = {"status_code": 503, "retry_after_s": 1}  # a request over max_queued_requests
+# A stopping replica checks whether its last requests are done this often (Serve's default, 2 s, is
+# the least time any redeploy, rollback or deletion takes).
+DRAIN_POLL_S = 0.2
 GRPC_SERVICERS = ("actors.proto.helio_pb2_grpc.add_HelioServicer_to_server",
                   "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server")
 
@@ -193,7 +196,8 @@ def build_app(cfg: ServeConfig):
     for m, e in zip(cfg.models, models):
         opts = {"name": f"{e['task']}-{m.id}", "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
                 "max_ongoing_requests": m.max_ongoing_requests, "max_queued_requests": m.max_queued_requests,
-                "backpressure_config": BACKPRESSURE, "graceful_shutdown_timeout_s": m.drain_s}
+                "backpressure_config": BACKPRESSURE, "graceful_shutdown_timeout_s": m.drain_s,
+                "graceful_shutdown_wait_loop_s": DRAIN_POLL_S}
         if m.autoscaling is not None:
             opts["autoscaling_config"] = to_dict(m.autoscaling)
         else:
@@ -211,6 +215,7 @@ def build_app(cfg: ServeConfig):
                 if m.task == "generate" else Embedder.options(**dep).bind(*args, *batch) if m.task == "embed" else
                 Classifier.options(**dep).bind(*args, *batch, e["labels"]))
     return Api.options(ray_actor_options={"num_cpus": cfg.ingress_cpus}, backpressure_config=BACKPRESSURE,
+                       graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
                        max_ongoing_requests=cfg.ingress_max_ongoing_requests,
                        max_queued_requests=cfg.ingress_max_queued_requests).bind(
         models, handles, api_keys(cfg), cfg.max_items, cfg.http.max_body_bytes, cfg.http.request_timeout_s,

@@ -20,8 +20,9 @@ def ray_cluster():
     # "local": its own cluster, even with a `ray start` head running on this machine (make demo's).
     # With its dashboard, as cluster/runtime.py's embedded one: Ray Train frees the workers' placement
     # group of a controller that died through the dashboard's state API.
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=free_port(), log_to_driver=False)
+    context = ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                       dashboard_port=free_port(), log_to_driver=False)
+    ray.helio_test_dashboard_url = f"http://{context.dashboard_url}"  # for tests that ask Ray's REST API
     try:
         yield ray
     finally:

@@ -55,7 +55,7 @@ def server(serve_ports, tiny_store):
         " {id: gpt-narrow, artifact: tiny_gpt, num_cpus: 0.2, max_batch_size: 1, max_ongoing_requests: 1,"
         "  max_queued_requests: 1},"
         " {id: emb, artifact: tiny_enc, task: embed, max_batch_size: 8, batch_wait_s: 0.05, replicas: 2, num_cpus: 0.2},"
-        " {id: clf, artifact: tiny_clf, task: classify, num_cpus: 0.2}]"])
+        " {id: clf, artifact: tiny_clf, task: classify, num_cpus: 0.2, drain_s: 5}]"])
     url = serve_job.deploy(cfg)
     yield url, store, cfg
     from ray import serve
@@ -111,6 +111,25 @@ def _tok(store: Storage):
     from tokenizers import Tokenizer
 
     return Tokenizer.from_str(store.open("model", "tiny_gpt").read_bytes("tokenizer.json").decode())
+
+
+def test_each_deployment_drains_as_its_model_entry_says(server):
+    """Serve's own record of the running app (the dashboard's REST API): each model's drain_s is its
+    deployment's graceful shutdown timeout, and every replica checks for finished requests every 0.2 s."""
+    import ray
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient  # what `serve status` asks
+
+    from actors.serve_app import DRAIN_POLL_S
+
+    _, _, cfg = server
+    details = ServeSubmissionClient(ray.helio_test_dashboard_url).get_serve_details()
+    deployments = details["applications"][cfg.name]["deployments"]
+    drained = {name: (d["deployment_config"]["graceful_shutdown_timeout_s"],
+                      d["deployment_config"]["graceful_shutdown_wait_loop_s"]) for name, d in deployments.items()}
+    expected = {f"{m.task}-{m.id}": (m.drain_s, DRAIN_POLL_S) for m in cfg.models}
+    assert {name: drained[name] for name in expected} == expected, drained
+    assert expected["classify-clf"] == (5, DRAIN_POLL_S) and expected["generate-gpt"] == (20, DRAIN_POLL_S)
+    assert all(loop == DRAIN_POLL_S for _, loop in drained.values()), drained  # the ingress's too
 
 
 def test_health_models_and_the_sample_requests_make_demo_prints(server):

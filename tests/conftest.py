@@ -11,8 +11,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # parity tests build their checkpoints local
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A real local Ray cluster with 2 CPUs, shared by every test that asks for it."""
+def ray_context():
+    """A real local Ray cluster with 2 CPUs, shared by every test that asks for it: ray.init's context."""
     import ray
 
     from tiny_data import free_port
@@ -22,11 +22,24 @@ def ray_cluster():
     # group of a controller that died through the dashboard's state API.
     context = ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
                        dashboard_port=free_port(), log_to_driver=False)
-    ray.helio_test_dashboard_url = f"http://{context.dashboard_url}"  # for tests that ask Ray's REST API
     try:
-        yield ray
+        yield context
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_context):
+    """The `ray` module, connected to the session's cluster."""
+    import ray
+
+    return ray
+
+
+@pytest.fixture(scope="session")
+def dashboard_url(ray_context) -> str:
+    """The session cluster's dashboard, for tests that ask Ray's REST API."""
+    return f"http://{ray_context.dashboard_url}"
 
 
 @pytest.fixture(scope="session")

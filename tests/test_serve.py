@@ -113,16 +113,15 @@ def _tok(store: Storage):
     return Tokenizer.from_str(store.open("model", "tiny_gpt").read_bytes("tokenizer.json").decode())
 
 
-def test_each_deployment_drains_as_its_model_entry_says(server):
+def test_each_deployment_drains_as_its_model_entry_says(server, dashboard_url):
     """Serve's own record of the running app (the dashboard's REST API): each model's drain_s is its
     deployment's graceful shutdown timeout, and every replica checks for finished requests every 0.2 s."""
-    import ray
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient  # what `serve status` asks
 
     from actors.serve_app import DRAIN_POLL_S
 
     _, _, cfg = server
-    details = ServeSubmissionClient(ray.helio_test_dashboard_url).get_serve_details()
+    details = ServeSubmissionClient(dashboard_url).get_serve_details()
     deployments = details["applications"][cfg.name]["deployments"]
     drained = {name: (d["deployment_config"]["graceful_shutdown_timeout_s"],
                       d["deployment_config"]["graceful_shutdown_wait_loop_s"]) for name, d in deployments.items()}

@@ -79,6 +79,7 @@ class ModelEntry:
     #                        graceful_shutdown_timeout_s; also how long deleting a never-placed replica takes)
     max_context: int = 0  # tokens per request, prompt and reply; 0: the model's own (a 128k checkpoint's KV
     #                       cache is max_batch_size x this, so cap it to what the replica's memory holds)
+    draft_tokens: int = 4  # generate: prompt-lookup drafts a greedy request checks per decode step (0: none)
 
     def __post_init__(self) -> None:
         if self.task not in ENDPOINT_KINDS:
@@ -95,6 +96,8 @@ class ModelEntry:
             raise ValueError(f"max_context: must be 0 (the model's own) or at least 2 tokens, not {self.max_context}")
         if not self.num_cpus > 0 or min(self.num_gpus, self.batch_wait_s, self.stream_interval_s) < 0:
             raise ValueError("num_cpus: must be positive (num_gpus, batch_wait_s, stream_interval_s not negative)")
+        if self.draft_tokens < 0:
+            raise ValueError(f"draft_tokens: must not be negative (0 turns drafting off), not {self.draft_tokens}")
         if self.drain_s < 0:
             raise ValueError(f"drain_s: must not be negative, not {self.drain_s}")
 
@@ -211,7 +214,7 @@ def build_app(cfg: ServeConfig):
             args, dep = (cfg.storage, artifact, m.force), {**opts, "name": name}
             handles[key] = (
                 Generator.options(**dep).bind(*args, threads_for(m.num_cpus), m.max_batch_size, m.stream_interval_s,
-                                              e["context"])
+                                              e["context"], m.draft_tokens)
                 if m.task == "generate" else Embedder.options(**dep).bind(*args, *batch) if m.task == "embed" else
                 Classifier.options(**dep).bind(*args, *batch, e["labels"]))
     return Api.options(ray_actor_options={"num_cpus": cfg.ingress_cpus}, backpressure_config=BACKPRESSURE,

@@ -122,9 +122,9 @@ class Classifier:
 @serve.deployment
 class Generator:
     def __init__(self, storage: str, artifact: str, force: bool, threads: int, max_batch_size: int,
-                 stream_interval_s: float, context: int = 0):
+                 stream_interval_s: float, context: int = 0, draft_tokens: int = 4):
         self.model = _load(storage, artifact, force, threads)
-        self.engine = Engine(self.model, max_batch_size, stream_interval_s, context)
+        self.engine = Engine(self.model, max_batch_size, stream_interval_s, context, draft_tokens)
 
     async def generate(self, ids: list[int], params: dict[str, Any]) -> list[int]:
         return [t async for piece in self.engine.generate(ids, params) for t in piece]

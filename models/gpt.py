@@ -132,19 +132,21 @@ class GPT(DecoderLM):
         return self.transformer.ln_f
 
     def decode(self, idx: torch.Tensor, cache: SlotCache) -> torch.Tensor:
-        """One new token for each of the cache's live rows: idx (n, 1) -> next-token logits (n, vocab).
+        """T new tokens for each of the cache's live rows: idx (n, T) -> logits (n, T, vocab).
 
         Every row sits at its own position and attends to its own past only,
         so sequences of any lengths, admitted at any step, decode together
-        (iteration-level batching). The cache grows by one token per row.
+        (iteration-level batching). T > 1 verifies draft tokens in one pass
+        (speculative decoding). Every row's length grows by T.
         """
-        n, pos = idx.size(0), self.slot_positions(idx, cache)
-        mask = slot_mask(pos)  # (n, 1, 1, T)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)[:, None, :]  # (n, 1, C)
+        (n, T), pos = idx.shape, self.slot_positions(idx, cache)
+        mask = slot_mask(pos, T)  # (n, 1, T, W)
+        at = pos[:, None] + torch.arange(T, device=idx.device)  # (n, T)
+        x = self.transformer.wte(idx) + self.transformer.wpe(at)  # (n, T, C)
         for i, block in enumerate(self.transformer.h):
             x, _ = block(x, SlotView(cache.k[i, :n], cache.v[i, :n], pos, mask))
-        cache.lengths[:n] += 1
-        return self.lm_head(self.transformer.ln_f(x))[:, -1]
+        cache.lengths[:n] += T
+        return self.lm_head(self.transformer.ln_f(x))
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

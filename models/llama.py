@@ -214,17 +214,18 @@ class Llama(DecoderLM):
         return self.model.norm
 
     def decode(self, idx: torch.Tensor, cache: SlotCache) -> torch.Tensor:
-        """One new token for each of the cache's live rows: idx (n, 1) -> next-token logits (n, vocab).
-        Each row at its own position, as in GPT.decode (iteration-level batching)."""
-        n, pos = idx.size(0), self.slot_positions(idx, cache)
-        mask = slot_mask(pos, self.cfg.sliding_window)  # (n, 1, 1, T)
-        x = self.model.embed_tokens(idx)  # (n, 1, C)
-        cos, sin = self._rope(pos, x.dtype)  # (n, hs): one position per row
-        cos, sin = cos[:, None, None, :], sin[:, None, None, :]  # (n, 1, 1, hs) against q, k (n, h, 1, hs)
+        """T new tokens for each of the cache's live rows: idx (n, T) -> logits (n, T, vocab), row i's
+        tokens at positions lengths[i].. (iteration-level batching, as GPT.decode). T > 1 verifies
+        draft tokens in one pass (speculative decoding). Every row's length grows by T."""
+        (n, T), pos = idx.shape, self.slot_positions(idx, cache)
+        mask = slot_mask(pos, T, self.cfg.sliding_window)  # (n, 1, T, W)
+        x = self.model.embed_tokens(idx)  # (n, T, C)
+        cos, sin = self._rope(pos[:, None] + torch.arange(T, device=idx.device), x.dtype)  # (n, T, hs)
+        cos, sin = cos[:, None], sin[:, None]  # (n, 1, T, hs) against q, k (n, h, T, hs)
         for i, block in enumerate(self.model.layers):
             x, _ = block(x, cos, sin, SlotView(cache.k[i, :n], cache.v[i, :n], pos, mask))
-        cache.lengths[:n] += 1
-        return self.lm_head(self.model.norm(x))[:, -1]
+        cache.lengths[:n] += T
+        return self.lm_head(self.model.norm(x))
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters; `non_embedding` leaves out the input embedding table unless the head shares it."""

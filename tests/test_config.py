@@ -99,3 +99,6 @@ def test_a_serve_models_context_cap_is_checked_where_it_is_written():
     assert cfg.models[0].max_context == 2048
     with pytest.raises(ConfigError, match=r"'models\[0\].drain_s': must not be negative, not -1"):
         load_config(ServeConfig, None, ["models=[{id: m, artifact: a, drain_s: -1}]"])
+    with pytest.raises(ConfigError, match=r"'models\[0\].draft_tokens': must not be negative \(0 turns"):
+        load_config(ServeConfig, None, ["models=[{id: m, artifact: a, draft_tokens: -1}]"])
+    assert load_config(ServeConfig, None, ["models=[{id: m, artifact: a, draft_tokens: 0}]"]).models[0].draft_tokens == 0

@@ -114,3 +114,88 @@ def test_a_context_cap_sizes_the_cache_and_ends_sequences_where_the_cap_says(mod
 
     got = asyncio.run(main())
     assert got == model.generate(torch.tensor([prompt]), cap - len(prompt), temperature=0)[0, len(prompt):].tolist()
+
+
+def test_prompt_lookup_drafts_keep_the_greedy_reply_and_save_decode_steps(model):
+    """Greedy rows check prompt-lookup drafts in their decode step: the reply is token for token what
+    greedy decoding gives without drafts (also where a stop token, max_tokens or the context ends it
+    inside a step's kept drafts), in fewer steps when the reply repeats its context."""
+    torch.manual_seed(1)
+    loop = [3, 4, 5, 6] * 4  # a prompt that repeats itself: a random model's reply soon loops too
+    free_run = model.generate(torch.tensor([loop]), 20, temperature=0)[0, len(loop):].tolist()
+    cases = [(loop, greedy(20)), (loop, greedy(7)), (loop, greedy(20, stop=(free_run[9],))),
+             (loop + loop, greedy(30)),  # 32 + 8 fills the 40-token context
+             (torch.randint(0, model.cfg.vocab_size, (9,)).tolist(), greedy(25)),
+             ([1, 2, 3], {"max_tokens": 15, "temperature": 1.0, "seed": 5})]  # sampled: no drafts
+
+    def run(drafts: int):
+        async def main():
+            engine = Engine(model, max_batch=4, draft_tokens=drafts)
+            got = await asyncio.gather(*(collect(engine, p, params, delay=0.001 * i)
+                                         for i, (p, params) in enumerate(cases)))
+            return engine, got
+        return asyncio.run(main())
+
+    plain, without = run(0)
+    speculative, got = run(4)
+    assert got == without
+    for (p, params), tokens in zip(cases[:-1], got):
+        n = min(params["max_tokens"], model.cfg.block_size - len(p))
+        expect = model.generate(torch.tensor([p]), n, temperature=0)[0, len(p):].tolist()
+        stops = [i for i, t in enumerate(expect) if t in params["stop_ids"]]
+        assert tokens == expect[:stops[0] + 1 if stops else n]
+    assert plain.drafted == 0 and speculative.accepted > 0
+    assert speculative.steps < plain.steps and speculative.tokens == plain.tokens
+    assert speculative.cache.live == 0
+
+
+def test_ngram_lookup_drafts_what_followed_the_tail_before():
+    from actors.generation_engine import NgramLookup
+
+    lookup = NgramLookup(max_n=3)
+    ids = [1, 2, 3, 4, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3]
+    assert lookup.drafts(ids, 2) == [7, 8]  # (1, 2, 3) last occurred before 7, 8
+    ids += [6]
+    assert lookup.drafts(ids, 3) == []  # 6 never occurred before
+    ids += [2]
+    assert lookup.drafts(ids, 2) == [3, 6]  # only the 1-gram (2,) matched before; its latest occurrence
+    loop = [5, 5, 5, 5, 5, 5]
+    assert NgramLookup().drafts(loop, 3) == [5, 5, 5]  # the latest overlaps the tail: the first occurrence
+    assert NgramLookup().drafts([1, 2], 4) == []
+
+
+def test_column_major_weights_keep_every_value_and_the_logits():
+    import copy
+
+    from models.decoding import column_major
+
+    torch.manual_seed(2)
+    model = MODELS["llama"]().eval()
+    flipped = column_major(copy.deepcopy(model))
+    ids = torch.randint(0, 97, (3, 20))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), flipped.state_dict().values()))
+    assert not flipped.lm_head.weight.is_contiguous() and flipped.lm_head.weight.t().is_contiguous()
+    torch.testing.assert_close(flipped(ids)[0], model(ids)[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("broken", ["forward", "decode"])  # the prefill, or a decode step
+def test_a_failing_step_fails_its_requests_and_the_engine_serves_the_next(model, broken):
+    prompt = [1, 2, 3]
+    expect = model.generate(torch.tensor([prompt]), 5, temperature=0)[0, 3:].tolist()
+
+    def fail(*args):
+        raise RuntimeError("the replica is out of memory")
+
+    async def main():
+        engine = Engine(model, max_batch=2)
+        setattr(model, broken, fail)
+        try:
+            failed = await asyncio.wait_for(asyncio.gather(
+                collect(engine, prompt, greedy(5)), collect(engine, [4, 5], greedy(5)), return_exceptions=True), 30)
+        finally:
+            delattr(model, broken)
+        return engine, failed, await asyncio.wait_for(collect(engine, prompt, greedy(5)), 30)
+
+    engine, failed, after = asyncio.run(main())
+    assert [str(e) for e in failed] == ["the replica is out of memory"] * 2
+    assert engine.step_failures >= 1 and after == expect and engine.cache.live == 0

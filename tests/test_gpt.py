@@ -83,12 +83,18 @@ def test_slot_cache_decodes_rows_of_different_lengths_joined_at_different_steps(
         if step == 6:  # the first row finishes; the last moves into its slot
             cache.free(0)
             rows[0] = rows.pop()
-        logits = model.decode(torch.tensor([[r[-1]] for r in rows]), cache)
+        logits = model.decode(torch.tensor([[r[-1]] for r in rows]), cache)[:, 0]  # (rows, V)
         for r, row_logits in zip(rows, logits):
             full, _ = model(torch.tensor([r]))
             torch.testing.assert_close(row_logits, full[0, -1], atol=1e-5, rtol=1e-5)
             r.append(int(row_logits.argmax()))
     assert cache.lengths[:cache.live].tolist() == [len(r) - 1 for r in rows]
+    # three tokens per row in one pass (speculative decoding's verification): the same logits
+    logits = model.decode(torch.tensor([[r[-1], 7, 8] for r in rows]), cache)  # (rows, 3, V)
+    for r, row_logits in zip(rows, logits):
+        full, _ = model(torch.tensor([r + [7, 8]]))
+        torch.testing.assert_close(row_logits, full[0, -3:], atol=1e-5, rtol=1e-5)
+    assert cache.lengths[:cache.live].tolist() == [len(r) + 2 for r in rows]
     with pytest.raises(ValueError, match="slots are live"):
         while True:
             cache.add(model(torch.tensor([[1, 2]]))[1])

@@ -97,9 +97,15 @@ def test_kv_cache_and_slot_decoding_equal_full_recomputation(family):
     assert slots.k.shape[2] == model.cfg.n_kv_head
     for step in range(6):
         nxt = torch.tensor([[ids[row, n + step]] for row, n in enumerate(lengths)])
-        out = model.decode(nxt, slots)  # (3, V)
+        out = model.decode(nxt, slots)  # (3, 1, V)
         for row, n in enumerate(lengths):
-            torch.testing.assert_close(out[row], full[row, n + step], atol=1e-5, rtol=0)
+            torch.testing.assert_close(out[row, 0], full[row, n + step], atol=1e-5, rtol=0)
+    # several tokens per row in one pass (how speculative decoding verifies drafts): the same logits
+    lengths = [n + 6 for n in lengths]
+    out = model.decode(torch.stack([ids[row, n:n + 4] for row, n in enumerate(lengths)]), slots)  # (3, 4, V)
+    for row, n in enumerate(lengths):
+        torch.testing.assert_close(out[row], full[row, n:n + 4], atol=1e-5, rtol=0)
+    assert slots.lengths.tolist() == [n + 4 for n in lengths]
 
 
 def test_a_fresh_model_trains_and_counts_its_flops():

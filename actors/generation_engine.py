@@ -193,9 +193,12 @@ class Engine:
             seq.logits = logits[0, -1]
         emitted = []
         live = self.live
-        tokens = sample_rows(torch.stack([s.logits for s in live]), torch.tensor([s.temperature for s in live]),
-                             torch.tensor([s.top_k or 0 for s in live]),
-                             torch.tensor([s.top_p or 1.0 for s in live]), [s.generator for s in live]).tolist()
+        def column(values: list) -> torch.Tensor:  # the rows' sampling parameters, beside their logits
+            return torch.tensor(values, device=self.device)
+
+        tokens = sample_rows(torch.stack([s.logits for s in live]), column([s.temperature for s in live]),
+                             column([s.top_k or 0 for s in live]), column([s.top_p or 1.0 for s in live]),
+                             [s.generator for s in live]).tolist()
         finished = [self._emit(seq, [token], emitted) for seq, token in zip(live, tokens)]
         for i in reversed(range(len(self.live))):
             if finished[i]:

@@ -83,7 +83,7 @@ def max_len(model: nn.Module) -> int:
 def forward(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """One inference forward over full rows ids (B, T): logits, class logits or embeddings."""
     if isinstance(model, SequenceClassifier):
-        return model(ids, torch.full((ids.size(0),), ids.size(1), dtype=torch.long))
+        return model(ids, torch.full((ids.size(0),), ids.size(1), dtype=torch.long, device=ids.device))
     if model_kind(model) == "embed":
         return model.embed(ids)
     return model(ids)[0]

@@ -153,6 +153,17 @@ class ServeConfig(JobConfig):
             raise ValueError(f"models: model ids must be unique, got {ids}")
 
 
+def _check_device(where: str, m: ModelEntry, name: str, art) -> None:
+    """Refuses a quantized artifact on GPU replicas: Helio has no CUDA integer kernels wired in."""
+    from models.quant import QUANT_CONFIG
+
+    if m.num_gpus and QUANT_CONFIG in art.files():
+        method = json.loads(art.read_bytes(QUANT_CONFIG)).get("method", "quantized")
+        raise ConfigError(where, f"artifact '{name}' is {method}-quantized and Helio has no CUDA integer kernels "
+                          "wired in (a GPU would run a dequantized copy: more memory than the float model and no "
+                          "faster); serve it on CPU replicas (num_gpus: 0), or serve the float model on the GPU")
+
+
 def entries(cfg: ServeConfig) -> list[dict[str, Any]]:
     """Each model's entry for the ingress (task, tokenizer, context), checked against its artifact."""
     from actors.chat import tokenizer_files
@@ -163,6 +174,7 @@ def entries(cfg: ServeConfig) -> list[dict[str, Any]]:
     for i, m in enumerate(cfg.models):
         art = store.open("model", m.artifact, verify=False)
         check_servable(art, m.force)
+        _check_device(f"models[{i}].num_gpus", m, m.artifact, art)
         hf = json.loads(art.read_bytes("config.json"))
         kind = artifact_kind(art).replace("lm", "generate")  # a GPT is served for generation
         if kind != m.task:
@@ -175,6 +187,7 @@ def entries(cfg: ServeConfig) -> list[dict[str, Any]]:
         if m.canary is not None:
             new = store.open("model", m.canary.artifact, verify=False)
             check_servable(new, m.force)
+            _check_device(f"models[{i}].num_gpus", m, m.canary.artifact, new)
             if artifact_kind(new) != artifact_kind(art) or tokenizer_files(new) != entry["tokenizer_files"]:
                 raise ConfigError(f"models[{i}].canary.artifact", f"'{m.canary.artifact}' is not a new version of "
                                   f"'{m.artifact}': a canary needs the same kind of model and the same tokenizer")

@@ -27,7 +27,9 @@ from ray import serve
 
 from actors.generation_engine import Engine
 from actors.model_loader import open_runnable
+from cluster.devices import assigned_device
 from cluster.storage import Storage
+from models.quant import kernels_used
 from models.task_heads import length_mask
 
 CHUNK = 16  # rows per forward inside a batch
@@ -36,21 +38,22 @@ CHUNK = 16  # rows per forward inside a batch
 def _load(storage: str, artifact: str, force: bool, threads: int) -> torch.nn.Module:
     """The artifact's model, on the replica's GPU when Serve gave it one (`num_gpus`), else on CPU."""
     torch.set_num_threads(max(1, threads))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return open_runnable(Storage(storage), artifact, force)[0].eval().to(device)
+    model, device = open_runnable(Storage(storage), artifact, force)[0].eval(), assigned_device()
+    if device.type == "cuda" and kernels_used(model):
+        raise RuntimeError(f"model artifact '{artifact}' is quantized, and Helio has no CUDA integer kernels wired "
+                           "in: serve it on CPU replicas (num_gpus: 0)")
+    return model.to(device)
 
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> right-padded ids (B, T) and lengths (B,)."""
-    lengths = torch.tensor([len(r) for r in rows])
-    ids = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-    return ids, lengths
+def _padded(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> right-padded ids (B, T) and lengths (B,), on `device`."""
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+    return ids, torch.tensor([len(r) for r in rows], device=device)
 
 
 def _by_length(rows: list[list[int]]) -> list[list[int]]:
@@ -64,7 +67,7 @@ def encode(model: torch.nn.Module, rows: list[list[int]], pad_id: int) -> list[l
     """Token lists -> L2-normalised mean-pooled embeddings, in length-sorted chunks (what Embedder runs)."""
     out: list[list[float]] = [[] for _ in rows]
     for chunk in _by_length(rows):
-        ids, lengths = (t.to(_device(model)) for t in _padded([rows[i] for i in chunk], pad_id))
+        ids, lengths = _padded([rows[i] for i in chunk], pad_id, _device(model))
         vecs = F.normalize(model.embed(ids, length_mask(lengths, ids.size(1))).float(), dim=-1)
         for i, v in zip(chunk, vecs.tolist()):
             out[i] = v
@@ -86,7 +89,7 @@ class Embedder:
 
     def check_health(self) -> None:
         with torch.no_grad():
-            v = self.model.embed(torch.tensor([[self.pad_id + 1, self.pad_id + 2]]))
+            v = self.model.embed(torch.tensor([[self.pad_id + 1, self.pad_id + 2]], device=_device(self.model)))
         if not torch.isfinite(v).all():
             raise RuntimeError("the model's embedding of a probe is not finite")
 
@@ -105,8 +108,7 @@ class Classifier:
         out: list[dict[str, float]] = [{} for _ in rows]
         with torch.no_grad():
             for chunk in _by_length(rows):
-                rows_in = _padded([rows[i] for i in chunk], self.pad_id)
-                ids, lengths = (t.to(_device(self.model)) for t in rows_in)
+                ids, lengths = _padded([rows[i] for i in chunk], self.pad_id, _device(self.model))
                 probs = self.model(ids, lengths).float().softmax(-1)
                 for i, p in zip(chunk, probs.tolist()):
                     out[i] = dict(zip(self.labels, p))
@@ -114,7 +116,8 @@ class Classifier:
 
     def check_health(self) -> None:
         with torch.no_grad():
-            p = self.model(torch.tensor([[self.pad_id + 1]]), torch.tensor([1])).softmax(-1)
+            device = _device(self.model)
+            p = self.model(torch.tensor([[self.pad_id + 1]], device=device), torch.tensor([1], device=device)).softmax(-1)
         if not torch.isfinite(p).all():
             raise RuntimeError("the classifier's answer to a probe is not finite")
 
@@ -136,7 +139,7 @@ class Generator:
 
     def check_health(self) -> None:
         with torch.no_grad():
-            logits, _ = self.model(torch.tensor([[1, 2]]))
+            logits, _ = self.model(torch.tensor([[1, 2]], device=_device(self.model)))
         if not torch.isfinite(logits).all():
             raise RuntimeError("the model's logits for a probe are not finite")
 

@@ -232,9 +232,10 @@ class Worker:
         """Masking randomness that depends only on (seed, step, rank, micro-batch): resumable."""
         return torch.Generator().manual_seed(hash((self.cfg.train.seed, *salt)) & 0x7FFFFFFF)
 
-    def train_step(self, block: dict[str, np.ndarray]) -> tuple[float, int]:
-        """One optimizer step; (mean loss, this rank's model-input tokens)."""
-        t, losses, tokens = self.cfg.train, [], 0
+    def train_step(self, block: dict[str, np.ndarray]) -> tuple[torch.Tensor, int]:
+        """One optimizer step; (mean loss, still on the device: no host sync per micro-batch or step,
+        this rank's model-input tokens)."""
+        t, loss_sum, tokens = self.cfg.train, torch.zeros((), device=self.device), 0
         for a in range(t.grad_accum):
             rows = rank_rows(block, t.micro_batch, a, self.rank, self.world)
             tokens += real_tokens(rows)
@@ -242,9 +243,9 @@ class Worker:
             loss = self.engine(*(x.to(self.device) for x in args))
             self.strategy.backward(loss)
             self.strategy.step()
-            losses.append(loss.item())
+            loss_sum += loss.detach().float()
         self.step += 1
-        return sum(losses) / len(losses), tokens
+        return loss_sum / t.grad_accum, tokens
 
     def eval_rows(self) -> list[torch.Tensor]:
         """This rank's rows of the first `eval_batches` validation batches, read once and kept.
@@ -335,7 +336,7 @@ class Worker:
             tokens_per_s = new_tokens / dt
             metrics = {
                 "step": self.step, "total_steps": t.steps, "attempt_start_step": start_step,
-                "loss": mean_across_ranks(loss_sum / loss_n, self.device),
+                "loss": mean_across_ranks(float(loss_sum) / loss_n, self.device),  # the host sync, per log
                 "lr": self.strategy.lr(), "grad_norm": self.strategy.grad_norm(),
                 "tokens_per_s": tokens_per_s,
                 "mfu": self.flops_per_token * tokens_per_s / (peak * self.world) if peak else None,

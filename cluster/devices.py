@@ -1,6 +1,7 @@
-"""What the hardware could do: the peak FLOP/s that MFU divides by.
+"""Which device a Ray worker runs on, and what the hardware could do: the peak FLOP/s that MFU divides by.
 
-On a GPU Helio looks the dense bf16 peak up in a table of known parts; on a CPU
+A worker (a Serve replica, a task) takes CUDA only when Ray assigned it a GPU: Ray makes the assigned
+GPUs the only ones the process sees, while a worker without one on a GPU node still sees CUDA. On a GPU Helio looks the dense bf16 peak up in a table of known parts; on a CPU
 there is no honest datasheet number for this process's share of the cores, so
 it measures one: the best of a few fp32 matmuls as large as the cache allows,
 on the threads this process was given.
@@ -35,6 +36,13 @@ def gpu_peak_flops(name: str) -> float | None:
         if key in name or key.replace(" ", "") in name.replace(" ", ""):
             return GPU_PEAK_BF16[key]
     return None
+
+
+def assigned_device() -> torch.device:
+    """CUDA (the first of the GPUs Ray assigned this worker) when it was given one, else the CPU."""
+    import ray
+
+    return torch.device("cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu")
 
 
 def cpu_matmul_peak(n: int = 1024, seconds: float = 0.3) -> float:

@@ -3,8 +3,9 @@
 `ZeroStrategy.setup(model)` builds the engine (ZeRO stage 0-3, optional CPU
 offload of optimizer state and parameters, gradient accumulation and clipping,
 AdamW, warmup + cosine LR); the loop then calls `backward`, `step`, `save`,
-`load` and `full_state_dict`. Precision follows the device: bf16 on CUDA, fp32
-on CPU, where DeepSpeed runs on its CPU accelerator over the gloo process group
+`load` and `full_state_dict`. Precision follows the device: bf16 on a GPU that
+has it, fp16 with dynamic loss scaling on one that has not (V100, T4), fp32 on
+CPU, where DeepSpeed runs on its CPU accelerator over the gloo process group
 that Ray Train has already set up.
 """
 
@@ -48,12 +49,28 @@ class OptimConfig:
             raise ValueError("grad_clip: must be >= 0")
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def precision_for(requested: str, device_type: str, capability: tuple[int, int] | None = None) -> str:
+    """What `requested` means on a device: `auto` is fp32 on CPU, and on CUDA bf16 where the GPU has
+    bf16 tensor cores (compute capability 8.0 on: A100, L4, H100) and fp16 with dynamic loss scaling
+    where it has not (V100 7.0, T4 7.5). fp16 is refused on CPU (DeepSpeed trains fp16 on GPUs only)."""
+    if requested == "fp16" and device_type != "cuda":
+        raise ValueError("precision: fp16 trains on GPUs only; use fp32 (or bf16) on CPU")
+    if requested != "auto":
+        return requested
+    if device_type != "cuda":
+        return "fp32"
+    return "bf16" if capability is not None and capability[0] >= 8 else "fp16"
+
+
 @dataclass(frozen=True)
 class ZeroConfig:
     stage: int = 2
     offload_optimizer: bool = False  # optimizer state (and its step) on CPU memory
     offload_params: bool = False  # ZeRO-3 only: parameters live on CPU between uses
-    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp16 (dynamic loss scaling); fp32 on CPU
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2, 3):
@@ -62,8 +79,8 @@ class ZeroConfig:
             raise ValueError("offload_params: parameter offload needs stage 3")
         if self.offload_optimizer and self.stage == 0:
             raise ValueError("offload_optimizer: optimizer offload needs stage 1, 2 or 3")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision: must be auto, fp32 or bf16, not {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -106,10 +123,9 @@ class ZeroStrategy:
         self.zero, self.optim = zero, optim
         self.micro_batch, self.grad_accum, self.world_size = micro_batch, grad_accum, world_size
         self.total_steps, self.device = total_steps, device
-        precision = zero.precision
-        if precision == "auto":
-            precision = "bf16" if device.type == "cuda" else "fp32"
-        self.precision = precision
+        auto_on_gpu = zero.precision == "auto" and device.type == "cuda"
+        self.precision = precision_for(zero.precision, device.type,
+                                       torch.cuda.get_device_capability(device) if auto_on_gpu else None)
         self.engine: Any = None
 
     def ds_config(self) -> dict:
@@ -127,6 +143,9 @@ class ZeroStrategy:
             "gradient_clipping": self.optim.grad_clip,
             "zero_optimization": zero,
             "bf16": {"enabled": self.precision == "bf16"},
+            # fp16: dynamic loss scaling (loss_scale 0), from 2^16, halved on overflow, doubled after 1000 clean steps
+            "fp16": {"enabled": self.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                     "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
             "zero_allow_untested_optimizer": True,  # torch's AdamW, so no op needs compiling
             "zero_force_ds_cpu_optimizer": False,
             "steps_per_print": 1 << 30,
@@ -151,7 +170,7 @@ class ZeroStrategy:
 
     @property
     def dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

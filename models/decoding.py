@@ -225,9 +225,10 @@ class SlotCache:
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> next ids (B, 1): greedy at temperature 0, else top-k / nucleus sampling."""
-    B = logits.size(0)
-    return sample_rows(logits, torch.full((B,), float(temperature)), torch.full((B,), top_k or 0),
-                       torch.full((B,), 1.0 if top_p is None else float(top_p)), [generator] * B)[:, None]
+    B, device = logits.size(0), logits.device
+    return sample_rows(logits, torch.full((B,), float(temperature), device=device),
+                       torch.full((B,), top_k or 0, device=device),
+                       torch.full((B,), 1.0 if top_p is None else float(top_p), device=device), [generator] * B)[:, None]
 
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -254,7 +255,9 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
         remove = (p.cumsum(dim=-1) - p >= top_p[:, None]) & (top_p < 1)[:, None]
         x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x.masked_fill(remove, float("-inf")))
     cdf = x.softmax(dim=-1).cumsum(dim=-1)  # (n, V)
-    u = torch.stack([torch.rand((), generator=generators[i]) for i in hot]).to(cdf.device)  # (h,)
+    draws = [torch.rand((), generator=g, device=g.device if g is not None else "cpu")  # seeds are CPU generators
+             for g in (generators[i] for i in hot)]
+    u = torch.stack(draws).to(cdf.device)  # (h,)
     picked = torch.searchsorted(cdf[hot], (u * cdf[hot, -1])[:, None], right=True)[:, 0]  # first cdf > u
     out[hot] = picked.clamp(max=V - 1)
     return out

@@ -145,7 +145,7 @@ def _pack_int8(q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None):
     """fbgemm's packed form of int8 codes q (out, in) with fp32 steps d (out,) per output channel."""
     with warnings.catch_warnings():  # the quantized-tensor constructors are marked deprecated
         warnings.simplefilter("ignore")
-        w = torch._make_per_channel_quantized_tensor(q, d.double(), torch.zeros(len(d), dtype=torch.long), 0)
+        w = torch._make_per_channel_quantized_tensor(q, d.double(), torch.zeros(len(d), dtype=torch.long, device=d.device), 0)
         return torch.ops.quantized.linear_prepack(w, bias)
 
 
@@ -153,8 +153,9 @@ def probe_error(code: int) -> float:
     """The relative error of one fbgemm int8 GEMM whose weight codes are all `code` and whose activations
     all sit at the top of their range (per-tensor step 1/255, zero point 0: every activation code 255),
     so that every pair of products is 2 * 255 * code. 0 up to float rounding unless the kernel saturates."""
-    q = torch.full((8, _PROBE_K), code, dtype=torch.int8)
-    y = torch.ops.quantized.linear_dynamic(torch.ones(4, _PROBE_K), _pack_int8(q, torch.ones(8), None), False)
+    q = torch.full((8, _PROBE_K), code, dtype=torch.int8, device="cpu")  # fbgemm runs on the CPU only
+    y = torch.ops.quantized.linear_dynamic(torch.ones(4, _PROBE_K, device="cpu"),
+                                           _pack_int8(q, torch.ones(8, device="cpu"), None), False)
     exact = code * _PROBE_K  # sum over k of 1 * (code * 1)
     return ((y - exact).abs().max() / abs(exact)).item()
 

@@ -97,7 +97,7 @@ class SFT(nn.Module):
 
     def batch(self, rows: dict[str, torch.Tensor], generator: torch.Generator | None = None):
         ids = trim(rows["input_ids"], rows["length"])
-        j = torch.arange(1, ids.size(1))[None, :]  # (1, L-1): the position each target comes from
+        j = torch.arange(1, ids.size(1), device=ids.device)[None, :]  # (1, L-1): the position each target comes from
         keep = rows["loss_mask"][:, 1:ids.size(1)].bool() & (j < rows["length"][:, None])
         return ids[:, :-1], torch.where(keep, ids[:, 1:], IGNORE)  # (B, T), (B, T)
 

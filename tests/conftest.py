@@ -12,7 +12,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # parity tests build their checkpoints local
 
 @pytest.fixture(scope="session")
 def ray_context():
-    """A real local Ray cluster with 2 CPUs, shared by every test that asks for it: ray.init's context."""
+    """A real local Ray cluster with 2 CPUs, shared by every test that asks for it: ray.init's context.
+    It also declares one GPU, a resource with no device behind it, so that a test can see which device a
+    worker Ray assigned a GPU to picks (tests/test_devices.py); nothing else asks for it."""
     import ray
 
     from tiny_data import free_port
@@ -20,7 +22,7 @@ def ray_context():
     # "local": its own cluster, even with a `ray start` head running on this machine (make demo's).
     # With its dashboard, as cluster/runtime.py's embedded one: Ray Train frees the workers' placement
     # group of a controller that died through the dashboard's state API.
-    context = ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+    context = ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=True, dashboard_host="127.0.0.1",
                        dashboard_port=free_port(), log_to_driver=False)
     try:
         yield context

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from actors.model_loader import open_runnable
-from cluster.config import load_config
+from cluster.config import ConfigError, load_config
 from cluster.storage import Storage
 from jobs import serve as serve_job
 from models.hf import save_model
@@ -292,6 +292,19 @@ def test_a_rejected_artifact_is_not_served_unless_forced(server, capsys):
     cfg = load_config(serve_job.ServeConfig, None, [f"storage={store.root}",
                                                    "models=[{id: r, artifact: serve_gpt_rejected, force: true}]"])
     assert serve_job.entries(cfg)[0]["task"] == "generate"
+
+
+def test_a_quantized_artifact_on_gpu_replicas_is_refused_at_config_time(server):
+    """No CUDA integer kernels are wired in: a quantized model on `num_gpus` would run a dequantized copy."""
+    _, store, _ = server
+    cfg = load_config(serve_job.ServeConfig, None, [f"storage={store.root}",
+                                                   "models=[{id: g, artifact: serve_gpt_int8, num_gpus: 1}]"])
+    with pytest.raises(ConfigError, match=r"'models\[0\].num_gpus': artifact 'serve_gpt_int8' is int8-quantized and "
+                                          r"Helio has no CUDA integer kernels wired in"):
+        serve_job.entries(cfg)
+    cfg = load_config(serve_job.ServeConfig, None, [f"storage={store.root}",
+                                                   "models=[{id: g, artifact: tiny_gpt, num_gpus: 1}]"])
+    assert serve_job.entries(cfg)[0]["task"] == "generate"  # a float model may take a GPU
 
 
 def _greedy_local(store: Storage, artifact: str, prompt: str, n: int) -> str:

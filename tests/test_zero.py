@@ -10,7 +10,7 @@ import torch
 from cluster.config import ConfigError, from_dict
 from cluster.devices import gpu_peak_flops
 from cluster.zero import (COMPLETE, OptimConfig, ZeroConfig, ZeroStrategy, check_complete, param_groups,
-                          saved_client_state, warmup_cosine)
+                          precision_for, saved_client_state, warmup_cosine)
 from models.gpt import GPT, GPTConfig
 
 
@@ -19,8 +19,8 @@ def test_zero_config_contradictions_name_the_key():
         from_dict(ZeroConfig, {"stage": 2, "offload_params": True}, "zero")
     with pytest.raises(ConfigError, match="zero.stage"):
         from_dict(ZeroConfig, {"stage": 4}, "zero")
-    with pytest.raises(ConfigError, match="zero.precision"):
-        from_dict(ZeroConfig, {"precision": "fp16"}, "zero")
+    with pytest.raises(ConfigError, match="'zero.precision': must be one of auto, fp32, bf16, fp16, not 'fp8'"):
+        from_dict(ZeroConfig, {"precision": "fp8"}, "zero")
 
 
 def test_warmup_then_cosine_to_the_floor():
@@ -44,8 +44,25 @@ def test_ds_config_follows_the_device():
                        device=torch.device("cpu"), **kw).ds_config()
     assert cpu["bf16"]["enabled"] is False and cpu["train_batch_size"] == 16
     assert cpu["zero_optimization"]["offload_param"]["device"] == "cpu"
-    gpu = ZeroStrategy(ZeroConfig(stage=2), OptimConfig(), device=torch.device("cuda"), **kw)
+    gpu = ZeroStrategy(ZeroConfig(stage=2, precision="bf16"), OptimConfig(), device=torch.device("cuda"), **kw)
     assert gpu.ds_config()["bf16"]["enabled"] is True and gpu.dtype == torch.bfloat16
+    assert gpu.ds_config()["fp16"]["enabled"] is False
+    old_gpu = ZeroStrategy(ZeroConfig(stage=2, precision="fp16"), OptimConfig(), device=torch.device("cuda"), **kw)
+    fp16 = old_gpu.ds_config()["fp16"]
+    assert fp16["enabled"] is True and fp16["loss_scale"] == 0 and old_gpu.dtype == torch.float16  # 0: dynamic
+    assert old_gpu.ds_config()["bf16"]["enabled"] is False
+
+
+def test_auto_precision_follows_what_the_hardware_has():
+    assert precision_for("auto", "cpu") == "fp32"
+    assert precision_for("auto", "cuda", (8, 0)) == "bf16"  # A100
+    assert precision_for("auto", "cuda", (9, 0)) == "bf16"  # H100
+    assert precision_for("auto", "cuda", (7, 0)) == "fp16"  # V100: no bf16
+    assert precision_for("auto", "cuda", (7, 5)) == "fp16"  # T4
+    assert precision_for("bf16", "cuda", (7, 5)) == "bf16"  # forced
+    assert precision_for("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="precision: fp16 trains on GPUs only"):
+        precision_for("fp16", "cpu")
 
 
 def _write_rank(folder, rank, world, files):

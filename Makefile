@@ -7,7 +7,7 @@ STORAGE    ?= ./runs
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.helio-installed
 
-.PHONY: install demo stop test test-fast bench proto clean
+.PHONY: install demo stop test test-fast bench gpu-smoke proto clean
 
 install: $(STAMP)
 
@@ -63,6 +63,11 @@ bench: install
 	$(PY) benchmarks/quantize.py --storage $(STORAGE)
 	$(PY) benchmarks/serve.py --storage $(STORAGE)
 	$(PY) benchmarks/llama_generate.py
+
+# on a GPU node: every GPU path once (bf16/fp16 ZeRO-2 and ZeRO-3 offload, LoRA, quantization, a GPU Serve
+# replica), a table of what each did; without CUDA it says so and exits 2 (jobs/gpu_smoke.py)
+gpu-smoke: install
+	$(PY) -m jobs.gpu_smoke
 
 # after editing actors/proto/helio.proto (tests/test_serve_config.py checks the committed stubs are current)
 proto: install

@@ -154,3 +154,13 @@ def test_a_worker_takes_cuda_only_when_ray_assigned_it_a_gpu(ray_cluster):
     not_given = ray_cluster.remote(num_cpus=0)(device_type)
     assert ray_cluster.get([given.remote(), not_given.remote()], timeout=60) == ["cuda", "cpu"]
     assert assigned_device().type == "cpu"  # the driver holds no GPU
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_smoke_refuses_in_one_line_without_cuda():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "jobs.gpu_smoke"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("gpu-smoke: no CUDA device here")

@@ -36,7 +36,11 @@ def embedded(cfg: JobConfig) -> bool:
 
 
 def connect_job(cfg: JobConfig) -> None:
-    """Every job's one connect step: connects this driver to the job's Ray and logs where it runs."""
+    """Every job's one connect step: checks that the job's storage can be reached (an object store's
+    bucket exists), connects this driver to the job's Ray and logs where it runs."""
+    from cluster.storage import Storage
+
+    Storage(cfg.storage).check_reachable()
     log.info(connect(cfg.ray_address, cfg.local_cpus))
 
 

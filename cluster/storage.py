@@ -10,10 +10,13 @@ missing file or a checksum mismatch is refused with a clear error.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import os
 import posixpath
+import re
 import tempfile
 import time
 import uuid
@@ -96,6 +99,24 @@ class Artifact:
         return self.manifest.get("metrics", {})
 
 
+@contextlib.contextmanager
+def reaching(root: str, action: str) -> Iterator[None]:
+    """Turns the filesystem's OSError (a missing bucket, refused credentials, an unreachable endpoint)
+    into one ArtifactError sentence naming the storage and what was being done, with the endpoint taken
+    out: it comes from the environment (AWS_ENDPOINT_URL) and is never written into an error."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if m := re.match(r"Bucket '([^']+)' not found", text):
+            text = f"bucket '{m.group(1)}' does not exist (create it first: Helio never creates buckets)"
+        if endpoint := os.environ.get("AWS_ENDPOINT_URL"):
+            text = text.replace(endpoint, "<endpoint>").replace(endpoint.split("://")[-1], "<endpoint>")
+        raise ArtifactError(f"storage '{root}': cannot {action}: {text}") from None
+
+
 class ArtifactWriter:
     """Builds an artifact in a temporary folder; `commit` makes it visible.
 
@@ -114,7 +135,8 @@ class ArtifactWriter:
         self.files: dict[str, dict[str, Any]] = {}
         self.metrics: dict[str, Any] = {}
         self.extra: dict[str, Any] = {}
-        store.fs.create_dir(self.tmp_path, recursive=True)
+        with reaching(store.root, f"write {kind} artifact '{name}'"):
+            store.fs.create_dir(self.tmp_path, recursive=True)
 
     def __enter__(self) -> "ArtifactWriter":
         return self
@@ -233,6 +255,16 @@ class Storage:
         except json.JSONDecodeError as e:
             raise ArtifactError(f"'{self.to_uri(path)}' is not valid JSON ({e})") from None
 
+    def check_reachable(self) -> None:
+        """Raises ArtifactError (one sentence) unless the storage can be reached: on an object store, its
+        bucket exists and the credentials may read it. Before a job does any work."""
+        if "://" not in self.root or self.root.startswith("file://"):
+            return
+        bucket = self.root_path.split("/")[0]
+        with reaching(self.root, "reach it"):
+            if self.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise OSError(f"Bucket '{bucket}' not found")
+
     def exists(self, kind: str, name: str) -> bool:
         path = posixpath.join(self.artifact_path(kind, name), MANIFEST)
         return self.fs.get_file_info(path).type == pafs.FileType.File
@@ -241,7 +273,10 @@ class Storage:
         """Opens a complete artifact of `kind`; `verify` checks every file's sha256."""
         path = self.artifact_path(kind, name)
         uri = self.to_uri(path)
-        if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
+        with reaching(self.root, f"read {kind} artifact '{name}'"):
+            found = self.fs.get_file_info(path).type != pafs.FileType.NotFound
+        if not found:
+            self.check_reachable()  # a missing bucket says so, rather than that the artifact is missing
             raise ArtifactError(f"no {kind} artifact named '{name}' under storage '{self.root}' (looked in {uri})")
         try:
             with self.fs.open_input_stream(posixpath.join(path, MANIFEST)) as f:

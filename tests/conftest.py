@@ -11,7 +11,21 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # parity tests build their checkpoints local
 
 
 @pytest.fixture(scope="session")
-def ray_context():
+def s3_server():
+    """A real S3 API on loopback (moto's server, tests/s3_server.py), reached through the AWS environment
+    variables; a test makes its own bucket (`S3Server.create_bucket`)."""
+    from s3_server import S3Server
+
+    s3 = S3Server().start()
+    os.environ.update(s3.env)
+    try:
+        yield s3
+    finally:
+        s3.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_context(s3_server):
     """A real local Ray cluster with 2 CPUs, shared by every test that asks for it: ray.init's context.
     It also declares one GPU, a resource with no device behind it, so that a test can see which device a
     worker Ray assigned a GPU to picks (tests/test_devices.py); nothing else asks for it."""
@@ -19,6 +33,7 @@ def ray_context():
 
     from tiny_data import free_port
 
+    # s3_server first: its AWS environment variables are set before Ray starts, so every worker has them.
     # "local": its own cluster, even with a `ray start` head running on this machine (make demo's).
     # With its dashboard, as cluster/runtime.py's embedded one: Ray Train frees the workers' placement
     # group of a controller that died through the dashboard's state API.

@@ -1,7 +1,11 @@
 """jobs.pipeline on the shipped demo config at tiny sizes, for real: every stage on the session's Ray
 (a run that fails in pretraining, then the rerun that continues from it), a second run that skips
 every stage, and the same pipeline submitted with `ray job submit` to a real local head with token
-auth, whose served application then answers over HTTP."""
+auth, whose served application then answers over HTTP.
+
+The session's run keeps everything on an object store: `storage: s3://...` on a real S3 API server
+on loopback (tests/s3_server.py), reached through the standard AWS environment variables. Ray Train's
+checkpoints, every artifact, the replicas' model loading and the monitor's state go through it."""
 
 from __future__ import annotations
 
@@ -14,12 +18,13 @@ import sysconfig
 import urllib.request
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 
 from actors.train_driver import POLL_ENV, START_TIMEOUT_ENV
 from cluster.cli import JobFailed
 from cluster.config import ConfigError, load_config
-from cluster.storage import Storage
+from cluster.storage import Storage, fetch_folder, resolve
 from jobs import pipeline
 from ray_head import RayHead
 from tiny_data import free_port
@@ -70,14 +75,26 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
+def _object(storage: str, rel: str) -> pafs.FileInfo:
+    fs, path = resolve(f"{storage}/{rel}")
+    return fs.get_file_info(path)
+
+
+def _read(storage: str, rel: str) -> bytes:
+    fs, path = resolve(f"{storage}/{rel}")
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
 @pytest.fixture(scope="module")
-def demo(ray_cluster, serve_ports, tmp_path_factory):
-    """The tiny demo pipeline: a run that fails at pretraining step 3, then the run that continues it."""
+def demo(ray_cluster, serve_ports, s3_server):
+    """The tiny demo pipeline on S3: a run that fails at pretraining step 3, then the run that continues it."""
     from ray import serve
 
     from actors.monitor import NAMESPACE, actor_name
+    from s3_server import S3Server
 
-    storage = str(tmp_path_factory.mktemp("pipeline"))
+    storage = S3Server.create_bucket("helio-pipeline") + "/demo"
     environ_before = {k: os.environ.get(k) for k in (START_TIMEOUT_ENV, POLL_ENV)}
     port = serve_ports["http"]
     overrides = [f"storage={storage}", *TINY, f"serve.http.port={port}", f"serve.grpc.port={serve_ports['grpc']}"]
@@ -102,11 +119,10 @@ def test_a_failed_run_continues_at_the_failed_stage_and_then_runs_every_stage(de
     assert re.search(r"\[1/8\] prepare: skipped, dataset 'prepare_demo' exists for this configuration", printed)
     assert "[2/8] pretrain: running" in printed
     # pretraining resumed from the checkpoint at step 2 that the failed run left, and finished
-    with open(f"{storage}/runs/pretrain_demo/metrics.jsonl") as f:
-        records = [json.loads(line) for line in f]
+    records = [json.loads(line) for line in _read(storage, "runs/pretrain_demo/metrics.jsonl").splitlines()]
     assert records[-1]["step"] == 6 and records[-1]["attempt_start_step"] == 2, records[-1]
-    assert Path(storage, "runs", "pretrain_demo", "loss.png").stat().st_size > 1000  # the loss curve
-    assert Path(storage, "adapters", "finetune_embed_demo", "adapter_model.safetensors").stat().st_size > 0
+    assert _object(storage, "runs/pretrain_demo/loss.png").size > 1000  # the loss curve
+    assert _object(storage, "adapters/finetune_embed_demo/adapter_model.safetensors").size > 0
     stages = demo["state"]["stages"]
     assert list(stages) == ["prepare", "pretrain", "make_tasks", "finetune.sft", "finetune.embed", "quantize",
                             "serve", "monitor"]
@@ -123,6 +139,22 @@ def test_a_failed_run_continues_at_the_failed_stage_and_then_runs_every_stage(de
     assert q["parents"][0]["name"] == "finetune_sft_demo" and q["rejected"] is False
 
 
+def test_everything_lives_on_the_object_store_and_no_credential_or_endpoint_is_written(demo, s3_server):
+    fs, root = resolve(demo["storage"])
+    files = [f.path for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if f.type == pafs.FileType.File]
+    assert {p.removeprefix(root + "/").split("/")[0] for p in files} >= {
+        "datasets", "tasks", "models", "adapters", "runs", "pipelines", "serving", "monitor"}
+    assert any("/runs/pretrain_demo/checkpoint_" in p for p in files)  # Ray Train's checkpoints too
+    secrets = (s3_server.env["AWS_ACCESS_KEY_ID"], s3_server.env["AWS_SECRET_ACCESS_KEY"], f":{s3_server.port}")
+    written = [p for p in files if p.endswith((".json", ".jsonl", ".yaml"))]
+    assert len(written) > 20
+    for p in written:
+        with fs.open_input_stream(p) as f:
+            text = f.read().decode()
+        assert not any(s in text for s in secrets), p
+    assert not any(s in demo["printed"] for s in secrets)
+
+
 def test_the_pretrained_llama_with_one_key_value_head_loads_in_transformers_with_the_same_logits(demo):
     import torch
     from transformers import AutoModelForCausalLM
@@ -130,10 +162,10 @@ def test_the_pretrained_llama_with_one_key_value_head_loads_in_transformers_with
     from models.hf import load_model
     from models.llama import Llama
 
-    folder = Path(demo["storage"], "models", "pretrain_demo")
-    model = load_model(folder).eval()
+    with fetch_folder(f"{demo['storage']}/models/pretrain_demo", ("config.json", "model.safetensors")) as folder:
+        model = load_model(folder).eval()
+        hf = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert isinstance(model, Llama) and (model.cfg.n_head, model.cfg.n_kv_head) == (2, 1)  # multi-query attention
-    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert hf.config.model_type == "llama" and hf.config.num_key_value_heads == 1
     ids = torch.randint(0, model.cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -162,3 +162,42 @@ class TokenizeTask:
 def tokenize_records(batch: dict[str, np.ndarray], **task: Any) -> dict[str, np.ndarray]:
     """TokenizeTask(**task) on one batch: the function Ray Data's tasks run."""
     return TokenizeTask(**task)(batch)
+
+
+def pack_rows(cols: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+    """SFT rows, one example each right-padded to width L, -> packed rows of several examples each.
+
+    Best-fit decreasing: the longest example first, each into the fullest row it still fits, else a new
+    row. Columns: input_ids and loss_mask as the examples had them, side by side; `segment` 1, 2, ...
+    for each example's tokens and 0 for the padding after the last (models.decoding.packed keeps every
+    example's attention, positions and loss inside it); `length` the row's real tokens. `prompt_len`
+    (where an example's reply starts, for exact-match evaluation) has no meaning in a packed row and
+    is dropped: validation rows stay unpacked."""
+    import bisect
+
+    ids, mask, lengths = cols["input_ids"], cols["loss_mask"], cols["length"]
+    width = ids.shape[1]
+    rooms: list[tuple[int, int]] = []  # (room left, row), sorted: the fullest row that fits comes first
+    rows: list[list[int]] = []
+    for i in np.argsort(-lengths, kind="stable"):
+        at = bisect.bisect_left(rooms, (int(lengths[i]), -1))
+        if at == len(rooms):
+            rows.append([int(i)])
+            room, row = width - int(lengths[i]), len(rows) - 1
+        else:
+            room, row = rooms.pop(at)
+            rows[row].append(int(i))
+            room -= int(lengths[i])
+        if room > 0:
+            bisect.insort(rooms, (room, row))
+    out_ids = np.full((len(rows), width), pad_id, dtype=ids.dtype)
+    out_mask, segment = np.zeros_like(out_ids), np.zeros_like(out_ids)
+    out_len = np.zeros(len(rows), dtype=lengths.dtype)
+    for r, members in enumerate(rows):
+        at = 0
+        for s, i in enumerate(members, start=1):
+            n = int(lengths[i])
+            out_ids[r, at:at + n], out_mask[r, at:at + n], segment[r, at:at + n] = ids[i, :n], mask[i, :n], s
+            at += n
+        out_len[r] = at
+    return {"input_ids": out_ids, "loss_mask": out_mask, "segment": segment, "length": out_len}

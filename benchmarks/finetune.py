@@ -1,6 +1,8 @@
-"""Benchmark: full vs LoRA finetuning of all-MiniLM-L6-v2 for stdlib docstring <-> code retrieval.
+"""Benchmark: full vs LoRA finetuning of all-MiniLM-L6-v2 for stdlib docstring <-> code retrieval, and
+packed vs unpacked SFT rows.
 
     .venv/bin/python benchmarks/finetune.py [--steps N] [--out benchmarks/results/finetune.json]
+    .venv/bin/python benchmarks/finetune.py --packing [--steps N]   # only the SFT packing comparison
 
 Measured in one run, same machine, same model, same data, same global batch,
 same steps: `jobs.finetune` with `method: full` (every weight trained: the
@@ -12,6 +14,12 @@ logging intervals after the first, padding not counted), peak memory per worker
 and the held-out retrieval MRR / recall@1 / recall@10 of the base model and of
 the finetuned one (530 held-out docstring -> function pairs from modules never
 trained on).
+
+Packing (`--packing`, also part of the default run): the demo's SFT (jobs/configs/finetune_sft_demo.yaml:
+docstring -> function on the stdlib tasks, max_len 256) on a briefly pretrained demo Llama, with
+`data.pack: true` (several examples per row, none attending to another) and `false` (one per row,
+each batch trimmed to its longest), same steps and micro-batch: useful (non-padding) tokens/s, and
+the rows' padding. Target (issue 19): packed >= 2x the unpacked run's useful tokens/s.
 """
 
 from __future__ import annotations
@@ -47,11 +55,48 @@ def finetune(storage: str, method: str, steps: int, gpu: bool) -> dict:
     return {"method": method, "wall_seconds": time.perf_counter() - t, **m}
 
 
+def sft(storage: str, pack: bool, steps: int) -> dict:
+    name = f"bench_sft_{'packed' if pack else 'unpacked'}_{int(time.time())}"
+    sets = [f"storage={storage}", f"name={name}", f"data.pack={str(pack).lower()}", f"train.steps={steps}",
+            f"train.eval_every={steps}", f"train.checkpoint_every={steps}", "train.log_every=5",
+            "eval.max_examples=4", "eval.max_new_tokens=8"]
+    t = time.perf_counter()
+    run(["jobs.finetune", "jobs/configs/finetune_sft_demo.yaml"] + [x for s in sets for x in ("--set", s)])
+    m = json.loads((Path(storage) / "models" / name / "helio.json").read_text())["metrics"]
+    return {"pack": pack, "wall_seconds": time.perf_counter() - t, **m}
+
+
+def packing(storage: str, steps: int) -> dict:
+    """Packed against unpacked SFT rows on the stdlib tasks; prints the table, returns the results."""
+    if not (Path(storage) / "models" / "pretrain_demo" / "helio.json").exists():
+        print("preparing the stdlib dataset and pretraining the demo Llama briefly ...", flush=True)
+        run(["jobs.prepare", "jobs/configs/prepare_demo.yaml", "--set", f"storage={storage}"])
+        run(["jobs.pretrain", "jobs/configs/pretrain_demo.yaml", "--set", f"storage={storage}",
+             "--set", "train.steps=20", "--set", "sample.count=0"])
+    out = {}
+    for pack in (False, True):
+        print(f"SFT of the demo Llama, {'packed' if pack else 'unpacked'} rows, {steps} steps ...", flush=True)
+        out["packed" if pack else "unpacked"] = sft(storage, pack, steps)
+    plain, packed = out["unpacked"], out["packed"]
+    rows = packed["packing"]
+    print(f"\ndemo Llama SFT on the stdlib tasks, {steps} steps, micro-batch 4 x 2 workers, max_len 256")
+    print(f"{'':18} {'useful tokens/s':>16} {'training rows':>14} {'row padding':>12} {'val loss':>9}")
+    print(f"{'unpacked':18} {plain['tokens_per_s']:16,.0f} {plain['train_rows']:14,} "
+          f"{100 * rows['padding_unpacked']:11.1f}% {plain['val_loss']:9.4f}")
+    print(f"{'packed (Helio)':18} {packed['tokens_per_s']:16,.0f} {packed['train_rows']:14,} "
+          f"{100 * rows['padding_packed']:11.1f}% {packed['val_loss']:9.4f}")
+    out["packed_over_unpacked"] = packed["tokens_per_s"] / plain["tokens_per_s"]
+    print(f"packed / unpacked useful tokens/s: x{out['packed_over_unpacked']:.2f} (target >= 2); the unpacked run "
+          f"trims each batch to its longest row, so it computes less padding than its rows hold")
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--storage", default=None, help="where make_tasks_demo is (made there if missing)")
     parser.add_argument("--gpu", action="store_true", help="one GPU worker in bf16 instead of 2 CPU workers")
+    parser.add_argument("--packing", action="store_true", help="only the packed vs unpacked SFT comparison")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "finetune.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,6 +104,12 @@ def main() -> int:
         if not (Path(storage) / "tasks" / "stdlib_tasks" / "helio.json").exists():
             print("making the stdlib tasks ...", flush=True)
             run(["jobs.make_tasks", "jobs/configs/make_tasks_demo.yaml", "--set", f"storage={storage}"])
+        packed = packing(storage, args.steps)
+        if args.packing:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"steps": args.steps, "packing": packed}, indent=2))
+            print(f"wrote {args.out}")
+            return 0
         results = {}
         for method in ("full", "lora"):
             print(f"finetuning MiniLM, {method}, {args.steps} steps ...", flush=True)
@@ -79,8 +130,8 @@ def main() -> int:
     print(f"LoRA / full: tokens/s x{ratio['tokens_per_s']:.2f}, peak memory x{ratio['peak_memory']:.2f}, "
           f"trainable parameters x{ratio['trainable_params']:.4f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"steps": args.steps, "full": full, "lora": lora, "lora_over_full": ratio},
-                                         indent=2))
+    Path(args.out).write_text(json.dumps({"steps": args.steps, "full": full, "lora": lora, "lora_over_full": ratio,
+                                          "packing": packed}, indent=2))
     print(f"wrote {args.out}")
     return 0
 

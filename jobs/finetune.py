@@ -62,6 +62,7 @@ class DataConfig:
     val: str = ""
     max_len: int = 128  # tokens per text (sft: prompt + response)
     max_query_len: int = 64  # embed: tokens per query
+    pack: bool = True  # sft: several examples per training row, none attending to another (false: one per row)
 
     def __post_init__(self) -> None:
         if bool(self.tasks) == bool(self.train):
@@ -220,6 +221,17 @@ def prepare_data(cfg: FinetuneConfig, store: Storage, run_uri: str, tokenizer_fi
         for cols in tables.values():
             cols["label"] = np.array([index[n] for n in cols.pop("label_name")], dtype=np.int32)
         out["labels"] = tuple(labels)
+    if cfg.task == "sft" and cfg.data.pack:  # validation rows stay one per example (exact match reads them)
+        from actors.chat import ChatFormat
+        from actors.finetune_data import pack_rows
+
+        before = tables["train"]
+        tables["train"] = pack_rows(before, ChatFormat(tokenizer_files).pad_id)
+        width, n, m = before["input_ids"].shape[1], len(before["length"]), len(tables["train"]["length"])
+        out["packing"] = {"examples": n, "rows": m, "padding_unpacked": 1 - before["length"].sum() / (n * width),
+                          "padding_packed": 1 - tables["train"]["length"].sum() / (m * width)}
+        log.info("packed %d training examples into %d rows: padding %.0f%% -> %.0f%%", n, m,
+                 100 * out["packing"]["padding_unpacked"], 100 * out["packing"]["padding_packed"])
     for split, cols in tables.items():
         out["uris"][split] = f"{run_uri}/data/{split}.parquet"
         write_rows(out["uris"][split], cols)
@@ -320,7 +332,7 @@ def export_artifacts(cfg: FinetuneConfig, store: Storage, base: Artifact, data: 
     metrics = {"before": before, "after": after, "val_loss": last_val.get("val_loss"), "steps": final["step"],
                "train_rows": data["rows"]["train"], "val_rows": data["rows"]["val"],
                "tokens_per_s": float(np.median(speeds)), "seconds": round(seconds, 2),
-               "trainable_params": final.get("trainable_params"),
+               "trainable_params": final.get("trainable_params"), "packing": data.get("packing"),
                "peak_memory_mb_per_worker": max((r.get("peak_memory_mb", 0.0) for r in records), default=None)}
     parents = [{"kind": "model", "name": base.name, "uri": base.uri, "created_at": base.manifest["created_at"]}]
     parents += [data["lineage"]] if data["lineage"] else []

@@ -27,8 +27,30 @@ class SlotView(NamedTuple):
     mask: torch.Tensor  # (n, 1, T, W): key j is visible to row i's new token t
 
 
+class Packed(NamedTuple):
+    """Several examples in each row (packed finetuning): a token attends only inside its own example."""
+    mask: torch.Tensor  # (B, 1, T, T): key j is visible to query i
+
+
+def packed(segments: torch.Tensor, causal: bool = True, window: int | None = None) -> tuple[Packed, torch.Tensor]:
+    """segments (B, T): which example each token belongs to (0: padding, after the examples) -> the
+    block-diagonal attention mask (causal within an example unless `causal` is False; padding sees
+    padding, so that no query row is empty) and each token's position inside its example (B, T)."""
+    T = segments.size(1)
+    i = torch.arange(T, device=segments.device)
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    if causal:
+        same &= i[None, :, None] >= i[None, None, :]
+    if window is not None:
+        same &= i[None, None, :] > i[None, :, None] - window
+    first = torch.ones_like(segments, dtype=torch.bool)
+    first[:, 1:] = segments[:, 1:] != segments[:, :-1]  # a new example starts here
+    starts = torch.where(first, i, torch.zeros_like(i)).cummax(dim=1).values  # (B, T)
+    return Packed(same[:, None]), i - starts
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-           past: tuple[torch.Tensor, torch.Tensor] | SlotView | None, dropout_p: float = 0.0,
+           past: tuple[torch.Tensor, torch.Tensor] | SlotView | Packed | None, dropout_p: float = 0.0,
            window: int | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Causal attention of the new tokens over the cached and new keys.
 
@@ -39,6 +61,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     B, _, T, _ = q.shape
     gqa = k.size(1) != q.size(1)
+    if isinstance(past, Packed):  # whole rows of packed examples: no cache
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=past.mask, dropout_p=dropout_p, enable_gqa=gqa), None
     if isinstance(past, SlotView):  # T tokens per row, each row from its own position
         rows = torch.arange(B, device=q.device)[:, None]  # (B, 1)
         at = past.pos[:, None] + torch.arange(T, device=q.device)  # (B, T)
@@ -81,9 +105,11 @@ def slot_mask(pos: torch.Tensor, new: int = 1, window: int | None = None) -> tor
 class DecoderLM(nn.Module):
     """A decoder-only language model: next-token loss, generation and streaming over its KV cache."""
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
-        """idx (B, T) token ids -> logits (B, T, vocab) and the updated KV cache."""
-        x, presents = self.hidden(idx, cache)
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
+                segments: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+        """idx (B, T) token ids -> logits (B, T, vocab) and the updated KV cache. `segments` (B, T): rows
+        of packed examples (`packed`), each example attending to itself only, positions from 0 in each."""
+        x, presents = self.hidden(idx, cache, segments)
         return self.lm_head(x), presents  # (B, T, vocab)
 
     @property
@@ -125,9 +151,11 @@ class DecoderLM(nn.Module):
             raise ValueError(f"a row of {int(pos.max())} tokens cannot take {T} more, the cache holds {cache.length}")
         return pos
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        """Mean next-token cross-entropy; targets (B, T), `ignore_index` positions skipped."""
-        logits, _ = self(idx)
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+             segments: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy; targets (B, T), `ignore_index` positions skipped; `segments` as
+        `forward` takes them (packed rows)."""
+        logits, _ = self(idx, segments=segments)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
 
     @torch.no_grad()

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.decoding import DecoderLM, KVCache, SlotCache, SlotView, attend, slot_mask
+from models.decoding import DecoderLM, KVCache, SlotCache, SlotView, attend, packed, slot_mask
 
 
 @dataclass(frozen=True)
@@ -116,14 +116,17 @@ class GPT(DecoderLM):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
-        """idx (B, T) -> final-layer-norm hidden states (B, T, C) and the KV cache (task heads read these)."""
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None,
+               segments: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+        """idx (B, T) -> final-layer-norm hidden states (B, T, C) and the KV cache (task heads read these);
+        `segments` (B, T): packed rows (models.decoding.packed), no cache."""
         T, t_past = idx.size(1), self.past_length(idx, cache)
-        pos = torch.arange(t_past, t_past + T, device=idx.device)  # (T,)
+        view, pos = (packed(segments) if segments is not None
+                     else (None, torch.arange(t_past, t_past + T, device=idx.device)))  # pos (B, T) or (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         presents: KVCache = []
         for i, block in enumerate(self.transformer.h):
-            x, present = block(x, cache[i] if cache else None)
+            x, present = block(x, view or (cache[i] if cache else None))
             presents.append(present)
         return self.transformer.ln_f(x), presents
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.decoding import DecoderLM, KVCache, SlotCache, SlotView, attend, slot_mask
+from models.decoding import DecoderLM, KVCache, SlotCache, SlotView, attend, packed, slot_mask
 
 ROPE_SCALING_TYPES = ("llama3", "linear")
 
@@ -198,14 +198,21 @@ class Llama(DecoderLM):
     def _rope(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rope_cos[pos].to(dtype), self.rope_sin[pos].to(dtype)
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
-        """idx (B, T) -> final-norm hidden states (B, T, C) and the KV cache (task heads read these)."""
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None,
+               segments: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+        """idx (B, T) -> final-norm hidden states (B, T, C) and the KV cache (task heads read these);
+        `segments` (B, T): packed rows (models.decoding.packed), no cache."""
         T, t_past = idx.size(1), self.past_length(idx, cache)
         x = self.model.embed_tokens(idx)  # (B, T, C)
-        cos, sin = self._rope(torch.arange(t_past, t_past + T, device=idx.device), x.dtype)  # (T, hs)
+        if segments is not None:
+            view, pos = packed(segments, window=self.cfg.sliding_window)  # pos (B, T): inside each example
+            cos, sin = (t[:, None] for t in self._rope(pos, x.dtype))  # (B, 1, T, hs) against (B, h, T, hs)
+        else:
+            view = None
+            cos, sin = self._rope(torch.arange(t_past, t_past + T, device=idx.device), x.dtype)  # (T, hs)
         presents: KVCache = []
         for i, block in enumerate(self.model.layers):
-            x, present = block(x, cos, sin, cache[i] if cache else None)
+            x, present = block(x, cos, sin, view or (cache[i] if cache else None))
             presents.append(present)
         return self.model.norm(x), presents
 

@@ -89,7 +89,8 @@ class SequenceClassifier(nn.Module):
 
 class SFT(nn.Module):
     """Next-token loss on the replies only: columns input_ids (B, L), loss_mask (B, L) (1 where a token
-    is a reply's, to be learned), length (B,)."""
+    is a reply's, to be learned), length (B,), and for packed rows segment (B, L) (which example each
+    token is in: attention, positions and targets stay inside it; actors.finetune_data.pack_rows)."""
 
     def __init__(self, model: DecoderLM):
         super().__init__()
@@ -99,10 +100,14 @@ class SFT(nn.Module):
         ids = trim(rows["input_ids"], rows["length"])
         j = torch.arange(1, ids.size(1), device=ids.device)[None, :]  # (1, L-1): the position each target comes from
         keep = rows["loss_mask"][:, 1:ids.size(1)].bool() & (j < rows["length"][:, None])
-        return ids[:, :-1], torch.where(keep, ids[:, 1:], IGNORE)  # (B, T), (B, T)
+        if "segment" not in rows:
+            return ids[:, :-1], torch.where(keep, ids[:, 1:], IGNORE)  # (B, T), (B, T)
+        seg = rows["segment"][:, :ids.size(1)]
+        keep &= seg[:, 1:] == seg[:, :-1]  # never an example's first token as the previous one's next
+        return ids[:, :-1], torch.where(keep, ids[:, 1:], IGNORE), seg[:, :-1]  # (B, T) x 3
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(inputs, targets, ignore_index=IGNORE)
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.loss(inputs, targets, ignore_index=IGNORE, segments=segments)
 
 
 class Classify(nn.Module):

@@ -179,7 +179,8 @@ def test_lora_sft_on_an_imported_llama_learns_replies_in_its_chat_template(stora
     manifest = _run(storage, "name=llama-sft", "task=sft", "method=lora", f"base.hf_folder={folder}",
                     "base.import_as=tiny-llama", "zero.stage=3", "train.steps=6", "train.micro_batch=4",
                     "train.eval_every=3", "train.checkpoint_every=6", "optim.lr=0.01", "eval.max_new_tokens=8",
-                    "data.max_len=64", f"data.train={_write_jsonl(tmp_path / 'train.jsonl', train)}")
+                    "data.max_len=64", "data.pack=false",  # one record per row: the rows are read back below
+                    f"data.train={_write_jsonl(tmp_path / 'train.jsonl', train)}")
     before, after = manifest["metrics"]["before"], manifest["metrics"]["after"]
     assert after["response_loss"] < before["response_loss"]
     assert manifest["finetune"]["dropped"]["train"] == {} and manifest["finetune"]["records_read"]["train"] == 384
@@ -209,12 +210,36 @@ def test_lora_sft_on_an_imported_llama_learns_replies_in_its_chat_template(stora
         assert (root / "models" / "llama-sft" / rel).read_text() == (folder / rel).read_text()
 
 
-def _prepare(storage: dict, tmp_path: Path, task: str, train: list[dict], val: list[dict]):
+def _prepare(storage: dict, tmp_path: Path, task: str, train: list[dict], val: list[dict], pack: bool = False):
     cfg = load_config(finetune.FinetuneConfig, None, [
         f"storage={storage['root']}", "data.tasks=", f"data.train={_write_jsonl(tmp_path / 't.jsonl', train)}",
-        f"data.val={_write_jsonl(tmp_path / 'v.jsonl', val)}", f"task={task}", "base.artifact=gpt"])
+        f"data.val={_write_jsonl(tmp_path / 'v.jsonl', val)}", f"task={task}", "base.artifact=gpt",
+        f"data.pack={str(pack).lower()}"])
     store = Storage(storage["root"])
-    return finetune.prepare_data(cfg, store, str(tmp_path / "run"), tokenizer_files(store.open("model", "gpt")))
+    run = tmp_path / ("run_packed" if pack else "run")
+    return finetune.prepare_data(cfg, store, str(run), tokenizer_files(store.open("model", "gpt")))
+
+
+def test_sft_rows_are_packed_with_every_example_once_and_less_padding(storage, tmp_path, ray_cluster):
+    """data.pack (the default for sft): the training rows hold several examples each, side by side, each
+    example's tokens and loss mask exactly as its own unpacked row had them; validation stays unpacked."""
+    records = _records(60, 5)
+    plain = _prepare(storage, tmp_path, "sft", records, records[:8])
+    packed = _prepare(storage, tmp_path, "sft", records, records[:8], pack=True)
+    rows = {k: pq.read_table(packed["uris"]["train"]).column(k).to_pylist() for k in
+            ("input_ids", "loss_mask", "segment", "length")}
+    singles = pq.read_table(plain["uris"]["train"]).to_pylist()
+    examples = sorted((tuple(r["input_ids"][:r["length"]]), tuple(r["loss_mask"][:r["length"]])) for r in singles)
+    found = []
+    for ids, mask, seg, n in zip(rows["input_ids"], rows["loss_mask"], rows["segment"], rows["length"]):
+        assert all(s > 0 for s in seg[:n]) and not any(seg[n:]) and seg[:n] == sorted(seg[:n])
+        for s in set(seg[:n]):
+            at = [j for j in range(n) if seg[j] == s]
+            found.append((tuple(ids[at[0]:at[-1] + 1]), tuple(mask[at[0]:at[-1] + 1])))
+    assert sorted(found) == examples  # every example once, whole
+    assert packed["rows"]["train"] < len(singles) / 3 and packed["rows"]["val"] == 8
+    p = packed["packing"]
+    assert p["examples"] == 60 and p["padding_packed"] < p["padding_unpacked"] / 3, p
 
 
 def test_bad_records_are_counted_or_refused(storage, tmp_path, ray_cluster):

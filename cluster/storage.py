@@ -149,9 +149,10 @@ class ArtifactWriter:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         path = posixpath.join(self.tmp_path, rel)
-        self.store.fs.create_dir(posixpath.dirname(path), recursive=True)
-        with self.store.fs.open_output_stream(path) as f:
-            f.write(data)
+        with reaching(self.store.root, f"write '{rel}' of {self.kind} artifact '{self.name}'"):
+            self.store.fs.create_dir(posixpath.dirname(path), recursive=True)
+            with self.store.fs.open_output_stream(path) as f:
+                f.write(data)
         self.files[rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
     def add_files(self, entries: dict[str, dict[str, Any]]) -> None:
@@ -159,6 +160,10 @@ class ArtifactWriter:
         self.files.update(entries)
 
     def commit(self) -> Artifact:
+        with reaching(self.store.root, f"commit {self.kind} artifact '{self.name}'"):
+            return self._commit()
+
+    def _commit(self) -> Artifact:
         fs = self.store.fs
         on_disk = {
             posixpath.relpath(info.path, self.tmp_path): info.size

@@ -7,6 +7,7 @@ filesystem, and so Ray Train and Ray Data, read. Nothing in a Helio config names
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -16,8 +17,9 @@ from tiny_data import free_port
 
 
 class S3Server:
-    def __init__(self) -> None:
-        self.port = free_port()
+    def __init__(self, authenticate: bool = False) -> None:
+        """`authenticate`: check every request's credentials (moto's IAM), so unknown keys are refused."""
+        self.port, self.authenticate = free_port(), authenticate
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -27,8 +29,9 @@ class S3Server:
                 "AWS_EC2_METADATA_DISABLED": "true"}
 
     def start(self, timeout_s: float = 60) -> "S3Server":
+        env = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if self.authenticate else {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + timeout_s
         while True:
             try:

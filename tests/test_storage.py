@@ -125,3 +125,35 @@ def test_a_missing_bucket_is_one_sentence_naming_it(s3_server):
         assert "\n" not in message and s3_server.env["AWS_SECRET_ACCESS_KEY"] not in message
     Storage(f"{S3Server.create_bucket('helio-there')}/x").check_reachable()
     Storage("/tmp/anywhere/at/all").check_reachable()  # a local folder is made when written
+
+
+@pytest.mark.slow  # the S3 client retries a refused connection for about 12 s before it gives up
+def test_a_server_that_stops_mid_write_and_refused_credentials_are_one_sentence_each(s3_server, monkeypatch):
+    """Each against a server of its own (the environment points at it for this test): no endpoint and no
+    secret in the sentence, and the job's error path (ArtifactError) rather than a raw OSError."""
+    from s3_server import S3Server
+
+    own = S3Server().start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", own.env["AWS_ENDPOINT_URL"])
+        store = Storage(S3Server.create_bucket("helio-stops") + "/helio")
+        with pytest.raises(ArtifactError) as e:
+            with store.create("dataset", "a", config={}) as art:
+                art.write_bytes("first.bin", b"x" * 1000)
+                own.stop()  # the server goes away mid-write
+                art.write_bytes("second.bin", b"y" * 1000)
+        message = str(e.value)
+        assert message.startswith("storage 's3://helio-stops/helio': cannot write 'second.bin' of dataset artifact 'a': ")
+        assert "\n" not in message and own.env["AWS_ENDPOINT_URL"].split("://")[1] not in message, message
+    finally:
+        own.stop()
+    checked = S3Server(authenticate=True).start()  # credentials checked: the test's keys are nobody's
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", checked.env["AWS_ENDPOINT_URL"])
+        with pytest.raises(ArtifactError) as e:
+            Storage("s3://helio-private/helio").check_reachable()
+        message = str(e.value)
+        assert message.startswith("storage 's3://helio-private/helio': cannot reach it: "), message
+        assert s3_server.env["AWS_SECRET_ACCESS_KEY"] not in message and "\n" not in message
+    finally:
+        checked.stop()

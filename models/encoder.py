@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.decoding import packed
+
 
 @dataclass(frozen=True)
 class EncoderConfig:
@@ -57,8 +59,11 @@ class Embeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(input_ids.size(1), device=input_ids.device)  # (T,)
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                pos: torch.Tensor | None = None) -> torch.Tensor:
+        """`pos` (B, T): each token's position (packed rows restart it in every example); default 0..T-1."""
+        if pos is None:
+            pos = torch.arange(input_ids.size(1), device=input_ids.device)  # (T,)
         x = self.word_embeddings(input_ids) + self.position_embeddings(pos) + self.token_type_embeddings(token_type_ids)
         return self.dropout(self.LayerNorm(x))  # (B, T, C)
 
@@ -149,8 +154,10 @@ class Encoder(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T); attention_mask (B, T) of 1 (token) / 0 (padding) -> last hidden states (B, T, C).
+        `segments` (B, T) instead of a mask: packed rows (models.decoding.packed), each example attending
+        to all of itself and nothing else, positions from 0 in each.
 
         A row whose mask is all 0 has nothing to attend to and comes out NaN.
         """
@@ -159,8 +166,13 @@ class Encoder(nn.Module):
             raise ValueError(f"sequence of {T} tokens exceeds max_position {self.cfg.max_position}")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): keys seen
-        x = self.bert.embeddings(input_ids, token_type_ids)  # (B, T, C)
+        pos = None
+        if segments is not None:
+            view, pos = packed(segments, causal=False)
+            mask = view.mask  # (B, 1, T, T)
+        else:
+            mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): keys seen
+        x = self.bert.embeddings(input_ids, token_type_ids, pos)  # (B, T, C)
         for layer in self.bert.encoder.layer:
             x = layer(x, mask)
         return x

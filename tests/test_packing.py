@@ -80,3 +80,27 @@ def test_a_planted_example_before_another_does_not_reach_it(arch):
             leaked = model(ids, segments=(seg > 0).long())[0][0, 10:18]  # one segment: attention crosses
         torch.testing.assert_close(packed, alone.detach(), atol=1e-5, rtol=0)
         assert (leaked - alone).abs().max() > 1e-3
+
+
+def test_packed_examples_in_an_encoder_get_the_hidden_states_and_gradients_they_get_alone():
+    """Bidirectional: every token of an example sees all of it, and nothing of the others."""
+    from models.encoder import Encoder, EncoderConfig
+
+    torch.manual_seed(2)
+    model = Encoder(EncoderConfig(vocab_size=61, max_position=24, n_layer=2, n_head=2, n_embd=16,
+                                  intermediate_size=32)).eval()
+    examples = [torch.randint(1, 61, (n,)).tolist() for n in (6, 10, 4, 9)]
+    ids, seg = pack(examples, 20)
+    model.zero_grad()
+    alone = [model(torch.tensor([ex]))[0] for ex in examples]
+    torch.stack([h.pow(2).sum() for h in alone]).sum().backward()
+    grads_alone = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    hidden = model(ids, segments=seg)
+    together = [hidden[r, at:at + len(ex)] for r in range(2)
+                for at, ex in zip((0, len(examples[2 * r])), examples[2 * r:2 * r + 2])]
+    torch.stack([h.pow(2).sum() for h in together]).sum().backward()
+    for a, b in zip(alone, together):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    for name, g in grads_alone.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, g, atol=1e-5, rtol=0, msg=name)

@@ -165,18 +165,18 @@ def tokenize_records(batch: dict[str, np.ndarray], **task: Any) -> dict[str, np.
 
 
 def pack_rows(cols: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
-    """SFT rows, one example each right-padded to width L, -> packed rows of several examples each.
+    """Rows of one example each (sft or classify), right-padded to width L, -> packed rows of several.
 
     Best-fit decreasing: the longest example first, each into the fullest row it still fits, else a new
-    row. Columns: input_ids and loss_mask as the examples had them, side by side; `segment` 1, 2, ...
-    for each example's tokens and 0 for the padding after the last (models.decoding.packed keeps every
-    example's attention, positions and loss inside it); `length` the row's real tokens. `prompt_len`
-    (where an example's reply starts, for exact-match evaluation) has no meaning in a packed row and
+    row. Token columns (input_ids, sft's loss_mask) sit side by side; `segment` is 1, 2, ... for each
+    example's tokens and 0 for the padding after the last (models.decoding.packed keeps attention,
+    positions and the loss inside each example); `length` is the row's real tokens; a per-example
+    column (classify's label) becomes (rows, K): the row's examples' values in order, -1 after. sft's
+    `prompt_len` (where an example's reply starts, for exact match) has no meaning in a packed row and
     is dropped: validation rows stay unpacked."""
     import bisect
 
-    ids, mask, lengths = cols["input_ids"], cols["loss_mask"], cols["length"]
-    width = ids.shape[1]
+    lengths, width = cols["length"], cols["input_ids"].shape[1]
     rooms: list[tuple[int, int]] = []  # (room left, row), sorted: the fullest row that fits comes first
     rows: list[list[int]] = []
     for i in np.argsort(-lengths, kind="stable"):
@@ -190,14 +190,22 @@ def pack_rows(cols: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]
             room -= int(lengths[i])
         if room > 0:
             bisect.insort(rooms, (room, row))
-    out_ids = np.full((len(rows), width), pad_id, dtype=ids.dtype)
-    out_mask, segment = np.zeros_like(out_ids), np.zeros_like(out_ids)
-    out_len = np.zeros(len(rows), dtype=lengths.dtype)
+    per_token = {k: v for k, v in cols.items() if v.ndim == 2}
+    per_example = {k: v for k, v in cols.items() if v.ndim == 1 and k not in ("length", "prompt_len")}
+    slots = max(map(len, rows))
+    out = {k: np.full((len(rows), width), pad_id if k == "input_ids" else 0, dtype=v.dtype) for k, v in per_token.items()}
+    out |= {k: np.full((len(rows), slots), -1, dtype=v.dtype) for k, v in per_example.items()}
+    out["segment"] = np.zeros((len(rows), width), dtype=np.int32)
+    out["length"] = np.zeros(len(rows), dtype=lengths.dtype)
     for r, members in enumerate(rows):
         at = 0
         for s, i in enumerate(members, start=1):
             n = int(lengths[i])
-            out_ids[r, at:at + n], out_mask[r, at:at + n], segment[r, at:at + n] = ids[i, :n], mask[i, :n], s
+            for k, v in per_token.items():
+                out[k][r, at:at + n] = v[i, :n]
+            for k, v in per_example.items():
+                out[k][r, s - 1] = v[i]
+            out["segment"][r, at:at + n] = s
             at += n
-        out_len[r] = at
-    return {"input_ids": out_ids, "loss_mask": out_mask, "segment": segment, "length": out_len}
+        out["length"][r] = at
+    return out

@@ -62,7 +62,7 @@ class DataConfig:
     val: str = ""
     max_len: int = 128  # tokens per text (sft: prompt + response)
     max_query_len: int = 64  # embed: tokens per query
-    pack: bool = True  # sft: several examples per training row, none attending to another (false: one per row)
+    pack: bool = True  # sft, classify: several examples per training row, none attending to another (false: one each)
 
     def __post_init__(self) -> None:
         if bool(self.tasks) == bool(self.train):
@@ -221,7 +221,7 @@ def prepare_data(cfg: FinetuneConfig, store: Storage, run_uri: str, tokenizer_fi
         for cols in tables.values():
             cols["label"] = np.array([index[n] for n in cols.pop("label_name")], dtype=np.int32)
         out["labels"] = tuple(labels)
-    if cfg.task == "sft" and cfg.data.pack:  # validation rows stay one per example (exact match reads them)
+    if cfg.task in ("sft", "classify") and cfg.data.pack:  # validation rows stay one per example
         from actors.chat import ChatFormat
         from actors.finetune_data import pack_rows
 

@@ -72,14 +72,27 @@ class SequenceClassifier(nn.Module):
         """The freshly initialised modules, trained even when LoRA freezes the backbone."""
         return ("pooler", "classifier") if isinstance(self.backbone, Encoder) else ("score",)
 
-    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """ids (B, T), lengths (B,) -> logits (B, num_labels)."""
-        if isinstance(self.backbone, Encoder):
-            h = self.backbone(ids, length_mask(lengths, ids.size(1)))[:, 0]  # (B, C): the first token
-            return self.classifier(self.dropout(torch.tanh(self.pooler.dense(h))))
-        h, _ = self.backbone.hidden(ids)  # (B, T, C)
-        last = h[torch.arange(ids.size(0), device=ids.device), lengths - 1]  # (B, C)
-        return self.score(self.dropout(last))
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, T), lengths (B,) -> logits (B, num_labels). With `segments` (B, T) (packed rows, each
+        example attending to itself only): logits (N, num_labels), one per example, row by row and in
+        order within a row."""
+        encoder = isinstance(self.backbone, Encoder)
+        if segments is not None:
+            if encoder:  # each example's first token: its segment differs from the token before
+                edge = segments != F.pad(segments, (1, 0), value=-1)[:, :-1]
+            else:  # each example's last token: its segment differs from the token after
+                edge = segments != F.pad(segments, (0, 1), value=-1)[:, 1:]
+            rows, at = (edge & (segments > 0)).nonzero(as_tuple=True)  # (N,) each, row-major
+            h = self.backbone(ids, segments=segments) if encoder else self.backbone.hidden(ids, segments=segments)[0]
+            pooled = h[rows, at]  # (N, C)
+        elif encoder:
+            pooled = self.backbone(ids, length_mask(lengths, ids.size(1)))[:, 0]  # (B, C): the first token
+        else:
+            h, _ = self.backbone.hidden(ids)  # (B, T, C)
+            pooled = h[torch.arange(ids.size(0), device=ids.device), lengths - 1]  # (B, C): the last real token
+        if encoder:
+            return self.classifier(self.dropout(torch.tanh(self.pooler.dense(pooled))))
+        return self.score(self.dropout(pooled))
 
     @staticmethod
     def hf_name(name: str) -> str:
@@ -111,17 +124,23 @@ class SFT(nn.Module):
 
 
 class Classify(nn.Module):
-    """Cross-entropy of a SequenceClassifier: columns input_ids (B, T), length (B,), label (B,)."""
+    """Cross-entropy of a SequenceClassifier: columns input_ids (B, T), length (B,), label (B,); for packed
+    rows also segment (B, T), and label (B, K): the row's examples' labels in order, -1 after."""
 
     def __init__(self, model: SequenceClassifier):
         super().__init__()
         self.model = model
 
     def batch(self, rows: dict[str, torch.Tensor], generator: torch.Generator | None = None):
-        return trim(rows["input_ids"], rows["length"]), rows["length"], rows["label"]
+        ids = trim(rows["input_ids"], rows["length"])
+        if "segment" not in rows:
+            return ids, rows["length"], rows["label"]
+        labels = rows["label"]
+        return ids, rows["length"], labels[labels >= 0], rows["segment"][:, :ids.size(1)]  # labels (N,), row-major
 
-    def forward(self, ids: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.model(ids, lengths).float(), labels)
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        return F.cross_entropy(self.model(ids, lengths, segments).float(), labels)
 
 
 def embed(model: Encoder | DecoderLM, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

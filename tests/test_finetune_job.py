@@ -240,6 +240,19 @@ def test_sft_rows_are_packed_with_every_example_once_and_less_padding(storage, t
     assert packed["rows"]["train"] < len(singles) / 3 and packed["rows"]["val"] == 8
     p = packed["packing"]
     assert p["examples"] == 60 and p["padding_packed"] < p["padding_unpacked"] / 3, p
+    # classification rows: each packed row carries its examples' labels in order (-1 in unused slots)
+    plain = _prepare(storage, tmp_path, "classify", records, records[:8])
+    packed = _prepare(storage, tmp_path, "classify", records, records[:8], pack=True)
+    by_text = {tuple(r["input_ids"][:r["length"]]): r["label"] for r in pq.read_table(plain["uris"]["train"]).to_pylist()}
+    seen = 0
+    for row in pq.read_table(packed["uris"]["train"]).to_pylist():
+        ids, seg, labels = row["input_ids"], row["segment"], row["label"]
+        for s in range(1, max(seg) + 1):
+            at = [j for j, x in enumerate(seg) if x == s]
+            assert labels[s - 1] == by_text[tuple(ids[at[0]:at[-1] + 1])]
+            seen += 1
+        assert all(x == -1 for x in labels[max(seg):])
+    assert seen == 60 and packed["labels"] == plain["labels"]
 
 
 def test_bad_records_are_counted_or_refused(storage, tmp_path, ray_cluster):

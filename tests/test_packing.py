@@ -104,3 +104,25 @@ def test_packed_examples_in_an_encoder_get_the_hidden_states_and_gradients_they_
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
     for name, g in grads_alone.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, g, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama", "encoder"])
+def test_a_packed_classifier_gives_each_example_the_logits_and_loss_it_gets_alone(arch):
+    from models.encoder import Encoder, EncoderConfig
+    from models.task_heads import Classify, SequenceClassifier
+
+    torch.manual_seed(3)
+    backbone = (Encoder(EncoderConfig(vocab_size=61, max_position=24, n_layer=2, n_head=2, n_embd=16,
+                                      intermediate_size=32)) if arch == "encoder" else MODELS[arch]())
+    objective = Classify(SequenceClassifier(backbone, 3)).eval()
+    examples = [torch.randint(1, 61, (n,)).tolist() for n in (6, 10, 4, 9, 7)]
+    labels = [0, 2, 1, 1, 0]
+    ids, seg = pack(examples, 20)
+    packed_rows = {"input_ids": ids, "segment": seg, "length": (seg > 0).sum(1),
+                   "label": torch.tensor([[0, 2], [1, 1], [0, -1]])}
+    together = objective.model(*objective.batch(packed_rows)[:2], objective.batch(packed_rows)[3])
+    alone = torch.cat([objective.model(torch.tensor([ex]), torch.tensor([len(ex)])) for ex in examples])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+    assert objective.batch(packed_rows)[2].tolist() == labels
+    loss_alone = F.cross_entropy(alone, torch.tensor(labels))
+    torch.testing.assert_close(objective(*objective.batch(packed_rows)), loss_alone, atol=1e-5, rtol=0)

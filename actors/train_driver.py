@@ -30,10 +30,13 @@ POLL_S = 0.2
 
 
 def fit(name: str, store: Storage, loop: LoopConfig, train_uris: list[str], resources: ResourcesConfig,
-        failure: FailureConfig, title: str, columns: list[str] | None = None) -> tuple[Any, list[dict], float]:
+        failure: FailureConfig, title: str, columns: list[str] | None = None, tracking: dict[str, str] | None = None,
+        params: dict[str, Any] | None = None) -> tuple[Any, list[dict], float]:
     """Runs the Ray Train workers (actors/train_loop.py) over Parquet `train_uris` in `{storage}/runs/{name}`.
 
     Returns (Ray Train result, metrics records, seconds); draws the loss curve into the run folder.
+    `tracking` (TrackingConfig.targets): every report also goes to MLflow / TensorBoard, the job's config
+    `params` to MLflow once, and the loss curve to the MLflow run's artifacts at the end.
     """
     import ray
     import ray.data
@@ -42,6 +45,7 @@ def fit(name: str, store: Storage, loop: LoopConfig, train_uris: list[str], reso
 
     from actors.train_loop import train_loop
     from actors.train_report import CURVE_FILE, Progress, loss_curve_png, read_metrics
+    from actors.train_tracking import Tracking, log_files
 
     run_uri = store.to_uri(f"{store.root_path}/runs/{name}")
     # workers print progress lines instead of Ray Data's bars
@@ -59,7 +63,7 @@ def fit(name: str, store: Storage, loop: LoopConfig, train_uris: list[str], reso
                 failure_config=ray.train.FailureConfig(max_failures=failure.max_failures,
                                                        controller_failure_limit=failure.controller_failure_limit),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=failure.num_to_keep),
-                callbacks=[Progress(run_uri)]),
+                callbacks=[Progress(run_uri)] + ([Tracking(tracking, run_uri, name, params or {})] if tracking else [])),
             datasets=datasets,
             dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=exec_opts),
         )
@@ -76,7 +80,10 @@ def fit(name: str, store: Storage, loop: LoopConfig, train_uris: list[str], reso
         seconds = time.time() - t0
     records = read_metrics(run_uri)
     fs, run_path = resolve(run_uri)
-    write_file_atomic(fs, f"{run_path}/{CURVE_FILE}", loss_curve_png(records, title))
+    curve = loss_curve_png(records, title)
+    write_file_atomic(fs, f"{run_path}/{CURVE_FILE}", curve)
+    if tracking:
+        log_files(tracking, run_uri, name, params or {}, {CURVE_FILE: curve})
     return result, records, seconds
 
 

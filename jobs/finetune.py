@@ -29,6 +29,7 @@ from actors.chat import ChatFormat, tokenizer_files
 from actors.model_import import import_model, source_folder
 from actors.model_loader import artifact_arch
 from actors.train_driver import fit
+from actors.train_tracking import TrackingConfig, log_files, tracking_targets
 from actors.train_loop import EXPORT_DIR, FaultConfig, LoopConfig, TrainConfig
 from cluster.cli import JobFailed, UserError, format_summary, run_job
 from cluster.config import ConfigError, to_dict
@@ -98,6 +99,7 @@ class FinetuneConfig(JobConfig):
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     failure: FailureConfig = field(default_factory=FailureConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow / TensorBoard
 
     def __post_init__(self) -> None:
         if self.task not in ("sft", "classify", "embed"):
@@ -280,8 +282,9 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     log.info("finetuning %s (%s, %s) for %d steps of %d rows on %d workers, ZeRO stage %d; run folder %s",
              base.name, cfg.task, cfg.method, t.steps, t.micro_batch * t.grad_accum * cfg.resources.num_workers,
              cfg.resources.num_workers, cfg.zero.stage, run_uri)
+    tracking = tracking_targets(cfg.tracking, cfg.storage)
     result, records, seconds = fit(cfg.name, store, loop, [data["uris"]["train"]], cfg.resources, cfg.failure,
-                                   f"{cfg.name}: {cfg.task} ({cfg.method})")
+                                   f"{cfg.name}: {cfg.task} ({cfg.method})", tracking=tracking, params=to_dict(cfg))
     final = result.metrics or {}
     if result.checkpoint is None or final.get("step") != t.steps:
         raise JobFailed(f"the run in {run_uri} ended without a final checkpoint at step {t.steps}")
@@ -290,6 +293,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         export = Path(folder) / EXPORT_DIR
         manifest = export_artifacts(cfg, store, base, data, export, files, records, final, seconds,
                                     before, after, run_uri)
+    log_files(tracking, run_uri, cfg.name, to_dict(cfg), {"helio.json": json.dumps(manifest, indent=1).encode()})
     print(summary(cfg, manifest, data, run_uri))
     return manifest
 

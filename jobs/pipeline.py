@@ -41,7 +41,7 @@ from cluster.storage import Storage
 
 log = logging.getLogger("helio")
 # Per-stage keys that say how long to linger, not what to make.
-TRANSIENT_KEYS = RUNTIME_KEYS + ("serve_seconds", "monitor_seconds", "restart")
+TRANSIENT_KEYS = RUNTIME_KEYS + ("serve_seconds", "monitor_seconds", "restart", "tracking")  # tracking: where runs are logged
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ exported to `{storage}/models/{name}/` in Hugging Face layout.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from actors.train_driver import fit
+from actors.train_tracking import TrackingConfig, log_files, tracking_targets
 from actors.train_loop import EXPORT_DIR, FaultConfig, LoopConfig, TrainConfig
 from cluster.cli import JobFailed, run_job, format_summary
 from cluster.config import ConfigError, to_dict
@@ -56,6 +58,7 @@ class PretrainConfig(JobConfig):
     failure: FailureConfig = field(default_factory=FailureConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)  # testing aid: fail one worker once
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow / TensorBoard
 
 
 def open_dataset(store: Storage, name: str) -> tuple[Artifact, dict[str, Any]]:
@@ -109,9 +112,12 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     log.info("pretraining a %s (%s) for %d steps of %d x %d tokens on %d workers, ZeRO stage %d; run folder %s",
              cfg.model.arch, _size(cfg.model), t.steps, t.micro_batch * t.grad_accum * cfg.resources.num_workers,
              loop.block_len - 1, cfg.resources.num_workers, cfg.zero.stage, run_uri)
+    tracking = tracking_targets(cfg.tracking, cfg.storage)
     result, records, seconds = fit(cfg.name, store, loop, train_uris, cfg.resources, cfg.failure,
-                                   f"{cfg.name}: {cfg.model.arch}", columns=["input_ids"])
+                                   f"{cfg.name}: {cfg.model.arch}", columns=["input_ids"], tracking=tracking,
+                                   params=to_dict(cfg))
     manifest = export_artifact(cfg, store, art, tokenizer_json, result, records, run_uri, seconds)
+    log_files(tracking, run_uri, cfg.name, to_dict(cfg), {"helio.json": json.dumps(manifest, indent=1).encode()})
     print(summary(manifest, run_uri))
     if cfg.sample.count and cfg.model.arch in CAUSAL:
         print(samples(store, cfg))

@@ -87,7 +87,7 @@ def _read(storage: str, rel: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def demo(ray_cluster, serve_ports, s3_server):
+def demo(ray_cluster, serve_ports, s3_server, tmp_path_factory):
     """The tiny demo pipeline on S3: a run that fails at pretraining step 3, then the run that continues it."""
     from ray import serve
 
@@ -97,7 +97,12 @@ def demo(ray_cluster, serve_ports, s3_server):
     storage = S3Server.create_bucket("helio-pipeline") + "/demo"
     environ_before = {k: os.environ.get(k) for k in (START_TIMEOUT_ENV, POLL_ENV)}
     port = serve_ports["http"]
-    overrides = [f"storage={storage}", *TINY, f"serve.http.port={port}", f"serve.grpc.port={serve_ports['grpc']}"]
+    tracking = tmp_path_factory.mktemp("tracking")  # MLflow's database and TensorBoard's events: local files
+    overrides = [f"storage={storage}", *TINY, f"serve.http.port={port}", f"serve.grpc.port={serve_ports['grpc']}",
+                 "pretrain.tracking.mlflow=true", f"pretrain.tracking.mlflow_uri=sqlite:///{tracking}/mlflow.db",
+                 "pretrain.tracking.tensorboard=true", f"pretrain.tracking.tensorboard_dir={tracking}/tb",
+                 "finetune.sft.tracking.mlflow=false", "finetune.sft.tracking.tensorboard=false",  # not on S3 storage
+                 "finetune.embed.tracking.mlflow=false", "finetune.embed.tracking.tensorboard=false"]
     # no retries: the run fails with one sentence saying why and how to resume, and exports nothing
     with pytest.raises(JobFailed, match="stage 'pretrain': training failed .*injected fault on rank 0 at step 3.*"
                                         "run the job again with the same name and storage to resume"):
@@ -107,7 +112,7 @@ def demo(ray_cluster, serve_ports, s3_server):
     state, printed = _run(overrides)
     # what a stage sets for Ray Train's controller is its own: the driver's environment is as it was
     assert {k: os.environ.get(k) for k in environ_before} == environ_before
-    yield {"storage": storage, "port": port, "grpc_port": serve_ports["grpc"], "overrides": overrides,
+    yield {"storage": storage, "port": port, "grpc_port": serve_ports["grpc"], "overrides": overrides, "tracking": tracking,
            "failed": failed, "state": state, "printed": printed}
     ray_cluster.kill(ray_cluster.get_actor(actor_name("serve_demo"), namespace=NAMESPACE), no_restart=True)
     serve.delete("serve_demo")
@@ -153,6 +158,30 @@ def test_everything_lives_on_the_object_store_and_no_credential_or_endpoint_is_w
             text = f.read().decode()
         assert not any(s in text for s in secrets), p
     assert not any(s in demo["printed"] for s in secrets)
+
+
+def test_pretraining_is_one_mlflow_run_through_its_failure_and_its_events_are_in_tensorboard(demo):
+    """The run that failed at step 3 and the rerun that resumed it are one MLflow run (found by its run
+    folder), with every reported step once, the config as params and the loss curve and manifest as
+    artifacts; TensorBoard's event files hold the same steps. Read back with their own readers."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    records = [json.loads(line) for line in _read(demo["storage"], "runs/pretrain_demo/metrics.jsonl").splitlines()]
+    client = MlflowClient(f"sqlite:///{demo['tracking']}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("helio").experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    run = runs[0]
+    assert run.info.run_name == "pretrain_demo" and run.data.params["train.steps"] == "6"
+    assert run.data.params["model.arch"] == "llama"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [r["step"] for r in records] == [2, 3, 4, 6]  # 3: an evaluation
+    assert [m.value for m in history] == pytest.approx([r["loss"] for r in records], rel=1e-12)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [3, 6]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"loss.png", "helio.json"}
+    events = EventAccumulator(str(demo["tracking"] / "tb" / "pretrain_demo"))
+    events.Reload()
+    assert sorted({e.step for e in events.Scalars("loss")}) == [2, 3, 4, 6]
 
 
 def test_the_pretrained_llama_with_one_key_value_head_loads_in_transformers_with_the_same_logits(demo):

@@ -38,7 +38,8 @@ demo: install
 	@echo "tasks/stdlib_tasks (SFT, classification, retrieval JSONL), models/finetune_sft_demo (docstring -> code),"
 	@echo "models/all-minilm-l6-v2 (imported base), adapters/finetune_embed_demo (PEFT LoRA), models/finetune_embed_demo,"
 	@echo "models/quantize_demo (int8: model.safetensors, quantization.json, report.json),"
-	@echo "serving/serve_demo (references, canary routing), monitor/serve_demo (state), pipelines/demo.json (stage keys)."
+	@echo "serving/serve_demo (references, canary routing), monitor/serve_demo (state), pipelines/demo.json (stage keys),"
+	@echo "tracking/ (MLflow's mlflow.db, TensorBoard's events: .venv/bin/tensorboard --logdir $(STORAGE)/tracking/tensorboard)."
 	@echo "Still serving on the local Ray head: HTTP on 127.0.0.1:8000, gRPC on 127.0.0.1:9000; dashboard $(DASHBOARD)."
 	@echo "make demo again skips every stage whose artifact is current; make stop shuts it all down."
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -160,10 +161,23 @@ def test_a_run_folder_of_another_config_is_not_resumed(ray_cluster, storage, uni
 def test_a_controller_that_dies_fails_the_job_in_one_sentence_that_says_how_to_resume(ray_cluster, storage):
     """Ray Train's controller process killed mid-run (as when its node goes): the job's error names
     it and where the checkpoints are, not Ray's traceback; the workers' CPUs go back to the cluster."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    errors: list[BaseException] = []
+    before = set(placement_group_table())
+    try:
+        _kill_the_controller_mid_run(storage, errors, before)
+    finally:  # a group left behind would starve every later test of the session's CPUs
+        for k, pg in placement_group_table().items():
+            if k not in before and pg["state"] != "REMOVED":
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(k))))
+
+
+def _kill_the_controller_mid_run(storage, errors, before):
     import os
     import signal
     import threading
-    import time
     from pathlib import Path
 
     import psutil
@@ -171,15 +185,12 @@ def test_a_controller_that_dies_fails_the_job_in_one_sentence_that_says_how_to_r
 
     from cluster.cli import JobFailed
 
-    errors: list[BaseException] = []
-
     def train():
         try:
             _run(storage, "orphaned", "zero.stage=0", "train.steps=100000", "train.checkpoint_every=1000")
         except BaseException as e:  # noqa: BLE001 - handed to the test's thread
             errors.append(e)
 
-    before = set(placement_group_table())
     started = time.time()
     thread = threading.Thread(target=train, daemon=True)
     thread.start()
@@ -204,6 +215,38 @@ def test_a_controller_that_dies_fails_the_job_in_one_sentence_that_says_how_to_r
     while any(pg["state"] != "REMOVED" for k, pg in placement_group_table().items() if k not in before):
         assert time.monotonic() < deadline, placement_group_table()
         time.sleep(0.5)
+
+
+def test_a_dead_actors_placement_groups_are_released(ray_cluster):
+    """Ray keeps a placement group whose creator actor died while the driver's job lives on (what Ray
+    Train's cleaner actor polls for); the driver removes the dead controller's groups at once."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+    from ray.util.state import get_actor
+
+    from actors.train_driver import release_placement_groups
+
+    @ray.remote(num_cpus=0)
+    class Creator:
+        def make(self) -> str:
+            from ray.util.placement_group import placement_group
+
+            pg = placement_group([{"CPU": 0.01}])
+            ray.get(pg.ready(), timeout=60)
+            return pg.id.hex()
+
+    creator = Creator.remote()
+    pg_id = ray.get(creator.make.remote())
+    actor_id = creator._actor_id.hex()
+    ray.kill(creator)
+    deadline = time.monotonic() + 30
+    while get_actor(actor_id).state != "DEAD":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert placement_group_table()[pg_id]["state"] == "CREATED"  # Ray left it: the job is alive
+    assert release_placement_groups(actor_id) == 1
+    assert placement_group_table()[pg_id]["state"] == "REMOVED"
+    assert release_placement_groups(actor_id) == 0 and release_placement_groups(None) == 0
 
 
 def test_config_against_dataset_errors(ray_cluster, storage):

@@ -51,6 +51,7 @@ def server(serve_ports, tiny_store):
     cfg = load_config(serve_job.ServeConfig, None, [
         f"storage={root}", "name=test_app", f"http.port={serve_ports['http']}", f"grpc.port={serve_ports['grpc']}",
         f"api_keys=[{KEY}]", "max_items=8",
+        "start_timeout_s=300",  # a starved cluster fails the module in 5 minutes, not the default 10
         "models=[{id: gpt, artifact: tiny_gpt, num_cpus: 0.2}, {id: gpt-int8, artifact: serve_gpt_int8, num_cpus: 0.2},"
         " {id: gpt-narrow, artifact: tiny_gpt, num_cpus: 0.2, max_batch_size: 1, max_ongoing_requests: 1,"
         "  max_queued_requests: 1},"

@@ -38,6 +38,7 @@ demo: install
 	@echo "tasks/stdlib_tasks (SFT, classification, retrieval JSONL), models/finetune_sft_demo (docstring -> code),"
 	@echo "models/all-minilm-l6-v2 (imported base), adapters/finetune_embed_demo (PEFT LoRA), models/finetune_embed_demo,"
 	@echo "models/quantize_demo (int8: model.safetensors, quantization.json, report.json),"
+	@echo "evaluations/evaluate_demo and evaluate_int8_demo (lm-eval results.json, tasks/: rerun with lm_eval --include_path),"
 	@echo "serving/serve_demo (references, canary routing), monitor/serve_demo (state), pipelines/demo.json (stage keys),"
 	@echo "tracking/ (MLflow's mlflow.db, TensorBoard's events: .venv/bin/tensorboard --logdir $(STORAGE)/tracking/tensorboard)."
 	@echo "Still serving on the local Ray head: HTTP on 127.0.0.1:8000, gRPC on 127.0.0.1:9000; dashboard $(DASHBOARD)."

@@ -17,6 +17,11 @@ row's last tokens occurred earlier in its prompt or reply, the tokens that follo
 drafts, checked in the same decode pass (T tokens per row instead of one). The drafts the model
 would have chosen itself are kept, so the reply is the greedy reply; at batch 1 a decode step reads
 every weight once whether it checks one token or five, so each kept draft is a step saved.
+
+A request that asks for log-probabilities gets each token as a Scored: its log-probability under the
+model (log_softmax of the logits it was chosen from, before temperature or truncation, as OpenAI and
+vLLM report them) and the likeliest alternatives. With `prompt_logprobs` the prompt's own tokens come
+first, scored from the prefill's logits, so `max_tokens` 0 scores a text without generating.
 """
 
 from __future__ import annotations
@@ -31,10 +36,25 @@ from typing import Any, AsyncIterator
 
 import torch
 
+from actors.token_scores import Scored
 from models.decoding import DecoderLM, SlotCache, column_major, sample_rows
 
 log = logging.getLogger("helio.serve")
 _DONE = object()
+
+
+def scored(logits: torch.Tensor, tokens: list[int], k: int) -> list[Scored]:
+    """logits (n, V), the model's before each of n `tokens` -> each token with its log-probability and
+    the k likeliest at its position."""
+    if not tokens:
+        return []
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
+    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    tops: list[tuple] = [()] * len(tokens)
+    if k:
+        values, ids = logp.topk(min(k, logp.size(-1)), dim=-1)  # (n, k)
+        tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    return [Scored(t, c, top) for t, c, top in zip(tokens, chosen, tops)]
 
 
 @dataclass
@@ -52,6 +72,8 @@ class Sequence:
     logits: torch.Tensor | None = None  # (vocab,) for the next token
     gone: bool = False  # the caller stopped listening
     lookup: NgramLookup | None = None  # greedy rows: where to find drafts
+    logprobs: int | None = None  # alternatives per token when the caller asked for log-probabilities
+    prompt_logprobs: bool = False  # the prompt's tokens are scored and sent first
 
 
 class NgramLookup:
@@ -101,6 +123,7 @@ class Engine:
         self.steps = self.tokens = 0  # decode steps run, tokens emitted
         self.drafted = self.accepted = 0  # draft tokens checked, and kept
         self.step_failures = 0  # steps the model raised in: their requests failed, the engine kept serving
+        self.scoring: list[Sequence] = []  # this step's score-only requests (max_tokens 0): done at prefill
 
     async def generate(self, ids: list[int], params: dict[str, Any]) -> AsyncIterator[list[int]]:
         """The request's new token ids as they are sampled, in pieces: the first at once, then every token
@@ -111,7 +134,10 @@ class Engine:
         seed = params.get("seed")
         seq = Sequence(list(ids), int(params["max_tokens"]), float(params["temperature"]), params.get("top_k"),
                        params.get("top_p"), frozenset(params.get("stop_ids", ())),
-                       torch.Generator().manual_seed(seed) if seed is not None else None)
+                       torch.Generator().manual_seed(seed) if seed is not None else None,
+                       logprobs=params.get("logprobs"), prompt_logprobs=bool(params.get("prompt_logprobs")))
+        if seq.max_tokens < (0 if seq.prompt_logprobs and seq.logprobs is not None else 1):
+            raise ValueError(f"max_tokens must be at least 1 (0 only to score a prompt), got {seq.max_tokens}")
         if seq.temperature == 0 and self.draft_tokens:
             seq.lookup = NgramLookup()
         self.waiting.append(seq)
@@ -153,7 +179,7 @@ class Engine:
                 try:
                     emitted = self._step()
                 except Exception as e:  # noqa: BLE001 - the model failed: fail every request it held, keep serving
-                    failed = self.live + [self.waiting.popleft() for _ in range(len(self.waiting))]
+                    failed = self.live + self.scoring + [self.waiting.popleft() for _ in range(len(self.waiting))]
                     self.live, self.cache.live = [], 0
                     self.step_failures += 1
                     log.warning("generation engine: a step failed (%d so far), failing its %d requests: %s: %s",
@@ -167,7 +193,7 @@ class Engine:
                 self.waiting.clear()
 
     @staticmethod
-    def _deliver(emitted: list[tuple[Sequence, int, bool]]) -> None:
+    def _deliver(emitted: list[tuple[Sequence, int | Scored, bool]]) -> None:
         for seq, token, done in emitted:
             seq.out.put_nowait(token)
             if done:
@@ -179,44 +205,56 @@ class Engine:
             seq.out.put_nowait(error)
 
     @torch.no_grad()
-    def _step(self) -> list[tuple[Sequence, int, bool]]:
+    def _step(self) -> list[tuple[Sequence, int | Scored, bool]]:
+        self.scoring = []
         for i in reversed(range(len(self.live))):
             if self.live[i].gone:
                 self._free(i)
-        while self.waiting and len(self.live) < self.max_batch:
+        emitted: list[tuple[Sequence, int | Scored, bool]] = []
+        while self.waiting and len(self.live) + len(self.scoring) < self.max_batch:
             seq = self.waiting.popleft()
             if seq.gone:
                 continue
             self.live.append(seq)  # first: if the prefill fails, the failure reaches this request too
             logits, kv = self.model(torch.tensor([seq.ids], device=self.device))
+            if seq.prompt_logprobs and seq.logprobs is not None:  # ids[0] has no logits before it
+                prompt = [Scored(seq.ids[0], None, ())] + scored(logits[0, :-1], seq.ids[1:], seq.logprobs)
+                emitted += [(seq, item, False) for item in prompt]
+                if seq.max_tokens == 0:  # scored, not generated: it takes no cache slot, but a prefill of this step
+                    emitted[-1] = (seq, prompt[-1], True)
+                    self.scoring.append(self.live.pop())
+                    continue
             self.cache.add(kv)
             seq.logits = logits[0, -1]
-        emitted = []
-        live = self.live
+        live, scored_prompts = self.live, len(emitted)
+        if not live:  # every admitted request only scored its prompt
+            return emitted
+
         def column(values: list) -> torch.Tensor:  # the rows' sampling parameters, beside their logits
             return torch.tensor(values, device=self.device)
 
         tokens = sample_rows(torch.stack([s.logits for s in live]), column([s.temperature for s in live]),
                              column([s.top_k or 0 for s in live]), column([s.top_p or 1.0 for s in live]),
                              [s.generator for s in live]).tolist()
-        finished = [self._emit(seq, [token], emitted) for seq, token in zip(live, tokens)]
+        finished = [self._emit(seq, [token], emitted, seq.logits[None]) for seq, token in zip(live, tokens)]
         for i in reversed(range(len(self.live))):
             if finished[i]:
                 self._free(i)
         if self.live:
             self._decode(emitted)
             self.steps += 1
-        self.tokens += len(emitted)
+        self.tokens += len(emitted) - scored_prompts
         return emitted
 
-    def _emit(self, seq: Sequence, tokens: list[int], emitted: list) -> bool:
+    def _emit(self, seq: Sequence, tokens: list[int], emitted: list, logits: torch.Tensor) -> bool:
         """Appends the row's new tokens up to the first that ends it (stop token, max_tokens, the
-        context full); True if one did."""
-        for token in tokens:
+        context full); True if one did. `logits` (len(tokens), V): those each token was chosen from."""
+        items = scored(logits, tokens, seq.logprobs) if seq.logprobs is not None else tokens
+        for token, item in zip(tokens, items):
             seq.made += 1
             seq.ids.append(token)
             done = token in seq.stop_ids or seq.made >= seq.max_tokens or len(seq.ids) >= self.context
-            emitted.append((seq, token, done))
+            emitted.append((seq, item, done))
             if done:
                 return True
         return False
@@ -240,7 +278,7 @@ class Engine:
             self.drafted, self.accepted = self.drafted + min(len(d), width - 1), self.accepted + kept
             self.cache.lengths[i] = start[i] + 1 + kept
             seq.logits = logits[i, kept]
-            finished.append(self._emit(seq, d[:kept], emitted))
+            finished.append(self._emit(seq, d[:kept], emitted, logits[i, :kept]))
         for i in reversed(range(len(live))):
             if finished[i]:
                 self._free(i)

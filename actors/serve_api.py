@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.proto import helio_pb2 as pb
 from actors.serve_requests import (ApiError, ChatRequest, ClassifyRequest, CompletionRequest, EmbeddingRequest,
-                                   Frontend, answer)
+                                   Frontend, answer, total_usage)
 
 app = FastAPI(title="Helio", docs_url=None, redoc_url=None)
 VERSION = "x-helio-version"  # header / metadata: answer with the stable or the canary version of a model
@@ -64,6 +64,16 @@ async def sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
 def grpc_fields(message: Any) -> dict:
     """The fields a client set on a request message, as the HTTP schema's dict."""
     return {f.name: v if isinstance(v, str | int | float | bool) else list(v) for f, v in message.ListFields()}
+
+
+def grpc_logprobs(body: dict | None) -> list[pb.TokenLogprob]:
+    """OpenAI's legacy logprobs object -> the chunk's TokenLogprob messages (none if not asked for)."""
+    if body is None:
+        return []
+    return [pb.TokenLogprob(token=t, logprob=lp, text_offset=o,
+                            top=[pb.TopLogprob(token=k, logprob=v) for k, v in (top or {}).items()])
+            for t, lp, top, o in zip(body["tokens"], body["token_logprobs"], body["top_logprobs"],
+                                     body["text_offset"])]
 
 
 @serve.deployment
@@ -115,22 +125,26 @@ class Api(Frontend):
         return await self._complete(await self._body(request, ChatRequest), request.headers.get(VERSION))
 
     async def _complete(self, body: CompletionRequest | ChatRequest, asked: str | None):
-        served, ids, params, completion = self.completion(body, asked)
-        if not body.stream:
-            text, finish = completion.finish(await self.generate(served, ids, params))
-            return completion.body(text, finish)
+        served, prompts = self.completion(body, asked)
+        if not body.stream:  # every prompt at once: they share the replica's decode steps
+            answers = await asyncio.gather(*(self.generate(served, ids, params) for ids, params, _ in prompts))
+            completions = [c for _, _, c in prompts]
+            choices = [c.whole(items, i) for i, (c, items) in enumerate(zip(completions, answers))]
+            return completions[0].body(choices, usage=total_usage(completions))
+        [(ids, params, completion)] = prompts
         tokens = self.stream(served, ids, params)
         first = await anext(tokens, None)  # a failure before the first token is still a status code
 
         async def chunks() -> AsyncIterator[dict]:
-            async def again() -> AsyncIterator[list[int]]:
+            async def again() -> AsyncIterator[list]:
                 if first is not None:
                     yield first
                 async for piece in tokens:
                     yield piece
 
-            async for text, finish in completion.pieces(again()):
-                yield completion.body(text, finish, chunk=True)
+            async for text, finish, logprobs in completion.pieces(again()):
+                yield completion.body([completion.choice(text, finish, logprobs, chunk=True)], chunk=True,
+                                      usage=completion.usage() if finish is not None else None)
 
         return StreamingResponse(sse(chunks()), media_type="text/event-stream")
 
@@ -151,12 +165,13 @@ class Api(Frontend):
     async def Complete(self, request: pb.CompleteRequest, grpc_context: RayServegRPCContext
                        ) -> AsyncIterator[pb.CompleteChunk]:
         try:
-            served, ids, params, completion = self.completion(
+            served, [(ids, params, completion)] = self.completion(
                 *self._grpc_request(grpc_context, request, CompletionRequest))
-            async for text, finish in completion.pieces(self.stream(served, ids, params)):
+            async for text, finish, logprobs in completion.pieces(self.stream(served, ids, params)):
                 last = finish is not None
                 yield pb.CompleteChunk(text=text, finish_reason=finish or "",
-                                       usage=pb.Usage(**completion.usage()) if last else None)
+                                       usage=pb.Usage(**completion.usage()) if last else None,
+                                       logprobs=grpc_logprobs(logprobs))
         except ApiError as e:
             raise self._grpc(grpc_context, e) from None
 

@@ -21,6 +21,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from actors.chat import ChatFormat
+from actors.token_scores import Scored
 from actors.monitor import routing_path
 from cluster.storage import Storage
 
@@ -69,8 +70,15 @@ class Sampling(Strict):
     n: StrictInt = Field(1, ge=1, le=1)
 
 
+MAX_LOGPROBS = 20  # alternatives per token (vLLM's default max_logprobs; OpenAI's legacy API took 5)
+
+
 class CompletionRequest(Sampling):
-    prompt: StrictStr = Field(min_length=1)
+    # one text or one token-id list, or several of either (one choice each, as OpenAI's legacy API)
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    max_tokens: StrictInt = Field(16, ge=0, le=4096)  # 0 only with echo: the prompt scored, nothing generated
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: StrictBool = False
 
 
 class ChatMessage(Strict):
@@ -127,60 +135,168 @@ class Served:
         return f"helio:{self.version}:{self.artifacts[self.version]}"
 
 
-class Completion:
-    """Turns generated token ids into text: stop strings, finish reason, usage; OpenAI's bodies for
-    completions and chat completions, whole or as stream chunks."""
+class Pieces:
+    """Each token's share of a decoded text: a token's piece is what decoding it after the tokens before
+    it (up to WINDOW of them) adds, so a tokenizer that drops a word's leading space at the start of a
+    text, or a character split over several byte-level tokens, still gives pieces that add up to the
+    decoded text (a token ending inside a character gets "", the one completing it the character)."""
 
-    def __init__(self, served: Served, prompt_tokens: int, stops: list[str], max_tokens: int, chat: bool):
-        self.served, self.prompt_tokens, self.stops, self.max_tokens = served, prompt_tokens, stops, max_tokens
-        self.chat = chat
+    WINDOW = 8
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer, self.ids, self.pieces = tokenizer, [], []
+        self.single: dict[int, str] = {}
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False).rstrip("\ufffd")
+
+    def of(self, ids: list[int]) -> list[str]:
+        """The pieces of `ids` (a sequence that only grows between calls)."""
+        if ids[:len(self.ids)] != self.ids:
+            self.ids, self.pieces = [], []
+        for i in range(len(self.ids), len(ids)):
+            lo = max(0, i - self.WINDOW)
+            before, after = self._decode(ids[lo:i]), self._decode(ids[lo:i + 1])
+            same = next((k for k, (x, y) in enumerate(zip(before, after)) if x != y), min(len(before), len(after)))
+            self.pieces.append(after[same:])  # after extends before, but for a tokenizer that rewrites it
+        self.ids = list(ids)
+        return self.pieces[:len(ids)]
+
+    def alone(self, token: int) -> str:
+        """A token's own text, decoded alone (how an alternative is named)."""
+        if token not in self.single:
+            self.single[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+        return self.single[token]
+
+
+class Completion:
+    """One prompt's answer: generated token ids (or Scored tokens, with log-probabilities) -> text, cut at
+    stop strings, with finish reason and usage; OpenAI's bodies for completions and chat completions,
+    whole or as stream chunks. With `echo` the text starts with the prompt (and, with `logprobs`, the
+    prompt's tokens come first from the engine, scored)."""
+
+    def __init__(self, served: Served, prompt_ids: list[int], stops: list[str], max_tokens: int, chat: bool,
+                 prompt_text: str = "", echo: bool = False, logprobs: int | None = None):
+        self.served, self.prompt_tokens, self.stops, self.max_tokens = served, len(prompt_ids), stops, max_tokens
+        self.chat, self.echo, self.logprobs = chat, echo, logprobs
+        self.prefix = prompt_text if echo else ""
         self.id, self.created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
         self.used = 0
+        self.tokens: list[int] = []  # generated
+        self.scored: list[Scored] = []  # the prompt's (with echo), then the generated ones
+        self.prompt_scored = bool(prompt_ids) and echo and logprobs is not None
+        self.kept, self.cut = 0, None  # generated tokens before the first end-of-text; where a stop string cut
+        self.ended = False  # on an end-of-text token (listed in the log-probabilities, as vLLM does)
+        self.texts: dict[str, Pieces] = {"prompt": Pieces(served.tokenizer), "reply": Pieces(served.tokenizer)}
+        self.logged = 0  # log-probability entries sent (streaming)
 
-    def finish(self, tokens: list[int]) -> tuple[str, str | None]:
-        """(text so far, cut at a stop string or the end-of-text token; finish reason or None)."""
+    def add(self, items: list) -> None:
+        """The engine's output: token ids, or Scored tokens when log-probabilities were asked for."""
+        for item in items:
+            if isinstance(item, tuple):
+                self.scored.append(Scored(*item))
+                if len(self.scored) <= self.prompt_tokens and self.prompt_scored:
+                    continue  # the prompt's own
+                item = item[0]
+            self.tokens.append(item)
+
+    def finish(self, tokens: list[int] | None = None) -> tuple[str, str | None]:
+        """(generated text so far, cut at a stop string or the end-of-text token; finish reason or None)."""
+        tokens = self.tokens if tokens is None else tokens
         self.used = len(tokens)
         end = next((i for i, t in enumerate(tokens) if t in self.served.eos_ids), None)
-        ended = end is not None
-        text = self.served.tokenizer.decode(tokens[:end] if ended else tokens)
+        ended = self.ended = end is not None
+        self.kept = end if ended else len(tokens)
+        text = self.served.tokenizer.decode(tokens[:self.kept])
+        self.cut = None
         for s in self.stops:
             if s in text:
-                return text[:text.index(s)], "stop"
+                self.cut = text.index(s)
+                return text[:self.cut], "stop"
         if ended:
             return text, "stop"
         return text, "length" if len(tokens) >= self.max_tokens else None
 
-    async def pieces(self, tokens: AsyncIterator[list[int]]) -> AsyncIterator[tuple[str, str | None]]:
-        """(new text, None) as it grows, then (the rest, finish reason) once."""
-        got: list[int] = []
-        sent, finish = "", None
+    async def pieces(self, tokens: AsyncIterator[list]) -> AsyncIterator[tuple[str, str | None, dict | None]]:
+        """(new text, None, its log-probabilities) as it grows, then (the rest, finish reason, ...) once;
+        the echoed prompt comes first, in the first piece."""
+        sent, finish, first = "", None, self.prefix
         async for piece in tokens:
-            got += piece
-            text, finish = self.finish(got)
+            self.add(piece)
+            text, finish = self.finish()
             if finish is not None:
                 break
-            if len(text) > len(sent):  # a piece that decodes to nothing new (part of a character) waits
-                yield text[len(sent):], None
-                sent = text
-        text, finish = self.finish(got)
-        yield text[len(sent):], finish or "length"
+            if len(text) > len(sent) or first:  # a piece that decodes to nothing new (part of a character) waits
+                yield first + text[len(sent):], None, self.new_logprobs()
+                sent, first = text, ""
+        text, finish = self.finish()
+        yield first + text[len(sent):], finish or "length", self.new_logprobs()
+
+    def _entries(self) -> list[tuple[str, float | None, dict[str, float] | None, int]]:
+        """(token text, log-probability, top alternatives, offset into the choice's text) per token the
+        text holds: the echoed prompt's, then the generated ones up to a stop string, or through the
+        end-of-text token. Top alternatives hold the likeliest `logprobs` tokens and the chosen one (as
+        vLLM's), each as its own text."""
+        n_prompt = self.prompt_tokens if self.prompt_scored else 0
+        prompt, reply = self.scored[:n_prompt], self.scored[n_prompt:n_prompt + self.kept + self.ended]
+        out: list[tuple[str, float | None, dict[str, float] | None, int]] = []
+        for part, items, offset in (("prompt", prompt, 0), ("reply", reply, len(self.prefix))):
+            texts = self.texts[part].of([item.token for item in items])
+            for item, piece in zip(items, texts):
+                if part == "reply" and self.cut is not None and offset >= len(self.prefix) + self.cut:
+                    break
+                top = None
+                if item.logprob is not None:
+                    top = {self.texts[part].alone(item.token): item.logprob}
+                    for t, lp in item.top:
+                        key = self.texts[part].alone(t)
+                        top[key] = max(lp, top.get(key, float("-inf")))
+                out.append((piece, item.logprob, top, offset))
+                offset += len(piece)
+        return out
+
+    def logprobs_body(self, entries: list) -> dict:
+        """OpenAI's legacy `logprobs` object."""
+        return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
+                "top_logprobs": [e[2] for e in entries], "text_offset": [e[3] for e in entries]}
+
+    def new_logprobs(self) -> dict | None:
+        """The log-probabilities of the tokens not yet sent (streaming), None if not asked for."""
+        if self.logprobs is None:
+            return None
+        entries = self._entries()
+        new, self.logged = entries[self.logged:], len(entries)
+        return self.logprobs_body(new)
+
+    def whole(self, items: list, index: int = 0) -> dict:
+        """The whole answer's choice, from everything the engine sent."""
+        self.add(items)
+        text, finish = self.finish()
+        return self.choice(self.prefix + text, finish, None if self.logprobs is None else
+                           self.logprobs_body(self._entries()), index)
+
+    def choice(self, text: str, finish: str | None, logprobs: dict | None = None, index: int = 0,
+               chunk: bool = False) -> dict:
+        if self.chat:
+            return {"index": index, ("delta" if chunk else "message"): {"role": "assistant", "content": text},
+                    "finish_reason": finish}
+        return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
 
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.used,
                 "total_tokens": self.prompt_tokens + self.used}
 
-    def body(self, text: str, finish: str | None, chunk: bool = False) -> dict:
-        if self.chat:
-            kind = "chat.completion.chunk" if chunk else "chat.completion"
-            choice = {"index": 0, ("delta" if chunk else "message"): {"role": "assistant", "content": text},
-                      "finish_reason": finish}
-        else:
-            kind, choice = "text_completion", {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+    def body(self, choices: list[dict], chunk: bool = False, usage: dict | None = None) -> dict:
+        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
         out = {"id": self.id, "object": kind, "created": self.created, "model": self.served.id,
-               "system_fingerprint": self.served.fingerprint(), "choices": [choice]}
-        if not chunk or finish is not None:
-            out["usage"] = self.usage()
+               "system_fingerprint": self.served.fingerprint(), "choices": choices}
+        if usage is not None:
+            out["usage"] = usage
         return out
+
+
+def total_usage(completions: list[Completion]) -> dict[str, int]:
+    return {k: sum(c.usage()[k] for c in completions) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
 
 
 async def answer(call: Any, deadline: float) -> Any:
@@ -293,8 +409,8 @@ class Frontend:
         return served.as_version(version)
 
     def list_models(self) -> list[dict]:
-        return [{"id": m.id, "object": "model", "created": self.created, "owned_by": "helio", "task": m.task}
-                for m in self.models.values()]
+        return [{"id": m.id, "object": "model", "created": self.created, "owned_by": "helio", "task": m.task,
+                 "context": m.context} for m in self.models.values()]
 
     def _encode(self, served: Served, texts: list[str], truncate: bool) -> list[list[int]]:
         if not texts:
@@ -327,25 +443,64 @@ class Frontend:
         return served, list(answers), {"prompt_tokens": tokens, "total_tokens": tokens}
 
     def completion(self, body: CompletionRequest | ChatRequest,
-                   asked: str | None = None) -> tuple[Served, list[int], dict, Completion]:
-        """A completion or chat request -> (model, prompt ids, sampling parameters, its Completion)."""
+                   asked: str | None = None) -> tuple[Served, list[tuple[list[int], dict, Completion]]]:
+        """A completion or chat request -> (model, [(prompt ids, sampling parameters, its Completion)]
+        per prompt: a chat has one, a completion one per prompt it lists)."""
         served = self.model(body.model, "generate", asked)
         chat = isinstance(body, ChatRequest)
-        field = "messages" if chat else "prompt"
-        ids = served.tokenizer.encode(self.prompt_text(served, body) if chat else body.prompt,
-                                      add_special_tokens=False).ids
-        if len(ids) >= served.context:
-            raise ApiError(400, f"{field}: {len(ids)} tokens, the model's context is {served.context}", field,
-                           "context_length_exceeded")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ApiError(400, "stop: at most 4 non-empty strings", "stop")
-        params = {"max_tokens": min(body.max_tokens, served.context - len(ids)), "temperature": float(body.temperature),
-                  "top_p": float(body.top_p) if body.top_p < 1 else None, "top_k": body.top_k, "seed": body.seed,
-                  "stop_ids": list(served.eos_ids)}
-        transcript = chat and not served.chat.templated  # Helio's own format ends where the next turn starts
-        return served, ids, params, Completion(served, len(ids), stops + ([CHAT_STOP] if transcript else []),
-                                               params["max_tokens"], chat)
+        if chat:
+            prompts = [("messages", served.tokenizer.encode(self.prompt_text(served, body),
+                                                            add_special_tokens=False).ids, "")]
+            echo, logprobs = False, None
+        else:
+            prompts = self.prompts(served, body)
+            echo, logprobs = body.echo, body.logprobs
+            if body.max_tokens == 0 and not echo:
+                raise ApiError(400, "max_tokens: 0 only with echo (to score the prompt); otherwise at least 1",
+                               "max_tokens")
+        out = []
+        for field, ids, text in prompts:
+            if len(ids) >= served.context:
+                raise ApiError(400, f"{field}: {len(ids)} tokens, the model's context is {served.context}", field,
+                               "context_length_exceeded")
+            params = {"max_tokens": min(body.max_tokens, served.context - len(ids)),
+                      "temperature": float(body.temperature), "top_p": float(body.top_p) if body.top_p < 1 else None,
+                      "top_k": body.top_k, "seed": body.seed, "stop_ids": list(served.eos_ids),
+                      "logprobs": logprobs, "prompt_logprobs": echo and logprobs is not None}
+            transcript = chat and not served.chat.templated  # Helio's own format ends where the next turn starts
+            out.append((ids, params, Completion(served, ids, stops + ([CHAT_STOP] if transcript else []),
+                                                params["max_tokens"], chat, text, echo, logprobs)))
+        return served, out
+
+    def prompts(self, served: Served, body: CompletionRequest) -> list[tuple[str, list[int], str]]:
+        """A completion request's prompts: (field name, token ids, text) each. A prompt is a text or a
+        list of token ids (what lm-evaluation-harness sends), one or several."""
+        p = body.prompt
+        several = isinstance(p, list) and bool(p) and not isinstance(p[0], int)
+        items = list(p) if several else [p]
+        if isinstance(p, list) and not p:
+            raise ApiError(400, "prompt: must not be empty", "prompt")
+        if len(items) > self.max_items:
+            raise ApiError(400, f"prompt: {len(items)} prompts, more than the limit of {self.max_items}", "prompt")
+        if len(items) > 1 and body.stream:
+            raise ApiError(400, "prompt: a streamed request takes one prompt", "prompt")
+        vocab = served.tokenizer.get_vocab_size(with_added_tokens=True)
+        out = []
+        for i, item in enumerate(items):
+            field = f"prompt[{i}]" if several else "prompt"
+            if not item:
+                raise ApiError(400, f"{field}: is empty", "prompt")
+            if isinstance(item, str):
+                out.append((field, served.tokenizer.encode(item, add_special_tokens=False).ids, item))
+                continue
+            if (bad := next((t for t in item if not 0 <= t < vocab), None)) is not None:
+                raise ApiError(400, f"{field}: token id {bad} is not in the model's vocabulary (0 to {vocab - 1})",
+                               "prompt")
+            out.append((field, list(item), served.tokenizer.decode(item, skip_special_tokens=False)))
+        return out
 
     @staticmethod
     def prompt_text(served: Served, body: ChatRequest) -> str:
@@ -358,11 +513,17 @@ class Frontend:
                                 f"use /v1/completions with a prompt", "messages")
         return chat_prompt(body.messages)
 
-    async def generate(self, served: Served, ids: list[int], params: dict) -> list[int]:
+    async def generate(self, served: Served, ids: list[int], params: dict) -> list:
+        """The generated tokens (Scored ones with log-probabilities), whole; with prompt_logprobs and
+        max_tokens 0, only the scored prompt."""
+        if params["max_tokens"] == 0 and not params["prompt_logprobs"]:  # echo alone: nothing to compute
+            return []
         return await answer(served.handle.generate.remote(ids, params), self.deadline())
 
     async def stream(self, served: Served, ids: list[int], params: dict) -> AsyncIterator[list[int]]:
         """The generated tokens as the replica samples them (in pieces), until the request's deadline."""
+        if params["max_tokens"] == 0 and not params["prompt_logprobs"]:
+            return
         deadline = self.deadline()
         response = served.handle.options(stream=True).stream.remote(ids, params)
         tokens, finished = response.__aiter__(), False

@@ -36,6 +36,7 @@ class PipelineSections(JobConfig):
     finetune: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> a jobs.finetune config
     quantize: dict[str, Any] | None = None
     serve: dict[str, Any] | None = None
+    evaluate: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> a jobs.evaluate config
     monitor: dict[str, Any] | None = None
     serve_seconds: float | None = None  # embedded cluster, after the last stage: None serves until
     #                                     interrupted, 0 stops at once; on a cluster the app stays up

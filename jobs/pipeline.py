@@ -1,5 +1,5 @@
 """Raw text to a served, watched model in one run: prepare -> pretrain -> make_tasks -> finetune ->
-quantize -> serve -> monitor.
+quantize -> serve -> evaluate -> monitor.
 
     python -m jobs.pipeline jobs/configs/demo.yaml [--set pretrain.train.steps=50 ...]
     ray job submit --working-dir . -- python -m jobs.pipeline jobs/configs/demo.yaml --set storage=/shared/runs
@@ -10,7 +10,9 @@ from that stage YAML and the section's own keys override it. `storage`, `ray_add
 wrote, by artifact name: pretrain the dataset prepare made, a finetune the model pretrain made
 (unless it imports a Hugging Face folder) and the tasks make_tasks made, quantize the first
 finetune of the pretrained model (else the pretrained model), serve the artifacts its `models`
-name, the monitor the served application. An input that a section names itself must be made by
+name, each evaluate section (label -> a jobs.evaluate config) the model it names (default: the
+first finetune) on the tasks make_tasks made, and the same model as the serve stage serves it (its
+URL and id) when it does; the monitor the served application. An input that a section names itself must be made by
 an earlier stage or already be in storage; that is checked before any work starts.
 
 A stage is skipped, with a line saying so, when what it made is still there and was made from the
@@ -57,7 +59,7 @@ class PipelineConfig(PipelineSections):
 
 @dataclass(frozen=True)
 class Stage:
-    label: str  # prepare, pretrain, make_tasks, finetune.<label>, quantize, serve, monitor
+    label: str  # prepare, pretrain, make_tasks, finetune.<label>, quantize, serve, evaluate.<label>, monitor
     job: str  # the module under jobs/
     config: Any  # that job's config dataclass
     kind: str | None  # the artifact kind it writes; None for serve (an application) and monitor (an actor)
@@ -67,7 +69,7 @@ class Stage:
 
 def plan(cfg: PipelineConfig) -> list[Stage]:
     """The stages this config runs, in order, each with its validated config and inputs."""
-    from jobs import finetune, make_tasks, monitor, prepare, pretrain, quantize, serve
+    from jobs import evaluate, finetune, make_tasks, monitor, prepare, pretrain, quantize, serve
 
     stages: list[Stage] = []
 
@@ -102,13 +104,27 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
         tuned = [s.name for s in stages if s.job == "finetune" and pretrained and s.config.base.artifact == pretrained]
         default(data, "model", tuned + ([pretrained] if pretrained else []))
         c = build(cfg, "quantize", quantize.QuantizeConfig, data)
-        stages.append(Stage("quantize", "quantize", c, "model", c.name, (("model", c.model),)))
+        lm_tasks = (("task", c.lm_eval.tasks_artifact),) if c.lm_eval.tasks_artifact else ()
+        stages.append(Stage("quantize", "quantize", c, "model", c.name, (("model", c.model),) + lm_tasks))
     if cfg.serve is not None:
         data = section(cfg, "serve", cfg.serve)
         data.update(monitor=None, serve_seconds=0)  # the pipeline runs the monitor stage and decides how long to serve
         c = build(cfg, "serve", serve.ServeConfig, data)
         served = [m.artifact for m in c.models] + [m.canary.artifact for m in c.models if m.canary]
         stages.append(Stage("serve", "serve", c, None, c.name, tuple(("model", a) for a in dict.fromkeys(served))))
+    for label, body in cfg.evaluate.items():
+        key = f"evaluate.{label}"
+        data = section(cfg, key, body)
+        tuned = [s.name for s in stages if s.job == "finetune" and pretrained and s.config.base.artifact == pretrained]
+        default(data, "model", tuned + ([pretrained] if pretrained else []))
+        default(data, "tasks_artifact", [s.name for s in made("task")])
+        server = next((s.config for s in stages if s.job == "serve"), None)
+        entry = next((m for m in server.models if m.artifact == value_at(data, "model")), None) if server else None
+        if entry is not None and not value_at(data, "served.url"):  # scored as clients reach it, too
+            default(data, "served.url", [f"http://{server.http.host}:{server.http.port}"])
+            default(data, "served.model", [entry.id])
+        c = build(cfg, key, evaluate.EvaluateConfig, data)
+        stages.append(Stage(key, "evaluate", c, "evaluation", c.name, (("model", c.model), ("task", c.tasks_artifact))))
     if cfg.monitor is not None:
         data = section(cfg, "monitor", cfg.monitor)
         apps = [s.name for s in stages if s.job == "serve"]
@@ -120,7 +136,7 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
         stages.append(Stage("monitor", "monitor", c, None, c.app))
     if not stages:
         raise ConfigError("", "the pipeline has no stage: give at least one of prepare, pretrain, make_tasks, "
-                              "finetune, quantize, serve, monitor")
+                              "finetune, quantize, serve, evaluate, monitor")
     outputs = [(s.kind, s.name) for s in stages if s.kind]
     for kind, name in outputs:
         if outputs.count((kind, name)) > 1:

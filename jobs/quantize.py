@@ -14,6 +14,12 @@ validation blocks read with Ray Data (not the ones scored). If the quality
 delta exceeds `max_quality_delta` the artifact is still written, marked
 rejected (`actors.model_loader.open_runnable` refuses it unless forced), and
 the job exits 1.
+
+With `lm_eval.tasks_artifact` (causal LMs), lm-evaluation-harness also scores
+both models in-process on Helio's offline tasks (actors/evaluate.py, through
+Helio's own loader, so the integer kernels run): the report shows each task
+metric float vs quantized side by side, and `lm_eval.gate` names one
+("task/metric") that the gate also holds to `lm_eval.max_delta`.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from cluster.runtime import JobConfig, connect_job, embedded, scoped_attrs
 from actors.chat import TOKENIZER_FILES
 from actors.model_loader import artifact_arch, artifact_kind
 from cluster.storage import Artifact, Storage, resolve
+from actors.evaluate import TASKS
 from models.quant import KERNELS, QuantSpec
 
 log = logging.getLogger("helio")
@@ -66,6 +73,26 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class LmEvalConfig:
+    tasks_artifact: str = ""  # a jobs.make_tasks artifact: lm-eval scores float and quantized (empty: off)
+    tasks: tuple[str, ...] = TASKS
+    limit: int = 32  # documents per task
+    seed: int = 0
+    gate: str = ""  # a "task/metric" the quality gate also holds, e.g. helio_code_perplexity/byte_perplexity
+    max_delta: float = 0.02  # its budget: the relative change for the worse
+
+    def __post_init__(self) -> None:
+        if not set(self.tasks) <= set(TASKS) or not self.tasks:
+            raise ValueError(f"tasks: name some of {', '.join(TASKS)}")
+        if self.limit < 1:
+            raise ValueError("limit: must be positive")
+        if self.gate and (self.gate.split("/")[0] not in self.tasks or "/" not in self.gate):
+            raise ValueError(f"gate: {self.gate!r} is not task/metric of a task in lm_eval.tasks")
+        if self.gate and not self.tasks_artifact:
+            raise ValueError("gate: needs lm_eval.tasks_artifact (the documents it is measured on)")
+
+
+@dataclass(frozen=True)
 class QuantizeConfig(JobConfig):
     name: str = "quantize_demo"
     model: str = "pretrain_demo"  # the float model artifact to compress
@@ -77,6 +104,7 @@ class QuantizeConfig(JobConfig):
     max_quality_delta: float = 0.02  # relative: perplexity up, MRR / cosine / accuracy down
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
 
     def __post_init__(self) -> None:
         self.spec  # validates method, group_size, skip
@@ -263,11 +291,16 @@ def run(cfg: QuantizeConfig) -> dict[str, Any]:
     if "quantization" in parent.manifest:
         raise ConfigError("model", f"model artifact '{cfg.model}' is already quantized; quantize its float parent")
     kind = artifact_kind(parent)
+    if cfg.lm_eval.tasks_artifact and kind != "lm":
+        raise ConfigError("lm_eval.tasks_artifact", f"lm-eval scores causal LMs; model '{parent.name}' is {kind}")
     data, data_source = eval_data(cfg, store, parent, kind)
     calibration, calibration_source = (calibration_data(cfg, store, parent, kind) if cfg.method == "awq"
                                        else (None, None))
     spec = cfg.spec
     parents = [{"kind": "model", "name": parent.name, "uri": parent.uri, "created_at": parent.manifest["created_at"]}]
+    if cfg.lm_eval.tasks_artifact:  # the documents lm-eval scores it on
+        t = store.open("task", cfg.lm_eval.tasks_artifact, verify=False)
+        parents.append({"kind": "task", "name": t.name, "uri": t.uri, "created_at": t.manifest["created_at"]})
     writer = store.create("model", cfg.name, to_dict(cfg), parents=parents)
     try:
         log.info("quantizing model '%s' (%s) to %s on a Ray worker", parent.name, kind, cfg.method)
@@ -278,13 +311,18 @@ def run(cfg: QuantizeConfig) -> dict[str, Any]:
         log.info("scoring the float and the quantized model on %s, %d tasks each", data_source, cfg.eval.shards)
         float_parts = score_parts(parent.uri, "auto", data, cfg.eval.shards)
         quant_parts = score_parts(writer.tmp_uri, cfg.kernel, data, cfg.eval.shards)
+        lm_runs = lm_eval_runs(cfg, store, parent, writer.tmp_uri)
         labels = len(json.loads(parent.read_bytes("config.json")).get("id2label") or {})
         q = quality(kind, data, fetch(float_parts), fetch(quant_parts), labels)
+        lm = None
+        if lm_runs:
+            prep, float_run, quant_run = lm_runs
+            lm = lm_eval_report(cfg, prep, fetch(float_run), fetch(quant_run))
         log.info("timing both models in one task (%d threads)", cfg.eval.threads)
         e = cfg.eval
         timing = fetch(time_models.options(num_cpus=e.threads).remote(
             parent.uri, writer.tmp_uri, cfg.kernel, e.seq_len, e.iters, e.threads, e.decode_tokens))
-        report = build_report(cfg, parent, kind, done, q, timing, data_source, calibration_source)
+        report = build_report(cfg, parent, kind, done, q, timing, data_source, calibration_source, lm)
         writer.write_bytes("report.json", json.dumps(report, indent=2).encode())
         passed = report["gate"]["passed"]
         writer.metrics = {"quality_metric": q["metric"], "quality_float": q["float"], "quality": q["quantized"],
@@ -292,6 +330,9 @@ def run(cfg: QuantizeConfig) -> dict[str, Any]:
                           "linear_size_ratio": report["size"]["linear_ratio"],
                           "latency_ratio_b1": report["latency"]["ratio_b1"],
                           "latency_ratio_b16": report["latency"]["ratio_b16"]}
+        if lm:  # the quantized model's scores; which tasks, documents, lm-eval and seed made them
+            writer.metrics.update({f"lm_eval/{k}": m["quantized"] for k, m in lm["metrics"].items()})
+            writer.extra["lm_eval"] = {k: lm[k] for k in ("tasks_artifact", "lm_eval", "seed", "documents")}
         writer.extra["quantization"] = {k: v for k, v in done["description"].items() if k != "layers"}
         writer.extra["quality_gate"] = report["gate"]
         writer.extra["rejected"] = not passed
@@ -307,8 +348,43 @@ def run(cfg: QuantizeConfig) -> dict[str, Any]:
     return manifest
 
 
+def lm_eval_runs(cfg: QuantizeConfig, store: Storage, parent: Artifact, quantized_uri: str) -> tuple:
+    """Starts lm-eval on the float and the quantized model (two Ray tasks, Helio's loader): (the
+    prepared documents, float ref, quantized ref), or () when lm_eval is off."""
+    from actors.evaluate import prepare, score
+
+    c = cfg.lm_eval
+    if not c.tasks_artifact:
+        return ()
+    try:
+        prep = prepare(parent, store.open("task", c.tasks_artifact), c.tasks, c.limit, c.seed)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    log.info("lm-eval: scoring the float and the quantized model on %s (%s documents)", ", ".join(c.tasks),
+             ", ".join(map(str, prep.documents.values())))
+    return (prep,) + tuple(score.remote("helio", uri, prep.tokenizer, prep.tasks, list(c.tasks), c.seed, 8)
+                           for uri in (parent.uri, quantized_uri))
+
+
+def lm_eval_report(cfg: QuantizeConfig, prep: Any, float_run: dict, quant_run: dict) -> dict[str, Any]:
+    """Each task metric float vs quantized, its relative change for the worse, and the named gate's."""
+    from actors.evaluate import scores
+
+    f, q = scores(float_run["results"]), scores(quant_run["results"])
+    better = {f"{t}/{m}": up for t, ms in float_run["higher_is_better"].items() for m, up in ms.items()}
+    metrics = {k: {"float": f[k], "quantized": q[k],
+                   "worse_by": drop(f[k], q[k]) if better.get(k, True) else (q[k] / f[k] - 1 if f[k] else 0.0)}
+               for k in f if k in q}
+    c = cfg.lm_eval
+    if c.gate and c.gate not in metrics:
+        raise ConfigError("lm_eval.gate", f"lm-eval reported no {c.gate}; it reported {', '.join(sorted(metrics))}")
+    return {"tasks_artifact": c.tasks_artifact, "lm_eval": float_run["lm_eval"], "seed": c.seed,
+            "documents": prep.documents, "left_out": prep.left_out, "metrics": metrics,
+            "gate": {"metric": c.gate, "max_delta": c.max_delta} if c.gate else None}
+
+
 def build_report(cfg: QuantizeConfig, parent: Artifact, kind: str, done: dict, q: dict, timing: dict,
-                 data_source: str, calibration_source: str | None) -> dict[str, Any]:
+                 data_source: str, calibration_source: str | None, lm: dict | None = None) -> dict[str, Any]:
     float_bytes = parent.manifest["files"]["model.safetensors"]["bytes"]
     quant_bytes = done["files"]["model.safetensors"]["bytes"]
     lb = done["layer_bytes"]
@@ -321,6 +397,15 @@ def build_report(cfg: QuantizeConfig, parent: Artifact, kind: str, done: dict, q
     gate = {"max_quality_delta": cfg.max_quality_delta, "quality_delta": q["delta"], "passed": passed,
             "reason": (f"{q['metric']} moved by {q['delta']:+.2%} (float {q['float']:.4f}, quantized "
                        f"{q['quantized']:.4f}), over the budget of {cfg.max_quality_delta:.2%}") if not passed else ""}
+    if lm and lm["gate"]:
+        name, m = lm["gate"]["metric"], lm["metrics"][lm["gate"]["metric"]]
+        ok = m["worse_by"] <= lm["gate"]["max_delta"]
+        gate["lm_eval"] = {"metric": name, "worse_by": m["worse_by"], "max_delta": lm["gate"]["max_delta"], "passed": ok}
+        if not ok:
+            why = (f"lm-eval {name} got worse by {m['worse_by']:+.2%} (float {m['float']:.4f}, quantized "
+                   f"{m['quantized']:.4f}), over the budget of {lm['gate']['max_delta']:.2%}")
+            gate["reason"] = f"{gate['reason']}; {why}" if gate["reason"] else why
+        gate["passed"] = passed = passed and ok
     kernels = timing["kernels"]
     notes = []
     if "dequant" in kernels:
@@ -337,7 +422,7 @@ def build_report(cfg: QuantizeConfig, parent: Artifact, kind: str, done: dict, q
                      "file_ratio": quant_bytes / float_bytes, "linear_float_bytes": lb["float"],
                      "linear_quantized_bytes": lb["quantized"], "linear_ratio": lb["quantized"] / lb["float"]},
             "quality": q | {"data": data_source}, "latency": latency, "gate": gate,
-            "calibration": calibration_source, "quantize_seconds": round(done["seconds"], 2)}
+            "calibration": calibration_source, "quantize_seconds": round(done["seconds"], 2), "lm_eval": lm}
 
 
 def render(report: dict[str, Any], name: str) -> str:
@@ -364,7 +449,17 @@ def render(report: dict[str, Any], name: str) -> str:
             ("latency", f"{lat['threads']} threads, {lat['seq_len']} tokens per sequence, median"),
             ("quality gate", f"{'passed' if gate['passed'] else 'REJECTED'}: {q['metric']} delta {gate['quality_delta']:+.2%} "
                              f"(budget {gate['max_quality_delta']:.2%})")]
+    if gate.get("lm_eval"):
+        g = gate["lm_eval"]
+        rows.append(("lm-eval gate", f"{'passed' if g['passed'] else 'REJECTED'}: {g['metric']} worse by "
+                                     f"{g['worse_by']:+.2%} (budget {g['max_delta']:.2%})"))
     rows += [("note", n) for n in report["kernel_notes"]]
+    if report.get("lm_eval"):
+        lm = report["lm_eval"]
+        table.append(f"lm-eval {lm['lm_eval']} on {lm['tasks_artifact']} "
+                     f"({', '.join(f'{t} {n}' for t, n in lm['documents'].items())} documents):")
+        for name, m in lm["metrics"].items():
+            table.append(f"  {name:42} {m['float']:12.4f} {m['quantized']:12.4f}  worse by {m['worse_by']:+.2%}")
     return format_summary("quantize report", rows) + "\n\n" + "\n".join(table)
 
 

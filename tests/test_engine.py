@@ -190,12 +190,70 @@ def test_a_failing_step_fails_its_requests_and_the_engine_serves_the_next(model,
         engine = Engine(model, max_batch=2)
         setattr(model, broken, fail)
         try:
-            failed = await asyncio.wait_for(asyncio.gather(
-                collect(engine, prompt, greedy(5)), collect(engine, [4, 5], greedy(5)), return_exceptions=True), 30)
+            failed = await asyncio.wait_for(asyncio.gather(  # the third only scores its prompt, in the same step
+                collect(engine, prompt, greedy(5)), collect(engine, [4, 5], greedy(5)),
+                collect(engine, [6, 7], greedy(0) | {"logprobs": 1, "prompt_logprobs": True}),
+                return_exceptions=True), 30)
         finally:
             delattr(model, broken)
         return engine, failed, await asyncio.wait_for(collect(engine, prompt, greedy(5)), 30)
 
     engine, failed, after = asyncio.run(main())
-    assert [str(e) for e in failed] == ["the replica is out of memory"] * 2
+    assert [str(e) for e in failed] == ["the replica is out of memory"] * 3  # none left waiting
     assert engine.step_failures >= 1 and after == expect and engine.cache.live == 0
+
+
+def _reference_logprobs(model: DecoderLM, ids: list[int]) -> torch.Tensor:
+    """log_softmax of one full forward over `ids`, in float64: row i scores token i + 1."""
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids]))
+    return torch.log_softmax(logits[0].double(), dim=-1)
+
+
+@pytest.mark.parametrize("drafts", [0, 4])
+def test_logprobs_are_the_models_log_softmax_for_prompt_and_reply(model, drafts):
+    """Each generated token's log-probability and top alternatives equal log_softmax of one full forward
+    over prompt + reply (1e-4), whether the token came from a plain step or a kept draft; with
+    prompt_logprobs the prompt comes first (its first token unscored); max_tokens 0 only scores."""
+    prompt = [3, 4, 5, 6, 3, 4, 5, 6, 3, 4]  # repetitive: greedy rows keep drafts
+
+    async def main(engine):
+        return await asyncio.gather(
+            collect(engine, prompt, greedy(12) | {"logprobs": 3, "prompt_logprobs": True}),
+            collect(engine, prompt[:5], greedy(0) | {"logprobs": 2, "prompt_logprobs": True}),
+            collect(engine, prompt, {"max_tokens": 6, "temperature": 1.0, "seed": 1, "logprobs": 0, "stop_ids": []}),
+            collect(engine, prompt, greedy(12)))
+
+    engine = Engine(model, max_batch=4, draft_tokens=drafts)
+    echoed, scored_only, sampled, plain = asyncio.run(main(engine))
+    assert [t[0] for t in echoed[len(prompt):]] == plain  # the same reply, scored
+    ids = [t[0] for t in echoed]
+    assert ids[:len(prompt)] == prompt and echoed[0][1] is None and echoed[0][2] == ()
+    ref = _reference_logprobs(model, ids)
+    for i in range(1, len(ids)):
+        token, logprob, top = echoed[i]
+        assert abs(logprob - ref[i - 1, token].item()) < 1e-4
+        values, best = ref[i - 1].topk(3)
+        assert [t for t, _ in top] == best.tolist() and len(top) == 3
+        assert max(abs(v - w) for (_, v), w in zip(top, values.tolist())) < 1e-4
+        if i >= len(prompt):  # greedy: the chosen token is the likeliest
+            assert top[0][0] == token and top[0][1] == logprob
+    # max_tokens 0: the first 5 prompt tokens scored as above, with 2 alternatives; nothing generated
+    assert len(scored_only) == 5 and scored_only[0] == (prompt[0], None, ())
+    for (t, lp, top), (t2, lp2, top2) in zip(scored_only[1:], echoed[1:5]):  # shorter forward: float noise only
+        assert t == t2 and abs(lp - lp2) < 1e-5 and [i for i, _ in top] == [i for i, _ in top2[:2]]
+        assert all(abs(v - w) < 1e-5 for (_, v), (_, w) in zip(top, top2))
+    ref = _reference_logprobs(model, prompt + [t[0] for t in sampled])  # sampled rows: the raw model's
+    assert all(abs(lp - ref[len(prompt) - 1 + i, t].item()) < 1e-4 and top == ()
+               for i, (t, lp, top) in enumerate(sampled))
+    if drafts:
+        assert engine.accepted > 0  # kept drafts were scored from the verify pass
+    assert engine.tokens == len(plain) * 2 + len(sampled) and engine.cache.live == 0
+
+
+def test_max_tokens_0_without_prompt_scores_is_refused(model):
+    async def main():
+        return await collect(Engine(model, max_batch=1), [1, 2], greedy(0))
+
+    with pytest.raises(ValueError, match="max_tokens must be at least 1"):
+        asyncio.run(main())

@@ -53,6 +53,8 @@ TINY = [
     "finetune.embed.lora.targets=[q_proj, k_proj, v_proj, o_proj]",
     "quantize.eval.max_examples=8", "quantize.eval.shards=1", "quantize.eval.seq_len=32", "quantize.eval.iters=2",
     "quantize.eval.threads=1", "quantize.eval.decode_tokens=4", "quantize.max_quality_delta=0.2",
+    "quantize.lm_eval.limit=4", "quantize.lm_eval.max_delta=0.2",
+    "evaluate.sft.limit=4", "evaluate.sft.num_cpus=0.5", "evaluate.int8.limit=4", "evaluate.int8.num_cpus=0.5",
     "monitor.period_s=2", "serve_seconds=0",
 ]
 FAULT = ["pretrain.fault.at_step=3", "pretrain.failure.max_failures=0"]  # rank 0 raises once at step 3
@@ -121,8 +123,8 @@ def demo(ray_cluster, serve_ports, s3_server, tmp_path_factory):
 def test_a_failed_run_continues_at_the_failed_stage_and_then_runs_every_stage(demo):
     assert list(demo["failed"]["stages"]) == ["prepare"]  # nothing after the failure was recorded
     printed, storage = demo["printed"], demo["storage"]
-    assert re.search(r"\[1/8\] prepare: skipped, dataset 'prepare_demo' exists for this configuration", printed)
-    assert "[2/8] pretrain: running" in printed
+    assert re.search(r"\[1/10\] prepare: skipped, dataset 'prepare_demo' exists for this configuration", printed)
+    assert "[2/10] pretrain: running" in printed
     # pretraining resumed from the checkpoint at step 2 that the failed run left, and finished
     records = [json.loads(line) for line in _read(storage, "runs/pretrain_demo/metrics.jsonl").splitlines()]
     assert records[-1]["step"] == 6 and records[-1]["attempt_start_step"] == 2, records[-1]
@@ -130,7 +132,7 @@ def test_a_failed_run_continues_at_the_failed_stage_and_then_runs_every_stage(de
     assert _object(storage, "adapters/finetune_embed_demo/adapter_model.safetensors").size > 0
     stages = demo["state"]["stages"]
     assert list(stages) == ["prepare", "pretrain", "make_tasks", "finetune.sft", "finetune.embed", "quantize",
-                            "serve", "monitor"]
+                            "serve", "evaluate.sft", "evaluate.int8", "monitor"]
     store = Storage(storage)
     for label, rec in stages.items():
         if rec["kind"]:
@@ -142,6 +144,24 @@ def test_a_failed_run_continues_at_the_failed_stage_and_then_runs_every_stage(de
     assert [p["name"] for p in sft["parents"]] == ["pretrain_demo", "stdlib_tasks"]
     q = store.open("model", "quantize_demo").manifest
     assert q["parents"][0]["name"] == "finetune_sft_demo" and q["rejected"] is False
+    assert q["quality_gate"]["lm_eval"]["metric"] == "helio_code_perplexity/byte_perplexity"
+
+
+def test_lm_eval_scores_the_sft_model_and_its_int8_in_process_and_as_served_and_they_agree(demo):
+    """evaluate.sft: lm-eval's HF backend and its local-completions client against the served
+    demo-llama; evaluate.int8: Helio's loader and the served demo-llama-int8. Same model, same documents:
+    the two ways agree on every metric."""
+    store = Storage(demo["storage"])
+    for name, model, served, backend in (("evaluate_demo", "finetune_sft_demo", "demo-llama", "hf"),
+                                         ("evaluate_int8_demo", "quantize_demo", "demo-llama-int8", "helio")):
+        art = store.open("evaluation", name)
+        report = json.loads(art.read_bytes("results.json"))
+        assert report["model"] == model and report["backends"] == {"in_process": backend, "served": "local-completions"}
+        assert all(a["agree"] for a in report["agreement"].values()), report["agreement"]
+        assert {p["name"] for p in art.manifest["parents"]} == {model, "stdlib_tasks"}
+        assert art.manifest["config"]["served"]["model"] == served
+        assert f":{demo['port']}" in art.manifest["config"]["served"]["url"]
+        assert sum(report["documents"].values()) > 0
 
 
 def test_everything_lives_on_the_object_store_and_no_credential_or_endpoint_is_written(demo, s3_server):
@@ -258,7 +278,7 @@ def test_the_llama_embedder_quantizes_to_int8_and_is_scored_on_its_retrieval_row
 
 def test_a_second_run_skips_every_stage(demo):
     state, printed = _run(demo["overrides"])
-    skipped = re.findall(r"\[\d/8\] (\S+): skipped", printed)
+    skipped = re.findall(r"\[\d+/10\] (\S+): skipped", printed)
     assert skipped == list(demo["state"]["stages"]), printed
     assert "running jobs." not in printed
     assert state["stages"] == demo["state"]["stages"]  # same keys, same artifacts (digests), nothing rewritten
@@ -311,7 +331,8 @@ def test_ray_job_submit_to_a_local_head_with_token_auth_serves_the_pipeline(demo
         done = head.submit(["python", "-m", "jobs.pipeline", "jobs/configs/demo.yaml", *sets, "--set",
                             f"serve.http.port={port}", "--set", f"serve.grpc.port={free_port()}",
                             # one model: what this test adds is the way in, not the models (served above)
-                            "--set", "serve.models=[{id: demo-llama, artifact: finetune_sft_demo}]"], timeout=600)
+                            "--set", "serve.models=[{id: demo-llama, artifact: finetune_sft_demo}]",
+                            "--set", "evaluate={}"], timeout=600)
         log = done.stdout + done.stderr
         assert done.returncode == 0 and "succeeded" in log, log[-4000:]
         for label in ("prepare", "pretrain", "make_tasks", "finetune.sft", "finetune.embed", "quantize"):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from actors.model_loader import feed, load_runnable, open_runnable
-from cluster.config import load_config
+from cluster.config import ConfigError, load_config
 from cluster.storage import ArtifactError, Storage, write_parquet_file
 from jobs import quantize
 from models.encoder import Encoder, EncoderConfig
@@ -105,6 +105,38 @@ def test_int8_job_scores_in_parallel_what_one_process_computes(storage, ray_clus
     expected, _ = quantize_model(float_model, QuantSpec(method="int8"))
     with torch.no_grad():
         assert torch.equal(quant_model(blocks[:4, :-1])[0], expected(blocks[:4, :-1])[0])
+
+
+def test_lm_eval_scores_float_and_int8_side_by_side_and_the_gate_can_name_a_task_metric(storage, ray_cluster, capsys):
+    """lm_eval.tasks_artifact: lm-evaluation-harness scores both models through Helio's loader; the
+    report holds each task metric float vs int8 (the float column is what scoring the float model in
+    this process gives), the manifest the int8 scores and their lineage; the named gate is checked."""
+    from actors.evaluate import TASKS, prepare, score
+    from tiny_data import write_sft_tasks
+
+    store = Storage(storage)
+    write_sft_tasks(store, "quant_tasks")
+    manifest = quantize.run(_cfg(storage, "name=gpt_int8_lm", "method=int8", "lm_eval.tasks_artifact=quant_tasks",
+                                 "lm_eval.limit=6", "lm_eval.gate=helio_code_perplexity/byte_perplexity",
+                                 "lm_eval.max_delta=0.5"))
+    report = json.loads(store.open("model", "gpt_int8_lm").read_bytes("report.json"))
+    lm = report["lm_eval"]
+    assert {k.split("/")[0] for k in lm["metrics"]} == set(TASKS) and lm["lm_eval"] == "0.4.13"
+    ppl = lm["metrics"]["helio_code_perplexity/byte_perplexity"]
+    assert ppl["float"] > 1 and ppl["quantized"] != ppl["float"] and abs(ppl["worse_by"]) < 0.05
+    assert report["gate"]["lm_eval"] == {"metric": "helio_code_perplexity/byte_perplexity", "max_delta": 0.5,
+                                         "worse_by": ppl["worse_by"], "passed": True}
+    assert manifest["metrics"]["lm_eval/helio_code_perplexity/byte_perplexity"] == ppl["quantized"]
+    assert manifest["lm_eval"]["tasks_artifact"] == "quant_tasks" and "quant_tasks" in {
+        p["name"] for p in manifest["parents"]}
+    assert "helio_docstring_choice/acc" in capsys.readouterr().out  # the side-by-side table
+
+    prep = prepare(store.open("model", "tiny_gpt"), store.open("task", "quant_tasks"), TASKS, 6, 0)
+    here = score._function("helio", store.open("model", "tiny_gpt").uri, prep.tokenizer, prep.tasks, list(TASKS), 0, 8)
+    assert here["results"]["helio_code_perplexity"]["byte_perplexity,none"] == ppl["float"]
+
+    with pytest.raises(ConfigError, match="lm_eval.gate.*not task/metric"):
+        _cfg(storage, "lm_eval.tasks_artifact=quant_tasks", "lm_eval.gate=perplexity")
 
 
 def test_awq_calibrates_on_the_lineage_dataset_and_beats_int4_on_its_objective(storage, ray_cluster):

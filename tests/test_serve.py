@@ -225,7 +225,16 @@ BAD = [
     ("/v1/completions", {"model": "gpt"}, 400, "prompt"),
     ("/v1/completions", {"model": "gpt", "prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"model": "gpt", "prompt": 5}, 400, "prompt"),
-    ("/v1/completions", {"model": "gpt", "prompt": ["a"]}, 400, "prompt"),
+    ("/v1/completions", {"model": "gpt", "prompt": [["a"]]}, 400, "prompt"),
+    ("/v1/completions", {"model": "gpt", "prompt": []}, 400, "prompt"),
+    ("/v1/completions", {"model": "gpt", "prompt": [[1, 2], []]}, 400, "prompt"),
+    ("/v1/completions", {"model": "gpt", "prompt": [10**9]}, 400, "prompt"),
+    ("/v1/completions", {"model": "gpt", "prompt": ["a"] * 9}, 400, "prompt"),
+    ("/v1/completions", {"model": "gpt", "prompt": ["a", "b"], "stream": True}, 400, "prompt"),
+    ("/v1/completions", {"model": "gpt", "prompt": "x", "logprobs": -1}, 400, "logprobs"),
+    ("/v1/completions", {"model": "gpt", "prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {"model": "gpt", "prompt": "x", "logprobs": "2"}, 400, "logprobs"),
+    ("/v1/completions", {"model": "gpt", "prompt": "x", "echo": "yes"}, 400, "echo"),
     ("/v1/completions", {"model": "gpt", "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
     ("/v1/completions", {"model": "gpt", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"model": "gpt", "prompt": "x", "max_tokens": 10**9}, 400, "max_tokens"),
@@ -344,6 +353,109 @@ def test_chat_completions_apply_the_template_whole_and_streamed(server):
                 {"model": "gpt", "messages": [{"role": "user"}]}, {"model": "gpt", "messages": "hi"}):
         status, answer = call(url, "/v1/chat/completions", bad)
         assert status == 400 and answer["error"]["param"].startswith("messages"), (bad, answer)
+
+
+def _piece(tok, token: int) -> str:
+    return tok.decode([token], skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("model,artifact", [("gpt", "tiny_gpt"), ("gpt-int8", "serve_gpt_int8")])
+def test_logprobs_with_echo_are_the_artifacts_log_softmax_whole_streamed_and_over_grpc(server, model, artifact):
+    """OpenAI's legacy logprobs: every token of the echoed prompt and the greedy reply with its
+    log-probability and the 2 likeliest alternatives; the first prompt token is unscored; offsets index
+    the returned text. The values are what the replica's engine computes on the same artifact here
+    (1e-4), and that is log_softmax of the model's logits: for the float model, of one forward over
+    prompt and reply; for int8, whose activations are quantized per forward (a scale per tensor),
+    of one forward over the prompt for the prompt's tokens. Streamed and gRPC chunks carry the same."""
+    import asyncio
+
+    from actors.generation_engine import Engine
+    from actors.proto import helio_pb2 as pb
+
+    url, store, cfg = server
+    tok = _tok(store)
+    prompt = "def read(path):\n    return"
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    params = {"max_tokens": 6, "temperature": 0.0, "stop_ids": [tok.token_to_id("<|endoftext|>")], "logprobs": 2,
+              "prompt_logprobs": True}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the replica (num_cpus 0.2: one thread)
+    try:
+        async def engine_run(model):
+            return [t async for piece in Engine(model, 1).generate(ids, params) for t in piece]
+
+        here = asyncio.run(engine_run(_local(store, artifact)))
+        every = [t.token for t in here]
+        local = _local(store, artifact)
+        with torch.no_grad():
+            n = len(every) if model == "gpt" else len(ids)
+            ref = torch.log_softmax(local(torch.tensor([every[:n]]))[0][0].double(), dim=-1)  # row i scores i + 1
+    finally:
+        torch.set_num_threads(threads)
+    assert every[:len(ids)] == ids and len(every) == len(ids) + 6
+    assert all(abs(t.logprob - ref[i - 1, t.token].item()) < 1e-4 for i, t in enumerate(here[1:n], start=1))
+
+    req = {"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 2, "echo": True}
+    status, body = call(url, "/v1/completions", req)
+    assert status == 200, body
+    choice = body["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == prompt + tok.decode(every[len(ids):]) and choice["finish_reason"] == "length"
+    assert lp["tokens"] == [_piece(tok, t) for t in every]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    offsets = [0]
+    for piece in lp["tokens"][:-1]:
+        offsets.append(offsets[-1] + len(piece))
+    assert lp["text_offset"] == offsets and offsets[len(ids)] == len(prompt)
+    for i, t in enumerate(here[1:], start=1):
+        assert abs(lp["token_logprobs"][i] - t.logprob) < 1e-4, i
+        top = lp["top_logprobs"][i]
+        assert set(top) == {_piece(tok, x) for x, _ in t.top} | {_piece(tok, t.token)}
+        assert all(abs(top[_piece(tok, x)] - v) < 1e-4 for x, v in t.top)
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 6, "total_tokens": len(ids) + 6}
+
+    status, text = call(url, "/v1/completions", req | {"stream": True})
+    chunks = [json.loads(e[len("data: "):]) for e in text.split("\n\n") if e and e != "data: [DONE]"]
+    assert status == 200 and "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    streamed = {k: [v for c in chunks for v in c["choices"][0]["logprobs"][k]] for k in lp}
+    assert streamed["tokens"] == lp["tokens"] and streamed["text_offset"] == lp["text_offset"]
+    assert all(a == b or abs(a - b) < 1e-5 for a, b in zip(streamed["token_logprobs"][1:], lp["token_logprobs"][1:]))
+
+    channel, stub = _grpc(cfg)
+    with channel:
+        got = [t for c in stub.Complete(pb.CompleteRequest(model=model, prompt=prompt, max_tokens=6, temperature=0,
+                                                           logprobs=2, echo=True), metadata=AUTH, timeout=60)
+               for t in c.logprobs]
+    assert [t.token for t in got] == lp["tokens"] and [t.text_offset for t in got] == lp["text_offset"]
+    assert not got[0].HasField("logprob") and all(t.HasField("logprob") for t in got[1:])
+    assert all(abs(t.logprob - w) < 1e-5 for t, w in zip(got[1:], lp["token_logprobs"][1:]))
+    assert all({x.token for x in t.top} == set(w) for t, w in zip(got[1:], lp["top_logprobs"][1:]))
+
+
+def test_token_id_prompts_in_a_batch_are_scored_as_lm_eval_asks(server):
+    """What lm-evaluation-harness's local-completions backend sends for loglikelihood requests: several
+    token-id prompts, echo, logprobs 1, max_tokens 1, one choice per prompt by index; each prompt's
+    scores equal those it gets alone with max_tokens 0 (scored, nothing generated)."""
+    url, store, _ = server
+    tok = _tok(store)
+    texts = ["import os\n", "def f(x):\n    return x", "class A:\n    pass"]
+    batch = [tok.encode(t, add_special_tokens=False).ids for t in texts]
+    status, body = call(url, "/v1/completions", {"model": "gpt", "prompt": batch, "max_tokens": 1, "temperature": 0,
+                                                  "logprobs": 1, "echo": True, "seed": 1234})
+    assert status == 200, body
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert body["usage"]["prompt_tokens"] == sum(map(len, batch)) and body["usage"]["completion_tokens"] == 3
+    for text, ids, choice in zip(texts, batch, body["choices"]):
+        assert choice["text"].startswith(text) and len(choice["logprobs"]["tokens"]) == len(ids) + 1
+        status, alone = call(url, "/v1/completions", {"model": "gpt", "prompt": ids, "max_tokens": 0,
+                                                       "logprobs": 1, "echo": True})
+        scored = alone["choices"][0]
+        assert status == 200 and scored["text"] == text and alone["usage"]["completion_tokens"] == 0
+        assert scored["logprobs"]["tokens"] == choice["logprobs"]["tokens"][:-1]
+        assert all(a is b is None or abs(a - b) < 1e-5
+                   for a, b in zip(scored["logprobs"]["token_logprobs"], choice["logprobs"]["token_logprobs"]))
+    status, body = call(url, "/v1/completions", {"model": "gpt", "prompt": "x = 1", "max_tokens": 0, "echo": True})
+    assert status == 200 and body["choices"][0]["text"] == "x = 1" and body["choices"][0]["logprobs"] is None
 
 
 def _grpc(cfg):

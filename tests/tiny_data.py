@@ -60,6 +60,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stdlib_sft_rows() -> list[dict]:
+    """SFT records {"prompt", "response"} of four stdlib modules' documented functions, as
+    jobs.make_tasks writes them (what jobs.evaluate derives its task documents from)."""
+    import collections
+    import posixpath
+    import shutil
+    import textwrap
+
+    from jobs.make_tasks import comment_prompt
+    from models.pyfuncs import extract_functions
+
+    rows = []
+    for module in (collections, posixpath, textwrap, shutil):
+        records, _ = extract_functions(inspect.getsource(module), module.__name__)
+        rows += [{"prompt": comment_prompt(r["docstring"]), "response": r["code"]} for r in records]
+    return rows
+
+
+def write_sft_tasks(store: Storage, name: str) -> None:
+    """A tasks artifact holding sft/val.jsonl of stdlib_sft_rows."""
+    import json
+
+    with store.create("task", name, {"test": True}) as out:
+        out.write_bytes("sft/val.jsonl", "".join(json.dumps(r) + "\n" for r in stdlib_sft_rows()).encode())
+
+
 # ---- the session's shared store (tests/conftest.py `tiny_store`) ------------------------------------
 
 STORE_BLOCK_LEN = 65  # 64 inputs + 1 shifted target

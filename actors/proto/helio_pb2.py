@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61\x63tors/proto/helio.proto\x12\x08helio.v1\"\xe8\x01\n\x0f\x43ompleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"T\n\rCompleteChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.helio.v1.Usage\">\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x03(\t\x12\x10\n\x08truncate\x18\x03 \x01(\x08\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"O\n\nEmbedReply\x12!\n\x04\x64\x61ta\x18\x01 \x03(\x0b\x32\x13.helio.v1.Embedding\x12\x1e\n\x05usage\x18\x02 \x01(\x0b\x32\x0f.helio.v1.Usage\"A\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x03(\t\x12\x10\n\x08truncate\x18\x03 \x01(\x08\"\x99\x01\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\x42\n\rprobabilities\x18\x02 \x03(\x0b\x32+.helio.v1.Classification.ProbabilitiesEntry\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"W\n\rClassifyReply\x12&\n\x04\x64\x61ta\x18\x01 \x03(\x0b\x32\x18.helio.v1.Classification\x12\x1e\n\x05usage\x18\x02 \x01(\x0b\x32\x0f.helio.v1.Usage2\xc0\x01\n\x05Helio\x12@\n\x08\x43omplete\x12\x19.helio.v1.CompleteRequest\x1a\x17.helio.v1.CompleteChunk0\x01\x12\x35\n\x05\x45mbed\x12\x16.helio.v1.EmbedRequest\x1a\x14.helio.v1.EmbedReply\x12>\n\x08\x43lassify\x12\x19.helio.v1.ClassifyRequest\x1a\x17.helio.v1.ClassifyReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61\x63tors/proto/helio.proto\x12\x08helio.v1\"\x9a\x02\n\x0f\x43ompleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x15\n\x08logprobs\x18\t \x01(\x05H\x05\x88\x01\x01\x12\x0c\n\x04\x65\x63ho\x18\n \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobs\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"w\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x14\n\x07logprob\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12!\n\x03top\x18\x03 \x03(\x0b\x32\x14.helio.v1.TopLogprob\x12\x13\n\x0btext_offset\x18\x04 \x01(\x05\x42\n\n\x08_logprob\",\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"~\n\rCompleteChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.helio.v1.Usage\x12(\n\x08logprobs\x18\x04 \x03(\x0b\x32\x16.helio.v1.TokenLogprob\">\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x03(\t\x12\x10\n\x08truncate\x18\x03 \x01(\x08\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"O\n\nEmbedReply\x12!\n\x04\x64\x61ta\x18\x01 \x03(\x0b\x32\x13.helio.v1.Embedding\x12\x1e\n\x05usage\x18\x02 \x01(\x0b\x32\x0f.helio.v1.Usage\"A\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x03(\t\x12\x10\n\x08truncate\x18\x03 \x01(\x08\"\x99\x01\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12\x42\n\rprobabilities\x18\x02 \x03(\x0b\x32+.helio.v1.Classification.ProbabilitiesEntry\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"W\n\rClassifyReply\x12&\n\x04\x64\x61ta\x18\x01 \x03(\x0b\x32\x18.helio.v1.Classification\x12\x1e\n\x05usage\x18\x02 \x01(\x0b\x32\x0f.helio.v1.Usage2\xc0\x01\n\x05Helio\x12@\n\x08\x43omplete\x12\x19.helio.v1.CompleteRequest\x1a\x17.helio.v1.CompleteChunk0\x01\x12\x35\n\x05\x45mbed\x12\x16.helio.v1.EmbedRequest\x1a\x14.helio.v1.EmbedReply\x12>\n\x08\x43lassify\x12\x19.helio.v1.ClassifyRequest\x1a\x17.helio.v1.ClassifyReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,25 +34,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFICATION_PROBABILITIESENTRY']._loaded_options = None
   _globals['_CLASSIFICATION_PROBABILITIESENTRY']._serialized_options = b'8\001'
   _globals['_COMPLETEREQUEST']._serialized_start=39
-  _globals['_COMPLETEREQUEST']._serialized_end=271
-  _globals['_USAGE']._serialized_start=273
-  _globals['_USAGE']._serialized_end=352
-  _globals['_COMPLETECHUNK']._serialized_start=354
-  _globals['_COMPLETECHUNK']._serialized_end=438
-  _globals['_EMBEDREQUEST']._serialized_start=440
-  _globals['_EMBEDREQUEST']._serialized_end=502
-  _globals['_EMBEDDING']._serialized_start=504
-  _globals['_EMBEDDING']._serialized_end=531
-  _globals['_EMBEDREPLY']._serialized_start=533
-  _globals['_EMBEDREPLY']._serialized_end=612
-  _globals['_CLASSIFYREQUEST']._serialized_start=614
-  _globals['_CLASSIFYREQUEST']._serialized_end=679
-  _globals['_CLASSIFICATION']._serialized_start=682
-  _globals['_CLASSIFICATION']._serialized_end=835
-  _globals['_CLASSIFICATION_PROBABILITIESENTRY']._serialized_start=783
-  _globals['_CLASSIFICATION_PROBABILITIESENTRY']._serialized_end=835
-  _globals['_CLASSIFYREPLY']._serialized_start=837
-  _globals['_CLASSIFYREPLY']._serialized_end=924
-  _globals['_HELIO']._serialized_start=927
-  _globals['_HELIO']._serialized_end=1119
+  _globals['_COMPLETEREQUEST']._serialized_end=321
+  _globals['_USAGE']._serialized_start=323
+  _globals['_USAGE']._serialized_end=402
+  _globals['_TOKENLOGPROB']._serialized_start=404
+  _globals['_TOKENLOGPROB']._serialized_end=523
+  _globals['_TOPLOGPROB']._serialized_start=525
+  _globals['_TOPLOGPROB']._serialized_end=569
+  _globals['_COMPLETECHUNK']._serialized_start=571
+  _globals['_COMPLETECHUNK']._serialized_end=697
+  _globals['_EMBEDREQUEST']._serialized_start=699
+  _globals['_EMBEDREQUEST']._serialized_end=761
+  _globals['_EMBEDDING']._serialized_start=763
+  _globals['_EMBEDDING']._serialized_end=790
+  _globals['_EMBEDREPLY']._serialized_start=792
+  _globals['_EMBEDREPLY']._serialized_end=871
+  _globals['_CLASSIFYREQUEST']._serialized_start=873
+  _globals['_CLASSIFYREQUEST']._serialized_end=938
+  _globals['_CLASSIFICATION']._serialized_start=941
+  _globals['_CLASSIFICATION']._serialized_end=1094
+  _globals['_CLASSIFICATION_PROBABILITIESENTRY']._serialized_start=1042
+  _globals['_CLASSIFICATION_PROBABILITIESENTRY']._serialized_end=1094
+  _globals['_CLASSIFYREPLY']._serialized_start=1096
+  _globals['_CLASSIFYREPLY']._serialized_end=1183
+  _globals['_HELIO']._serialized_start=1186
+  _globals['_HELIO']._serialized_end=1378
 # @@protoc_insertion_point(module_scope)

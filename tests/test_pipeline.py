@@ -262,7 +262,8 @@ def test_the_llama_embedder_quantizes_to_int8_and_is_scored_on_its_retrieval_row
 
     cfg = load_config(quantize.QuantizeConfig, Path(pipeline.__file__).parent / "configs" / "quantize_demo.yaml", [
         f"storage={demo['storage']}", "model=finetune_embed_demo", "name=embed_llama_int8", "max_quality_delta=1.0",
-        "eval.max_examples=16", "eval.shards=1", "eval.seq_len=32", "eval.iters=2", "eval.threads=1"])
+        "eval.max_examples=16", "eval.shards=1", "eval.seq_len=32", "eval.iters=2", "eval.threads=1",
+        "lm_eval.tasks_artifact=", "lm_eval.gate="])  # lm-eval scores causal LMs
     manifest = quantize.run(cfg)
     assert manifest["model"] | {"arch": "llama", "kind": "embed", "quantized": True} == manifest["model"]
     store = Storage(demo["storage"])

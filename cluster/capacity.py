@@ -71,8 +71,9 @@ def requests(job: str, cfg: Any) -> list[Request]:
         return [Request(f"{name}: {r.num_workers} train workers and a data task",
                         (worker,) * r.num_workers + (data_task,))]
     if job == "quantize":
+        lm_eval = [Request(f"{name}: an lm-eval task", (data_task,))] if cfg.lm_eval.tasks_artifact else []
         return [Request(f"{name}: the timing task", ({"CPU": float(cfg.eval.threads)},)),
-                Request(f"{name}: scoring", (data_task,) * (2 * cfg.eval.shards))]
+                Request(f"{name}: scoring", (data_task,) * (2 * cfg.eval.shards))] + lm_eval
     if job == "serve":
         bundles: list[Bundle] = [{"CPU": cfg.ingress_cpus}]
         for m in cfg.models:
@@ -82,6 +83,8 @@ def requests(job: str, cfg: Any) -> list[Request]:
         return [Request(f"{name}: every replica at its maximum", tuple(bundles))]
     if job in ("prepare", "make_tasks"):
         return [Request(f"{name}: data tasks", (data_task,))]
+    if job == "evaluate":
+        return [Request(f"{name}: an lm-eval task", ({"CPU": float(cfg.num_cpus)},))]
     return []  # monitor: a zero-CPU actor (a pipeline: the requests of each of its stages)
 
 

@@ -211,6 +211,9 @@ def render(report: dict, uri: str) -> str:
     return format_summary("evaluation summary", rows)
 
 
+CONFIG_CLASS = EvaluateConfig  # what jobs/configs/evaluate_*.yaml must load into
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_job("jobs.evaluate", __doc__, EvaluateConfig, run, argv)
 

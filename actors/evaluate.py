@@ -269,8 +269,12 @@ def score(backend: str, model_uri: str | None, tokenizer: dict[str, str], tasks:
     from actors.model_loader import MODEL_FILES
     from cluster.storage import fetch_folder
 
+    import datasets
+
     with tempfile.TemporaryDirectory(prefix="helio-eval-") as tmp:
-        os.environ["HF_DATASETS_CACHE"] = os.path.join(tmp, "datasets")  # no state shared between runs
+        # the documents' Arrow cache lives and goes with this run (a worker process imports datasets once,
+        # so its config, not the environment, is where the cache is read from)
+        datasets.config.HF_DATASETS_CACHE = Path(tmp, "datasets")
         task_dir, tok_dir = Path(tmp, "tasks"), Path(tmp, "tokenizer")
         task_dir.mkdir()
         tok_dir.mkdir()

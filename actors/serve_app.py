@@ -132,7 +132,9 @@ class ServeConfig(JobConfig):
     http: HttpConfig = field(default_factory=HttpConfig)
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
     models: tuple[ModelEntry, ...] = ()
-    api_keys: tuple[str, ...] = ()  # also HELIO_API_KEYS (comma-separated); none: no auth
+    api_keys: tuple[str, ...] = ()  # also HELIO_API_KEYS (comma-separated) and api_key_file
+    api_key_file: str = ""  # a file of keys, one per line (a mounted secret), read by the ingress where it runs
+    auth: str = "keys"  # keys: a non-loopback http.host needs keys; none: serve everyone anywhere (warned)
     max_items: int = 64  # inputs per embeddings / classify request
     ingress_cpus: float = 0.1
     ingress_max_ongoing_requests: int = 256  # requests one ingress replica holds at once
@@ -151,6 +153,28 @@ class ServeConfig(JobConfig):
             raise ValueError(f"start_timeout_s: must be positive, got {self.start_timeout_s}")
         if len(set(ids)) != len(ids):
             raise ValueError(f"models: model ids must be unique, got {ids}")
+        if self.auth not in ("keys", "none"):
+            raise ValueError(f"auth: {self.auth!r} is not keys or none")
+        if self.auth == "keys" and not loopback(self.http.host) and not (
+                self.api_keys or env_keys() or self.api_key_file):
+            raise ValueError(f"http.host: {self.http.host} is reachable from other machines and no API key is set "
+                             f"(api_keys, HELIO_API_KEYS or api_key_file); set one, or auth: none to serve everyone")
+
+
+def loopback(host: str) -> bool:
+    """Whether `host` binds this machine only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve to any address
+        return False
+
+
+def env_keys() -> list[str]:
+    return [k for k in os.environ.get("HELIO_API_KEYS", "").split(",") if k]
 
 
 def _check_device(where: str, m: ModelEntry, name: str, art) -> None:
@@ -197,8 +221,8 @@ def entries(cfg: ServeConfig) -> list[dict[str, Any]]:
 
 
 def api_keys(cfg: ServeConfig) -> list[str]:
-    """The config's keys and HELIO_API_KEYS' (comma-separated)."""
-    return list(cfg.api_keys) + [k for k in os.environ.get("HELIO_API_KEYS", "").split(",") if k]
+    """The config's keys and HELIO_API_KEYS' (comma-separated); api_key_file's are read by the ingress."""
+    return list(cfg.api_keys) + env_keys()
 
 
 def build_app(cfg: ServeConfig):
@@ -235,7 +259,7 @@ def build_app(cfg: ServeConfig):
                        max_ongoing_requests=cfg.ingress_max_ongoing_requests,
                        max_queued_requests=cfg.ingress_max_queued_requests).bind(
         models, handles, api_keys(cfg), cfg.max_items, cfg.http.max_body_bytes, cfg.http.request_timeout_s,
-        cfg.storage, cfg.name)
+        cfg.storage, cfg.name, cfg.api_key_file, cfg.auth)
 
 
 def proxy_options(cfg: ServeConfig) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import random
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any, AsyncIterator, Literal
 
 import grpc
@@ -327,13 +328,30 @@ def failure(e: BaseException) -> BaseException:
     return e
 
 
+def read_key_file(path: str) -> list[str]:
+    """The keys in a key file: one per line; blank lines and lines starting with # are skipped. One
+    sentence if it cannot be read or holds none."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ValueError(f"api_key_file: cannot read {path}: {e.strerror or e}") from None
+    keys = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        raise ValueError(f"api_key_file: {path} holds no key (one per line)")
+    return keys
+
+
 class Frontend:
     """Keys, validation and routing, whatever the transport."""
 
     def __init__(self, models: list[dict[str, Any]], handles: dict[str, Any], api_keys: list[str],
-                 max_items: int, max_body_bytes: int, request_timeout_s: float, storage: str, app: str):
+                 max_items: int, max_body_bytes: int, request_timeout_s: float, storage: str, app: str,
+                 key_file: str = "", auth: str = "keys"):
         self.models = {m["id"]: Served(m, handles[m["id"]], handles.get(f"{m['id']}@canary")) for m in models}
-        self.keys = [k.encode() for k in api_keys]
+        self.keys = [k.encode() for k in api_keys + (read_key_file(key_file) if key_file else [])]
+        if not self.keys:
+            log.warning("application %s answers every request without an API key (%s)", app,
+                        "auth: none" if auth == "none" else "no key set; its HTTP host is loopback")
         self.max_items, self.max_body_bytes, self.timeout = max_items, max_body_bytes, request_timeout_s
         self.created = int(time.time())
         self.store, self.routing_file = Storage(storage), routing_path(app)

@@ -7,10 +7,17 @@ AdamW, warmup + cosine LR); the loop then calls `backward`, `step`, `save`,
 has it, fp16 with dynamic loss scaling on one that has not (V100, T4), fp32 on
 CPU, where DeepSpeed runs on its CPU accelerator over the gloo process group
 that Ray Train has already set up.
+
+A checkpoint's files are pickles (`torch.load`), and a pickle can run code. Nothing in one is
+unpickled before every file matches the size and sha256 its rank recorded at save time and no file
+is there that no rank wrote; then DeepSpeed's loads go through `torch.load(weights_only=True)`,
+which builds tensors and plain data only (and the three DeepSpeed data classes its checkpoints hold),
+so even a checkpoint whose records were forged cannot run code here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -23,6 +30,11 @@ import torch
 
 CKPT_TAG = "state"  # one DeepSpeed tag per Ray checkpoint folder
 COMPLETE = "helio-rank{rank}.json"  # written by each rank after its files are on disk
+RAY_FILES = (".metadata.json",)  # what Ray Train itself may put in a checkpoint folder (JSON)
+# The classes DeepSpeed's own checkpoints pickle beside tensors (torch.serialization.
+# get_unsafe_globals_in_checkpoint on ZeRO-2 and ZeRO-3 checkpoints); data holders, nothing that runs.
+SAFE_GLOBALS = ("deepspeed.utils.tensor_fragment.fragment_address", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum")
 
 
 @dataclass(frozen=True)
@@ -166,6 +178,7 @@ class ZeroStrategy:
         _without_the_shared_memory_op()
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                     config=self.ds_config())
+        self.engine.checkpoint_engine = WeightsOnly(self.engine.checkpoint_engine)
         return self.engine
 
     @property
@@ -199,7 +212,8 @@ class ZeroStrategy:
         written = sorted(p for p in folder.rglob("*") if p.is_file() and p not in before)
         record = {"rank": rank, "world_size": self.world_size, "zero_stage": self.zero.stage,
                   "client_state": client_state,
-                  "files": {str(p.relative_to(folder)): p.stat().st_size for p in written}}
+                  "files": {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                            for p in written}}
         tmp = folder / (COMPLETE.format(rank=rank) + ".tmp")
         tmp.write_text(json.dumps(record))
         os.replace(tmp, folder / COMPLETE.format(rank=rank))
@@ -247,9 +261,48 @@ def saved_client_state(folder: str | Path, world_size: int) -> dict:
     return json.loads((Path(folder) / COMPLETE.format(rank=0)).read_text())["client_state"]
 
 
+class WeightsOnly:
+    """DeepSpeed's checkpoint engine with its loads made safe: `torch.load(weights_only=True)` where
+    DeepSpeed's own passes weights_only=False. A file that needs anything else is refused, naming it
+    and what it would have unpickled, without running it."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        import importlib
+        import pickle
+
+        allowed = []
+        for dotted in SAFE_GLOBALS:
+            module, _, name = dotted.rpartition(".")
+            allowed.append(getattr(importlib.import_module(module), name))
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # read, not run
+            raise RuntimeError(f"checkpoint file {path} is not tensors and plain data (it would unpickle "
+                               f"{', '.join(sorted(set(found) - set(SAFE_GLOBALS))) or 'code'}): refused without "
+                               f"running it") from None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def check_complete(folder: str | Path, world_size: int) -> None:
-    """Raises if any rank's part of a checkpoint folder is missing or the wrong size."""
+    """Raises, before anything in it is unpickled, if any rank's part of a checkpoint folder is missing,
+    the wrong size or not what the rank wrote (sha256), or if the folder holds a file no rank wrote."""
     folder = Path(folder)
+    listed = set(RAY_FILES) | {COMPLETE.format(rank=r) for r in range(world_size)}
     for rank in range(world_size):
         marker = folder / COMPLETE.format(rank=rank)
         if not marker.is_file():
@@ -258,7 +311,18 @@ def check_complete(folder: str | Path, world_size: int) -> None:
         if record["world_size"] != world_size:
             raise RuntimeError(f"checkpoint {folder} was written by {record['world_size']} workers, "
                                f"this run has {world_size}")
-        for rel, size in record["files"].items():
+        for rel, entry in record["files"].items():
+            size, digest = (entry, None) if isinstance(entry, int) else (entry["bytes"], entry["sha256"])
             path = folder / rel
             if not path.is_file() or path.stat().st_size != size:
-                raise RuntimeError(f"checkpoint {folder} is incomplete: {rel} is missing or truncated")
+                raise RuntimeError(f"checkpoint {folder} is incomplete or altered: {rel} is missing or not the "
+                                   f"size rank {rank} wrote")
+            if digest is not None and _sha256(path) != digest:
+                raise RuntimeError(f"checkpoint {folder}: {rel} is not the file rank {rank} wrote (sha256 differs); "
+                                   f"refused before loading it")
+            listed.add(rel)
+    planted = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                     if p.is_file() and str(p.relative_to(folder)) not in listed)
+    if planted:
+        raise RuntimeError(f"checkpoint {folder} holds {', '.join(planted)}, which no rank wrote; refused before "
+                           f"loading any of it")

@@ -30,10 +30,11 @@ from tiny_data import STORE_LABELS, write_model_artifact
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # full tier: the pipeline test runs each component once in make test-fast
 KEY = "test-key-0123"
+FILE_KEY = "file-key-4567"  # from api_key_file, read by the ingress replica
 
 
 @pytest.fixture(scope="module")
-def server(serve_ports, tiny_store):
+def server(serve_ports, tiny_store, tmp_path_factory):
     """The session store's models, an int8 copy and a rejected one, served by jobs.serve; yields
     (base URL, storage, config)."""
     store = tiny_store
@@ -46,11 +47,13 @@ def server(serve_ports, tiny_store):
         return sorted(set(save_model(gpt, d)) | set(save_quantized(q, desc, d)))
 
     write_model_artifact(store, "serve_gpt_int8", quantized, tok)
+    key_file = tmp_path_factory.mktemp("secret") / "keys"
+    key_file.write_text(f"# one key a line\n\n{FILE_KEY}\n")
     write_model_artifact(store, "serve_gpt_rejected", quantized, tok, rejected=True,
                          quality_gate={"reason": "perplexity moved by +9.00%"})
     cfg = load_config(serve_job.ServeConfig, None, [
         f"storage={root}", "name=test_app", f"http.port={serve_ports['http']}", f"grpc.port={serve_ports['grpc']}",
-        f"api_keys=[{KEY}]", "max_items=8",
+        f"api_keys=[{KEY}]", f"api_key_file={key_file}", "max_items=8",
         "start_timeout_s=300",  # a starved cluster fails the module in 5 minutes, not the default 10
         "models=[{id: gpt, artifact: tiny_gpt, num_cpus: 0.2}, {id: gpt-int8, artifact: serve_gpt_int8, num_cpus: 0.2},"
         " {id: gpt-narrow, artifact: tiny_gpt, num_cpus: 0.2, max_batch_size: 1, max_ongoing_requests: 1,"
@@ -292,6 +295,8 @@ def test_api_keys_are_required(server):
         assert status == 401 and body["error"]["type"] == "authentication_error"
     assert call(url, "/v1/completions", {"model": "gpt", "prompt": "x"}, key=None)[0] == 401
     assert call(url, "/v1/completions", {"prompt": 5}, key=None)[0] == 401  # the key is checked before the body
+    assert call(url, "/v1/models", key=FILE_KEY)[0] == 200  # a key from api_key_file
+    assert call(url, "/v1/models", key="# one key a line")[0] == 401  # a comment line is no key
 
 
 def test_a_rejected_artifact_is_not_served_unless_forced(server, capsys):

@@ -81,7 +81,7 @@ def test_a_checkpoint_cut_short_is_never_loadable(tmp_path):
     check_complete(tmp_path, 2)
     assert saved_client_state(tmp_path, 2) == {"step": 7}
     (tmp_path / "b.pt").write_bytes(b"y" * 10)  # truncated after its record was written
-    with pytest.raises(RuntimeError, match="b.pt is missing or truncated"):
+    with pytest.raises(RuntimeError, match="b.pt is missing or not the size rank 1 wrote"):
         check_complete(tmp_path, 2)
     with pytest.raises(RuntimeError, match="written by 2 workers"):
         check_complete(tmp_path, 4)
@@ -135,3 +135,85 @@ def test_a_zero_engine_trains_without_compiling_any_deepspeed_op(tmp_path, zero)
     first, last = (float(x) for x in done.stdout.split("losses:")[1].split()[:2])
     assert last < first, (first, last)
     assert list(extensions.iterdir()) == [], "DeepSpeed compiled an op"
+
+
+PLANTED = """
+import json, pathlib, sys, torch, torch.distributed as dist
+from cluster.zero import COMPLETE, OptimConfig, ZeroConfig, ZeroStrategy, saved_client_state
+from models.gpt import GPT, GPTConfig
+dist.init_process_group("gloo", init_method="file://{store}", rank=0, world_size=1)
+root, marker = pathlib.Path("{root}"), pathlib.Path("{marker}")
+
+
+class Planted:  # unpickling it would run code: it writes the marker file
+    def __reduce__(self):
+        return (pathlib.Path.write_text, (marker, "the pickle ran"))
+
+
+def strategy():
+    model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    s = ZeroStrategy(ZeroConfig({zero}), OptimConfig(lr=0.01, warmup_steps=1), micro_batch=2, grad_accum=1,
+                     world_size=1, total_steps=5, device=torch.device("cpu"))
+    s.setup(model)
+    return s
+
+
+s = strategy()
+ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+s.engine.backward(s.engine.module.loss(ids[:, :-1], ids[:, 1:]))
+s.step()
+s.save(root / "good", {{"step": 1}}, rank=0)
+print("loaded step:", strategy().load(root / "good")["step"])  # a checkpoint as written loads, weights_only and all
+shard = next(p for p in (root / "good").rglob("*model_states.pt"))
+rel = str(shard.relative_to(root / "good"))
+for case in ("tampered", "replaced", "extra", "forged"):
+    import shutil
+    folder = root / case
+    shutil.copytree(root / "good", folder)
+    target = folder / (rel if case != "extra" else rel.replace("mp_rank_00", "mp_rank_01"))
+    if case == "tampered":  # one byte changed: the same size
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+    else:
+        torch.save({{"module": Planted()}}, target)
+    if case == "forged":  # the record rewritten to match the planted file
+        record = json.loads((folder / COMPLETE.format(rank=0)).read_text())
+        import hashlib
+        record["files"][rel] = {{"bytes": target.stat().st_size, "sha256": hashlib.sha256(target.read_bytes()).hexdigest()}}
+        (folder / COMPLETE.format(rank=0)).write_text(json.dumps(record))
+    try:
+        saved_client_state(folder, 1)
+        strategy().load(folder)
+        print(case, "LOADED")
+    except RuntimeError as e:
+        print(case, "refused:", str(e).replace(str(folder), "FOLDER"))
+print("marker:", marker.exists())
+"""
+
+
+@pytest.mark.parametrize("zero", ["stage=2", "stage=3"])
+def test_a_planted_pickle_in_a_checkpoint_is_refused_before_it_runs(tmp_path, zero):
+    """A shard changed by one byte is refused (sha256). A pickle that would write a marker file, planted in a
+    checkpoint three ways: in place of a shard,
+    as an extra shard DeepSpeed would load, and in place of a shard with its rank record forged to match.
+    Each resume is refused in one sentence naming the file, and the marker never appears; the checkpoint
+    as written loads (DeepSpeed's own files unpickle under weights_only=True)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    marker = tmp_path / "marker"
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}
+    done = subprocess.run([sys.executable, "-c", PLANTED.format(store=tmp_path / "store", root=tmp_path,
+                                                                marker=marker, zero=zero)],
+                          env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "loaded step: 1" in out, out
+    assert "tampered refused: checkpoint FOLDER: state/" in out and "is not the file rank 0 wrote" in out, out
+    assert "replaced refused: checkpoint FOLDER is incomplete or altered: state/" in out, out
+    assert "extra refused: checkpoint FOLDER holds state/" in out and "which no rank wrote" in out, out
+    assert "forged refused: checkpoint file FOLDER/state/" in out and "pathlib.Path" in out.split("forged")[1], out
+    assert "LOADED" not in out and "marker: False" in out and not marker.exists()

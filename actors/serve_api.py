@@ -31,13 +31,25 @@ from actors.proto import helio_pb2 as pb
 from actors.serve_requests import (ApiError, ChatRequest, ClassifyRequest, CompletionRequest, EmbeddingRequest,
                                    Frontend, answer, total_usage)
 
-app = FastAPI(title="Helio", docs_url=None, redoc_url=None)
+app = FastAPI(title="Helio", docs_url=None, redoc_url=None, openapi_url=None)  # Api serves /openapi.json
 VERSION = "x-helio-version"  # header / metadata: answer with the stable or the canary version of a model
 
 
-def error_response(e: ApiError) -> JSONResponse:
-    headers = {"retry-after": str(int(-(-e.retry_after_s // 1)))} if e.retry_after_s is not None else None
-    return JSONResponse(status_code=e.status, content=e.body(), headers=headers)
+def openapi(hosted: dict[str, list[str]] | None = None) -> dict:
+    """The OpenAPI document: FastAPI's routes with Helio's bodies, answers and errors
+    (actors/serve_openapi.py); `hosted` (task -> model ids) names the models a body can ask for."""
+    from fastapi.openapi.utils import get_openapi
+
+    from actors.serve_openapi import document
+
+    return document(get_openapi(title=app.title, version=app.version, routes=app.routes), hosted)
+
+
+def error_response(e: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+    headers = dict(headers or {})
+    if e.retry_after_s is not None:
+        headers["retry-after"] = str(int(-(-e.retry_after_s // 1)))
+    return JSONResponse(status_code=e.status, content=e.body(), headers=headers or None)
 
 
 @app.exception_handler(ApiError)
@@ -47,8 +59,9 @@ async def _api_error(request: Request, e: ApiError) -> JSONResponse:
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-    # raised by the framework itself: a body it cannot parse (invalid UTF-8), an unknown route, ...
-    return error_response(ApiError(e.status_code, str(e.detail)))
+    # raised by the framework itself: a body it cannot parse (invalid UTF-8), an unknown route, a method the
+    # route does not take (405, whose Allow header RFC 9110 requires goes along)
+    return error_response(ApiError(e.status_code, str(e.detail)), getattr(e, "headers", None))
 
 
 async def sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
@@ -79,7 +92,21 @@ def grpc_logprobs(body: dict | None) -> list[pb.TokenLogprob]:
 @serve.deployment
 @serve.ingress(app)
 class Api(Frontend):
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.openapi_document: dict | None = None
+
     # ---- HTTP ----
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def http_openapi(self) -> dict:
+        """The document, naming this application's models (a request for another is a 404)."""
+        if self.openapi_document is None:
+            hosted: dict[str, list[str]] = {}
+            for m in self.models.values():
+                hosted.setdefault(m.task, []).append(m.id)
+            self.openapi_document = openapi(hosted)
+        return self.openapi_document
 
     async def _body(self, request: Request, schema: type) -> Any:
         """The declared size, then the API key, then the body: nothing is read before the key is checked."""

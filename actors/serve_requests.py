@@ -14,7 +14,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Literal
 
 import grpc
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
@@ -66,7 +66,8 @@ class Sampling(Strict):
     top_p: Number = Field(1.0, gt=0, le=1)
     top_k: StrictInt | None = Field(None, ge=1)
     seed: StrictInt | None = None
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: Annotated[StrictStr, Field(min_length=1)] | Annotated[list[Annotated[StrictStr, Field(min_length=1)]],
+                                                                Field(max_length=4)] | None = None
     stream: StrictBool = False
     n: StrictInt = Field(1, ge=1, le=1)
 

@@ -288,6 +288,86 @@ def test_malformed_requests_get_a_4xx_naming_the_field_and_the_server_keeps_serv
     assert call(url, "/v1/completions", {"model": "gpt", "prompt": "x", "max_tokens": 2})[0] == 200
 
 
+def test_the_openapi_document_describes_every_body_answer_and_error_and_the_answers_fit_it(server):
+    """GET /openapi.json is a valid OpenAPI 3.1 document: each POST route's request body is the model the
+    ingress validates with, each route's answers and error statuses are described, and real answers of
+    every route fit their documented shapes (which allow no undocumented field)."""
+    from openapi_spec_validator import validate
+
+    from actors import serve_openapi as docs
+
+    url, _, _ = server
+    status, doc = call(url, "/openapi.json", key=None)
+    assert status == 200
+    validate(doc)
+    bodies = doc["components"]["schemas"]  # each names the models it can: another is a 404
+    assert bodies["CompletionRequest"]["properties"]["model"]["enum"] == ["gpt", "gpt-int8", "gpt-narrow"]
+    assert bodies["EmbeddingRequest"]["properties"]["model"]["enum"] == ["emb"]
+    for path, (body, answer, _) in docs.ROUTES.items():
+        [(method, op)] = doc["paths"][path].items()
+        if body is not None:
+            assert op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(body.__name__)
+            assert {"400", "401", "404", "413", "429", "503", "504"} <= set(op["responses"]), path
+        assert op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(answer.__name__)
+        assert op["responses"]["405"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorBody")
+    answers = {
+        "/health": call(url, "/health", key=None)[1], "/v1/models": call(url, "/v1/models")[1],
+        "/v1/completions": call(url, "/v1/completions", {"model": "gpt", "prompt": "x", "max_tokens": 2,
+                                                         "logprobs": 1, "echo": True})[1],
+        "/v1/chat/completions": call(url, "/v1/chat/completions", {"model": "gpt", "max_tokens": 2,
+                                                                   "messages": [{"role": "user", "content": "x"}]})[1],
+        "/v1/embeddings": call(url, "/v1/embeddings", {"model": "emb", "input": ["x"]})[1],
+        "/v1/classify": call(url, "/v1/classify", {"model": "clf", "input": "x"})[1]}
+    for path, answer in answers.items():
+        docs.ROUTES[path][1].model_validate(answer)
+    docs.ErrorBody.model_validate(call(url, "/v1/completions", {"model": "nope", "prompt": "x"})[1])
+
+
+# Every check schemathesis has for a stateless API but positive_data_acceptance: a schema cannot say "at most
+# the model's context in tokens" of a text, so a schema-valid prompt can get its (documented) 400.
+FUZZ_CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,"
+               "response_schema_conformance,negative_data_rejection,missing_required_header,unsupported_method,"
+               "allow_header_conformance,ignored_auth")
+
+
+def test_schemathesis_fuzzing_the_http_api_from_its_document_finds_nothing(server, tmp_path):
+    """schemathesis generates requests for every operation from GET /openapi.json (valid and invalid,
+    a bounded number, a fixed seed) and checks each answer: no 5xx, every status, header and body as
+    documented, invalid data refused, a missing key refused. The server answers normally afterwards."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    url, store, _ = server
+    st = Path(sys.executable).parent / "st"
+    done = subprocess.run([str(st), "run", f"{url}/openapi.json", "-H", f"Authorization: Bearer {KEY}",
+                           "--checks", FUZZ_CHECKS, "--max-examples", "10", "--seed", "7", "--request-timeout", "60",
+                           "--report", "junit", "--report-junit-path", str(tmp_path / "junit.xml")],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "NO_COLOR": "1"})
+    summary = done.stdout[-3000:]
+    print(summary)  # schemathesis's own account: operations, test cases generated, checks passed
+    assert done.returncode == 0, summary
+    import xml.etree.ElementTree as ET
+
+    suites = ET.parse(tmp_path / "junit.xml").getroot()
+    cases = suites.findall(".//testcase")
+    assert len(cases) == 6 and not suites.findall(".//failure") and not suites.findall(".//error"), summary
+    assert call(url, "/health", key=None)[0] == 200
+    assert call(url, "/v1/completions", {"model": "gpt", "prompt": "x", "max_tokens": 2})[0] == 200
+
+
+def test_a_method_a_route_does_not_take_is_405_with_allow(server):
+    url, _, _ = server
+    for method, path, allowed in (("TRACE", "/v1/models", "GET"), ("DELETE", "/v1/completions", "POST"),
+                                  ("PUT", "/health", "GET")):
+        req = urllib.request.Request(url + path, method=method, headers={"authorization": f"Bearer {KEY}"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 405 and e.value.headers["allow"] == allowed, (method, path, dict(e.value.headers))
+        assert json.loads(e.value.read())["error"]["type"] == "invalid_request_error"
+
+
 def test_api_keys_are_required(server):
     url, _, _ = server
     for key in (None, "wrong", KEY + "x"):

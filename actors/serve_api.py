@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.proto import helio_pb2 as pb
 from actors.serve_requests import (ApiError, ChatRequest, ClassifyRequest, CompletionRequest, EmbeddingRequest,
-                                   Frontend, answer, total_usage)
+                                   Frontend, Undecodable, answer, total_usage)
 
 app = FastAPI(title="Helio", docs_url=None, redoc_url=None, openapi_url=None)  # Api serves /openapi.json
 VERSION = "x-helio-version"  # header / metadata: answer with the stable or the canary version of a model
@@ -184,6 +184,8 @@ class Api(Frontend):
 
     def _grpc_request(self, context: RayServegRPCContext, message: Any, schema: type) -> tuple[Any, str | None]:
         """(the validated request, the version asked for in the metadata)."""
+        if isinstance(message, Undecodable):
+            raise ApiError(400, f"the request is not a valid {schema.__name__} message ({message.error[:200]})")
         self.check_size(message.ByteSize())
         metadata = dict(context.invocation_metadata())
         self.authorize(metadata.get("authorization", ""))

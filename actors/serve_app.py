@@ -25,7 +25,7 @@ BACKPRESSURE = {"status_code": 503, "retry_after_s": 1}  # a request over max_qu
 # A stopping replica checks whether its last requests are done this often (Serve's default, 2 s, is
 # the least time any redeploy, rollback or deletion takes).
 DRAIN_POLL_S = 0.2
-GRPC_SERVICERS = ("actors.proto.helio_pb2_grpc.add_HelioServicer_to_server",
+GRPC_SERVICERS = ("actors.serve_requests.add_helio_servicer",  # the generated one, decoding failures answered
                   "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server")
 
 

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Literal, NamedTuple
 
 import grpc
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
@@ -327,6 +327,49 @@ def failure(e: BaseException) -> BaseException:
     if isinstance(cause, ValueError):  # the model refused the input (checked here first; a last line)
         return ApiError(400, str(cause).splitlines()[0])
     return e
+
+
+class Undecodable(NamedTuple):
+    """Request bytes that are not a valid message of the method's type (tolerant_handlers)."""
+    error: str
+
+
+def add_helio_servicer(servicer: Any, server: Any) -> None:
+    """The generated `add_HelioServicer_to_server` (the gRPC proxy's servicer function), with request
+    bytes that do not decode handed to the method as Undecodable, which answers INVALID_ARGUMENT; left
+    to grpc, a decoding failure is UNKNOWN, which says nothing to the client."""
+    from actors.proto import helio_pb2_grpc
+
+    helio_pb2_grpc.add_HelioServicer_to_server(servicer, _Tolerant(server))
+
+
+class _Tolerant:
+    """A server whose method handlers get tolerant request deserializers on their way in."""
+
+    def __init__(self, server: Any):
+        self.server = server
+
+    @staticmethod
+    def _handler(handler: Any) -> Any:
+        decode = handler.request_deserializer
+
+        def tolerant(data: bytes) -> Any:
+            try:
+                return decode(data)
+            except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, or anything a decoder raises
+                return Undecodable(str(e) or type(e).__name__)
+
+        return handler._replace(request_deserializer=tolerant) if decode else handler
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        for h in handlers:
+            h._method_handlers = {k: self._handler(v) for k, v in h._method_handlers.items()}
+        self.server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        add = getattr(self.server, "add_registered_method_handlers", None)
+        if add is not None:
+            add(service, {k: self._handler(v) for k, v in handlers.items()})
 
 
 def read_key_file(path: str) -> list[str]:

@@ -70,16 +70,30 @@ def cluster():
 
 def test_a_job_asking_for_more_cpus_than_the_head_has_gets_nodes_that_go_when_idle(cluster):
     assert cluster.alive_nodes() == 1  # the head, with 0 CPUs
+    # Each task waits until both run at once (a barrier, not a sleep: a second node that came up after the
+    # first task's sleep ended let both run on one node, and the test failed on a slow machine).
     script = textwrap.dedent("""
         import ray, time
         ray.init()
+        @ray.remote(num_cpus=0)
+        class Barrier:
+            def __init__(self):
+                self.n = 0
+            def arrive(self):
+                self.n += 1
+            def count(self):
+                return self.n
+        barrier = Barrier.remote()
         @ray.remote(num_cpus=1)
         def where(i):
-            time.sleep(2)
+            ray.get(barrier.arrive.remote())
+            deadline = time.monotonic() + 150
+            while ray.get(barrier.count.remote()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
             return ray.get_runtime_context().get_node_id()
         print("distinct nodes:", len(set(ray.get([where.remote(i) for i in range(2)]))))
     """)
-    done = cluster.submit(["python", "-c", script], timeout=180)
+    done = cluster.submit(["python", "-c", script], timeout=240)
     log = done.stdout + done.stderr
     assert done.returncode == 0 and "distinct nodes: 2" in log, log[-3000:]
     # both workers idle now: removed after the 6 s idle timeout, back to the head alone

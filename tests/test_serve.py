@@ -581,6 +581,68 @@ def test_grpc_api_answers_what_http_answers(server):
                    for k, v in d["probabilities"].items())
 
 
+GRPC_DOCUMENTED = ("OK", "INVALID_ARGUMENT", "NOT_FOUND", "UNAUTHENTICATED", "RESOURCE_EXHAUSTED", "UNAVAILABLE",
+                   "DEADLINE_EXCEEDED")
+
+
+def test_grpc_fuzzing_gets_only_documented_status_codes_and_the_server_stays_healthy(server):
+    """Hypothesis sends every method of helio.v1.Helio requests with random field values (any model id,
+    any text, extreme and non-finite numbers, long stop lists, any key) and raw random bytes that are
+    not a valid message: every answer carries a documented status, never INTERNAL or UNKNOWN; the
+    health service says SERVING afterwards."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from hypothesis import HealthCheck, given, seed, settings
+    from hypothesis import strategies as st
+
+    from actors.proto import helio_pb2 as pb
+
+    _, _, cfg = server
+    channel, stub = _grpc(cfg)
+    seen: dict[str, int] = {}
+
+    def status(call) -> str:
+        try:
+            call()
+            code = "OK"
+        except grpc.RpcError as e:
+            code = e.code().name
+        seen[code] = seen.get(code, 0) + 1
+        return code
+
+    models = st.sampled_from(["gpt", "gpt-int8", "emb", "clf", "nope", ""]) | st.text(max_size=8)
+    texts = st.text(max_size=40)
+    floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
+    i32 = st.integers(-2**31, 2**31 - 1)
+    metadata = st.sampled_from([AUTH, (("authorization", "Bearer nope"),), ()])
+    complete = st.builds(pb.CompleteRequest, model=models, prompt=texts, max_tokens=st.none() | i32,
+                         temperature=st.none() | floats, top_p=st.none() | floats, top_k=st.none() | i32,
+                         seed=st.none() | st.integers(-2**63, 2**63 - 1), stop=st.lists(texts, max_size=6),
+                         logprobs=st.none() | i32, echo=st.booleans())
+    inputs = st.builds(lambda cls, m, i, t: cls(model=m, input=i, truncate=t),
+                       st.sampled_from([pb.EmbedRequest, pb.ClassifyRequest]), models, st.lists(texts, max_size=10),
+                       st.booleans())
+
+    @seed(11)
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(complete, inputs, metadata, st.binary(max_size=64))
+    def fuzz(req, per_input, meta, raw):
+        kw = {"metadata": meta, "timeout": 30}
+        assert status(lambda: list(stub.Complete(req, **kw))) in GRPC_DOCUMENTED, req
+        rpc = stub.Embed if isinstance(per_input, pb.EmbedRequest) else stub.Classify
+        assert status(lambda: rpc(per_input, **kw)) in GRPC_DOCUMENTED, per_input
+        for method in ("Embed", "Classify"):  # bytes that need not be a message at all
+            send = channel.unary_unary(f"/helio.v1.Helio/{method}")  # no serializer: raw bytes both ways
+            assert status(lambda: send(raw, **kw)) in GRPC_DOCUMENTED, (method, raw)
+
+    with channel:
+        fuzz()
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=60)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert sum(seen.values()) == 60 * 4 and {"OK", "INVALID_ARGUMENT", "UNAUTHENTICATED"} <= set(seen), seen
+    print("gRPC fuzzing, status codes:", seen)
+
+
 def test_grpc_errors_carry_status_codes_and_the_health_service_answers(server):
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -108,15 +108,16 @@ class Api(Frontend):
             self.openapi_document = openapi(hosted)
         return self.openapi_document
 
-    async def _body(self, request: Request, schema: type) -> Any:
-        """The declared size, then the API key, then the body: nothing is read before the key is checked."""
+    async def _body(self, request: Request, schema: type) -> tuple[Any, str]:
+        """(the body, the caller's key id): the declared size, then the API key and its limits, then the
+        body; nothing is read before the key is checked."""
         size = request.headers.get("content-length")
         if size is not None and size.isdigit():
             self.check_size(int(size))
-        self.authorize(request.headers.get("authorization", ""))
+        caller = self.authorize(request.headers.get("authorization", ""), request.url.path)
         raw = await request.body()
         self.check_size(len(raw))
-        return self.validate(schema, raw)
+        return self.validate(schema, raw), caller
 
     @app.get("/health")
     async def health(self) -> dict:
@@ -124,13 +125,14 @@ class Api(Frontend):
 
     @app.get("/v1/models")
     async def http_models(self, request: Request) -> dict:
-        self.authorize(request.headers.get("authorization", ""))
+        self.authorize(request.headers.get("authorization", ""), request.url.path)
         return {"object": "list", "data": self.list_models()}
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> dict:
-        body = await self._body(request, EmbeddingRequest)
+        body, caller = await self._body(request, EmbeddingRequest)
         served, vectors, usage = await self.per_input(body, "embed", request.headers.get(VERSION))
+        self.charge(caller, usage)
         data = [{"object": "embedding", "index": i,
                  "embedding": v if body.encoding_format == "float" else
                  base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()} for i, v in enumerate(vectors)]
@@ -138,26 +140,28 @@ class Api(Frontend):
 
     @app.post("/v1/classify")
     async def http_classify(self, request: Request) -> dict:
-        body = await self._body(request, ClassifyRequest)
+        body, caller = await self._body(request, ClassifyRequest)
         served, results, usage = await self.per_input(body, "classify", request.headers.get(VERSION))
+        self.charge(caller, usage)
         data = [{"index": i, "label": max(p, key=p.get), "probabilities": p} for i, p in enumerate(results)]
         return {"object": "list", "data": data, "model": served.id, "usage": usage}
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
-        return await self._complete(await self._body(request, CompletionRequest), request.headers.get(VERSION))
+        return await self._complete(*await self._body(request, CompletionRequest), request.headers.get(VERSION))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        return await self._complete(await self._body(request, ChatRequest), request.headers.get(VERSION))
+        return await self._complete(*await self._body(request, ChatRequest), request.headers.get(VERSION))
 
-    async def _complete(self, body: CompletionRequest | ChatRequest, asked: str | None):
+    async def _complete(self, body: CompletionRequest | ChatRequest, caller: str, asked: str | None):
         served, prompts = self.completion(body, asked)
         if not body.stream:  # every prompt at once: they share the replica's decode steps
             answers = await asyncio.gather(*(self.generate(served, ids, params) for ids, params, _ in prompts))
             completions = [c for _, _, c in prompts]
             choices = [c.whole(items, i) for i, (c, items) in enumerate(zip(completions, answers))]
-            return completions[0].body(choices, usage=total_usage(completions))
+            self.charge(caller, usage := total_usage(completions))
+            return completions[0].body(choices, usage=usage)
         [(ids, params, completion)] = prompts
         tokens = self.stream(served, ids, params)
         first = await anext(tokens, None)  # a failure before the first token is still a status code
@@ -169,9 +173,12 @@ class Api(Frontend):
                 async for piece in tokens:
                     yield piece
 
-            async for text, finish, logprobs in completion.pieces(again()):
-                yield completion.body([completion.choice(text, finish, logprobs, chunk=True)], chunk=True,
-                                      usage=completion.usage() if finish is not None else None)
+            try:
+                async for text, finish, logprobs in completion.pieces(again()):
+                    yield completion.body([completion.choice(text, finish, logprobs, chunk=True)], chunk=True,
+                                          usage=completion.usage() if finish is not None else None)
+            finally:  # what was generated, also for a client that went away
+                self.charge(caller, completion.usage())
 
         return StreamingResponse(sse(chunks()), media_type="text/event-stream")
 
@@ -179,47 +186,52 @@ class Api(Frontend):
 
     def _grpc(self, context: RayServegRPCContext, e: ApiError) -> ApiError:
         context.set_code(e.grpc_code)
-        context.set_details(e.message)
+        context.set_details(e.message)  # a 429's names its wait: Serve's proxy drops a failed call's trailers
         return e
 
-    def _grpc_request(self, context: RayServegRPCContext, message: Any, schema: type) -> tuple[Any, str | None]:
-        """(the validated request, the version asked for in the metadata)."""
+    def _grpc_request(self, context: RayServegRPCContext, message: Any, schema: type,
+                      method: str) -> tuple[Any, str | None, str]:
+        """(the validated request, the version asked for in the metadata, the caller's key id)."""
         if isinstance(message, Undecodable):
             raise ApiError(400, f"the request is not a valid {schema.__name__} message ({message.error[:200]})")
         self.check_size(message.ByteSize())
         metadata = dict(context.invocation_metadata())
-        self.authorize(metadata.get("authorization", ""))
-        return self.validate(schema, grpc_fields(message)), metadata.get(VERSION)
+        caller = self.authorize(metadata.get("authorization", ""), f"grpc/{method}")
+        return self.validate(schema, grpc_fields(message)), metadata.get(VERSION), caller
 
     async def Complete(self, request: pb.CompleteRequest, grpc_context: RayServegRPCContext
                        ) -> AsyncIterator[pb.CompleteChunk]:
         try:
-            served, [(ids, params, completion)] = self.completion(
-                *self._grpc_request(grpc_context, request, CompletionRequest))
-            async for text, finish, logprobs in completion.pieces(self.stream(served, ids, params)):
-                last = finish is not None
-                yield pb.CompleteChunk(text=text, finish_reason=finish or "",
-                                       usage=pb.Usage(**completion.usage()) if last else None,
-                                       logprobs=grpc_logprobs(logprobs))
+            body, asked, caller = self._grpc_request(grpc_context, request, CompletionRequest, "Complete")
+            served, [(ids, params, completion)] = self.completion(body, asked)
+            try:
+                async for text, finish, logprobs in completion.pieces(self.stream(served, ids, params)):
+                    last = finish is not None
+                    yield pb.CompleteChunk(text=text, finish_reason=finish or "",
+                                           usage=pb.Usage(**completion.usage()) if last else None,
+                                           logprobs=grpc_logprobs(logprobs))
+            finally:
+                self.charge(caller, completion.usage())
         except ApiError as e:
             raise self._grpc(grpc_context, e) from None
 
     async def _grpc_per_input(self, context: RayServegRPCContext, message: Any, schema: type,
-                              task: str) -> tuple[list, Any]:
+                              task: str, method: str) -> tuple[list, Any]:
         """Embed / Classify: (one answer per input, usage), or the error's status code on the context."""
         try:
-            body, asked = self._grpc_request(context, message, schema)
+            body, asked, caller = self._grpc_request(context, message, schema, method)
             _, answers, usage = await self.per_input(body, task, asked)
+            self.charge(caller, usage)
         except ApiError as e:
             raise self._grpc(context, e) from None
         return answers, pb.Usage(**usage)
 
     async def Embed(self, request: pb.EmbedRequest, grpc_context: RayServegRPCContext) -> pb.EmbedReply:
-        vectors, usage = await self._grpc_per_input(grpc_context, request, EmbeddingRequest, "embed")
+        vectors, usage = await self._grpc_per_input(grpc_context, request, EmbeddingRequest, "embed", "Embed")
         return pb.EmbedReply(data=[pb.Embedding(values=v) for v in vectors], usage=usage)
 
     async def Classify(self, request: pb.ClassifyRequest, grpc_context: RayServegRPCContext) -> pb.ClassifyReply:
-        results, usage = await self._grpc_per_input(grpc_context, request, ClassifyRequest, "classify")
+        results, usage = await self._grpc_per_input(grpc_context, request, ClassifyRequest, "classify", "Classify")
         return pb.ClassifyReply(data=[pb.Classification(label=max(p, key=p.get), probabilities=p) for p in results],
                                 usage=usage)
 

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors.serve_limits import Limits
 from cluster.config import ConfigError, to_dict
 from cluster.runtime import JobConfig
 from cluster.storage import Storage
@@ -135,6 +136,7 @@ class ServeConfig(JobConfig):
     api_keys: tuple[str, ...] = ()  # also HELIO_API_KEYS (comma-separated) and api_key_file
     api_key_file: str = ""  # a file of keys, one per line (a mounted secret), read by the ingress where it runs
     auth: str = "keys"  # keys: a non-loopback http.host needs keys; none: serve everyone anywhere (warned)
+    limits: Limits = field(default_factory=Limits)  # per-key requests/s and tokens/min (none by default)
     max_items: int = 64  # inputs per embeddings / classify request
     ingress_cpus: float = 0.1
     ingress_max_ongoing_requests: int = 256  # requests one ingress replica holds at once
@@ -259,7 +261,7 @@ def build_app(cfg: ServeConfig):
                        max_ongoing_requests=cfg.ingress_max_ongoing_requests,
                        max_queued_requests=cfg.ingress_max_queued_requests).bind(
         models, handles, api_keys(cfg), cfg.max_items, cfg.http.max_body_bytes, cfg.http.request_timeout_s,
-        cfg.storage, cfg.name, cfg.api_key_file, cfg.auth)
+        cfg.storage, cfg.name, cfg.api_key_file, cfg.auth, to_dict(cfg.limits))
 
 
 def proxy_options(cfg: ServeConfig) -> dict[str, Any]:

@@ -145,7 +145,7 @@ ERRORS = {
     404: "no model of that id, or no canary of it (x-helio-version)",
     405: "the route does not take this method (Allow lists those it takes)",
     413: "the body is over http.max_body_bytes",
-    429: "the model is overloaded (Retry-After)",
+    429: "the API key is over its requests_per_second or tokens_per_minute limit (Retry-After)",
     503: "the model is overloaded or restarting (Retry-After)",
     504: "the model did not answer within the request timeout",
 }
@@ -155,9 +155,11 @@ def _errors(path: str) -> list[int]:
     if path == "/health":
         return [405]
     if path == "/v1/models":
-        return [401, 405]
+        return [401, 405, 429]
     return sorted(ERRORS)
 
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again",
+                               "schema": {"type": "integer", "minimum": 1}}}
 
 TASK_OF = {CompletionRequest: "generate", ChatRequest: "generate", EmbeddingRequest: "embed",
            ClassifyRequest: "classify"}
@@ -199,6 +201,7 @@ def document(base: dict[str, Any], hosted: dict[str, list[str]] | None = None) -
                                                                        "the same shape, then [DONE])" if streams else ""),
                                        "content": ok}}
             op["responses"].update({str(code): {"description": ERRORS[code],
-                                                "content": {"application/json": {"schema": ref(ErrorBody)}}}
+                                                "content": {"application/json": {"schema": ref(ErrorBody)}},
+                                                **({"headers": RETRY_AFTER} if code in (429, 503) else {})}
                                     for code in _errors(path)})
     return doc

@@ -22,8 +22,10 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from actors.chat import ChatFormat
-from actors.token_scores import Scored
 from actors.monitor import routing_path
+from actors.serve_limits import ANONYMOUS, Limiter, Limits, key_id
+from actors.token_scores import Scored
+from cluster.config import from_dict
 from cluster.storage import Storage
 
 log = logging.getLogger("helio.serve")
@@ -390,12 +392,17 @@ class Frontend:
 
     def __init__(self, models: list[dict[str, Any]], handles: dict[str, Any], api_keys: list[str],
                  max_items: int, max_body_bytes: int, request_timeout_s: float, storage: str, app: str,
-                 key_file: str = "", auth: str = "keys"):
+                 key_file: str = "", auth: str = "keys", limits: dict | None = None):
         self.models = {m["id"]: Served(m, handles[m["id"]], handles.get(f"{m['id']}@canary")) for m in models}
-        self.keys = [k.encode() for k in api_keys + (read_key_file(key_file) if key_file else [])]
+        self.keys = {k.encode(): key_id(k) for k in api_keys + (read_key_file(key_file) if key_file else [])}
         if not self.keys:
             log.warning("application %s answers every request without an API key (%s)", app,
                         "auth: none" if auth == "none" else "no key set; its HTTP host is loopback")
+        else:
+            log.info("application %s takes %d API key(s), ids %s", app, len(self.keys), ", ".join(self.keys.values()))
+        self.limiter = Limiter(from_dict(Limits, limits or {}, "limits"))
+        if unknown := set(self.limiter.limits.keys) - set(self.keys.values()) - {ANONYMOUS}:
+            log.warning("application %s: limits.keys names %s, which is no key's id", app, ", ".join(sorted(unknown)))
         self.max_items, self.max_body_bytes, self.timeout = max_items, max_body_bytes, request_timeout_s
         self.created = int(time.time())
         self.store, self.routing_file = Storage(storage), routing_path(app)
@@ -403,6 +410,17 @@ class Frontend:
         self.routing_read = float("-inf")
         self.app_name = app
         self.caught: Counter[str] = Counter()  # exceptions carried on from, by where (logged as they happen)
+        self._metrics()
+
+    def _metrics(self) -> None:
+        from ray.util import metrics
+
+        # On Ray's Prometheus endpoint as ray_helio_api_requests_total and ray_helio_api_tokens_total.
+        self.m_requests = metrics.Counter("helio_api_requests", "Requests with a valid key (or to an app that takes "
+                                          "none), by key id, route and whether they were admitted or throttled.",
+                                          ("app", "key", "route", "result"))
+        self.m_tokens = metrics.Counter("helio_api_tokens", "Tokens of answered requests, by key id and kind "
+                                        "(prompt, completion).", ("app", "key", "kind"))
 
     def note_caught(self, where: str, e: BaseException, detail: str = "") -> None:
         """An exception the front end carries on from: logged, and counted in `caught` by `where`."""
@@ -424,14 +442,33 @@ class Frontend:
     def deadline(self) -> float:
         return asyncio.get_running_loop().time() + self.timeout
 
-    def authorize(self, authorization: str) -> None:
-        """`authorization` is the HTTP header or the gRPC metadata value: `Bearer <key>`."""
-        if not self.keys:
-            return
-        token = authorization[7:].encode() if authorization.lower().startswith("bearer ") else b""
-        if not any(hmac.compare_digest(token, k) for k in self.keys):
-            raise ApiError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key", kind="authentication_error")
+    def authorize(self, authorization: str, route: str) -> str:
+        """The caller's key id, once its key is valid and its limits let the request through (401 and 429
+        otherwise). `authorization` is the HTTP header or the gRPC metadata value: `Bearer <key>`."""
+        caller = ANONYMOUS
+        if self.keys:
+            token = authorization[7:].encode() if authorization.lower().startswith("bearer ") else b""
+            # every key compared in constant time, whichever matches
+            matches = [name for k, name in self.keys.items() if hmac.compare_digest(token, k)]
+            if not matches:
+                raise ApiError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
+                               code="invalid_api_key", kind="authentication_error")
+            caller = matches[0]
+        over = self.limiter.admit(caller)
+        tags = {"app": self.app_name, "key": caller, "route": route}
+        self.m_requests.inc(tags={**tags, "result": "throttled" if over else "admitted"})
+        if over:
+            limit, wait = over
+            raise ApiError(429, f"API key {caller} is over its {limit} limit; retry in {wait:.1f} s",
+                           code="rate_limit_exceeded", kind="rate_limit_error", retry_after_s=wait)
+        return caller
+
+    def charge(self, caller: str, usage: dict[str, int]) -> None:
+        """Counts an answered request's tokens against its caller's tokens_per_minute, and in the metrics."""
+        self.limiter.charge(caller, usage["total_tokens"])
+        for kind in ("prompt", "completion"):
+            if usage.get(f"{kind}_tokens"):
+                self.m_tokens.inc(usage[f"{kind}_tokens"], tags={"app": self.app_name, "key": caller, "kind": kind})
 
     def check_size(self, size: int) -> None:
         if size > self.max_body_bytes:

@@ -8,7 +8,6 @@ import dataclasses
 import json
 import re
 import threading
-import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,6 +23,7 @@ from jobs import serve as serve_job
 from models.gpt import GPT
 from models.hf import save_model
 from tiny_data import free_port, write_model_artifact
+from waiting import metric, poll, ray_metrics
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # full tier: the pipeline test runs each component once in make test-fast
 
@@ -38,16 +38,6 @@ class Receiver(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
-
-
-def poll(what, check, timeout_s: float = 90.0, every: float = 0.25):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = what()
-        if check(value):
-            return value
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout_s}s; last value: {value}")
 
 
 @pytest.fixture(scope="module")
@@ -139,23 +129,13 @@ def test_down_is_unhealthy_and_alerted_once_the_monitor_survives_a_kill_and_reco
 
 
 def test_probe_metrics_reach_rays_metrics_endpoint(watched):
-    import ray
-
-    port = ray._private.worker.global_worker.node.metrics_export_port
-
-    def scrape() -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-            return r.read().decode()
-
     dashboard = json.loads((Path(__file__).resolve().parent.parent / "cluster" / "grafana" /
                             "helio_monitor.json").read_text())
     plotted = {name for p in dashboard["panels"] for t in p["targets"]
                for name in re.findall(r"ray_helio_[a-z_]+", t["expr"])}
     assert len(plotted) == 4
-    text = poll(scrape, lambda t: all(name in t for name in plotted), timeout_s=120, every=2)  # every plotted metric
-    passed = [ln for ln in text.splitlines() if ln.startswith("ray_helio_probes_total{")
-              and 'probe="semantic"' in ln and 'result="pass"' in ln]
-    assert passed and float(passed[0].rsplit(" ", 1)[1]) > 0, text[:2000]
+    text = poll(ray_metrics, lambda t: all(name in t for name in plotted), timeout_s=120, every=2)  # every plotted metric
+    assert metric(text, "ray_helio_probes_total", probe="semantic", result="pass") > 0, text[:2000]
 
 
 def completions(url: str, n: int) -> list[dict]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import struct
 import time
 import urllib.error
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from actors.model_loader import open_runnable
+from actors.serve_limits import key_id
 from cluster.config import ConfigError, load_config
 from cluster.storage import Storage
 from jobs import serve as serve_job
@@ -27,10 +29,12 @@ from models.hf import save_model
 from models.quant import QuantSpec, quantize_model, save_quantized
 from models.task_heads import embed
 from tiny_data import STORE_LABELS, write_model_artifact
+from waiting import metric, poll, ray_metrics
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # full tier: the pipeline test runs each component once in make test-fast
 KEY = "test-key-0123"
 FILE_KEY = "file-key-4567"  # from api_key_file, read by the ingress replica
+RATE_KEY, TOKEN_KEY = "rate-key-89ab", "token-key-cdef"  # limited: one request per 5 s; 10 tokens a minute
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +57,9 @@ def server(serve_ports, tiny_store, tmp_path_factory):
                          quality_gate={"reason": "perplexity moved by +9.00%"})
     cfg = load_config(serve_job.ServeConfig, None, [
         f"storage={root}", "name=test_app", f"http.port={serve_ports['http']}", f"grpc.port={serve_ports['grpc']}",
-        f"api_keys=[{KEY}]", f"api_key_file={key_file}", "max_items=8",
+        f"api_keys=[{KEY}, {RATE_KEY}, {TOKEN_KEY}]", f"api_key_file={key_file}", "max_items=8",
+        f"limits={{keys: {{{key_id(RATE_KEY)}: {{requests_per_second: 0.2}}, "
+        f"{key_id(TOKEN_KEY)}: {{tokens_per_minute: 10}}}}}}",
         "start_timeout_s=300",  # a starved cluster fails the module in 5 minutes, not the default 10
         "models=[{id: gpt, artifact: tiny_gpt, num_cpus: 0.2}, {id: gpt-int8, artifact: serve_gpt_int8, num_cpus: 0.2},"
         " {id: gpt-narrow, artifact: tiny_gpt, num_cpus: 0.2, max_batch_size: 1, max_ongoing_requests: 1,"
@@ -308,6 +314,7 @@ def test_the_openapi_document_describes_every_body_answer_and_error_and_the_answ
         if body is not None:
             assert op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(body.__name__)
             assert {"400", "401", "404", "413", "429", "503", "504"} <= set(op["responses"]), path
+            assert "Retry-After" in op["responses"]["429"]["headers"], path
         assert op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(answer.__name__)
         assert op["responses"]["405"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorBody")
     answers = {
@@ -377,6 +384,54 @@ def test_api_keys_are_required(server):
     assert call(url, "/v1/completions", {"prompt": 5}, key=None)[0] == 401  # the key is checked before the body
     assert call(url, "/v1/models", key=FILE_KEY)[0] == 200  # a key from api_key_file
     assert call(url, "/v1/models", key="# one key a line")[0] == 401  # a comment line is no key
+
+
+def test_only_the_key_over_its_limit_is_throttled_and_each_keys_usage_reaches_the_metrics_by_id(server):
+    import grpc
+
+    from actors.proto import helio_pb2 as pb
+
+    url, _, cfg = server
+    emb = {"model": "emb", "input": "def f(): pass"}
+    # RATE_KEY may send one request per 5 s: of three in a row, the first is answered, the others wait
+    got = [call(url, "/v1/embeddings", emb, key=RATE_KEY, with_headers=True) for _ in range(3)]
+    assert got[0][0] == 200 and [s for s, _, _ in got[1:]] == [429, 429], [(s, b) for s, b, _ in got]
+    for _, body, headers in got[1:]:
+        assert body["error"]["code"] == "rate_limit_exceeded" and "requests_per_second" in body["error"]["message"]
+        assert 1 <= int(headers["retry-after"]) <= 5, headers
+    assert [call(url, "/v1/embeddings", emb)[0] for _ in range(5)] == [200] * 5  # an unlimited key meanwhile
+    poll(lambda: call(url, "/v1/embeddings", emb, key=RATE_KEY)[0], lambda s: s == 200, timeout_s=30, every=1)
+
+    # TOKEN_KEY may use 10 tokens a minute: a request of more overdraws it, and the next one is throttled
+    prompt = "def read(path):\n    with open(path) as f:\n        return f.read()\n"
+    status, first = call(url, "/v1/completions", {"model": "gpt", "prompt": prompt, "max_tokens": 4}, key=TOKEN_KEY)
+    assert status == 200 and first["usage"]["total_tokens"] > 10, first
+    status, body, headers = call(url, "/v1/completions", {"model": "gpt", "prompt": "x", "max_tokens": 1},
+                                 key=TOKEN_KEY, with_headers=True)
+    assert status == 429 and "tokens_per_minute" in body["error"]["message"], body
+    # 10 tokens a minute refill one every 6 s: the wait covers what the first request overdrew
+    assert int(headers["retry-after"]) >= 6 * (first["usage"]["total_tokens"] - 10) - 1, (headers, first["usage"])
+    assert call(url, "/v1/completions", {"model": "gpt", "prompt": "x", "max_tokens": 1})[0] == 200
+    channel, stub = _grpc(cfg)
+    with channel:
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Embed(pb.EmbedRequest(model="emb", input=["x"]), metadata=(("authorization", f"Bearer {TOKEN_KEY}"),),
+                       timeout=60)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "tokens_per_minute" in e.value.details()
+    assert re.search(r"retry in \d+\.\d s", e.value.details()), e.value.details()  # the wait, as over HTTP
+
+    # the metrics name keys by id only: the requests each one sent, throttled or not, and its tokens
+    rate, token = key_id(RATE_KEY), key_id(TOKEN_KEY)
+    text = poll(ray_metrics, lambda t: metric(t, "ray_helio_api_tokens_total", key=token, kind="completion") > 0
+                and metric(t, "ray_helio_api_requests_total", key=token, result="throttled") >= 2, timeout_s=120, every=2)
+    assert metric(text, "ray_helio_api_tokens_total", key=token, kind="prompt") == first["usage"]["prompt_tokens"]
+    assert metric(text, "ray_helio_api_tokens_total", key=token, kind="completion") == \
+        first["usage"]["completion_tokens"]
+    assert metric(text, "ray_helio_api_requests_total", key=token, route="grpc/Embed", result="throttled") == 1
+    assert metric(text, "ray_helio_api_requests_total", key=rate, route="/v1/embeddings", result="throttled") >= 2
+    assert metric(text, "ray_helio_api_requests_total", key=rate, result="admitted") >= 2
+    assert metric(text, "ray_helio_api_requests_total", key=key_id(KEY), result="throttled") == 0
+    assert not any(k in text for k in (KEY, FILE_KEY, RATE_KEY, TOKEN_KEY))
 
 
 def test_a_rejected_artifact_is_not_served_unless_forced(server, capsys):

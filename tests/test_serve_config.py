@@ -72,3 +72,33 @@ def test_a_public_bind_without_api_keys_is_refused_unless_auth_none_says_so(monk
         read_key_file(str(tmp_path / "missing"))
     (tmp_path / "keys").write_text("a\n  b  \n# c\n")
     assert read_key_file(str(tmp_path / "keys")) == ["a", "b"]
+
+
+def test_limits_name_keys_by_id_and_a_bucket_lets_through_a_burst_then_its_rate(monkeypatch):
+    import pytest
+
+    from actors.serve_limits import Limiter, Limits, key_id
+    from cluster.config import ConfigError, from_dict
+
+    models = "models=[{id: g, artifact: x}]"
+    with pytest.raises(ConfigError, match="limits.keys.*'secret-key' is not a key id"):
+        load_config(serve_job.ServeConfig, None, [models, "limits={keys: {secret-key: {requests_per_second: 1}}}"])
+    with pytest.raises(ConfigError, match="limits.default.*must be 0 .no limit. or positive"):
+        load_config(serve_job.ServeConfig, None, [models, "limits={default: {tokens_per_minute: -1}}"])
+    assert key_id("k1") == key_id(b"k1") and len(key_id("k1")) == 16 and key_id("k1") != key_id("k2")
+
+    clock = [100.0]  # the buckets read time.monotonic: here it moves only when the test says
+    monkeypatch.setattr("actors.serve_limits.time.monotonic", lambda: clock[0])
+    a, b = key_id("a"), key_id("b")
+    limiter = Limiter(from_dict(Limits, {"default": {"requests_per_second": 2},
+                                         "keys": {b: {"tokens_per_minute": 60}}}))
+    assert [limiter.admit(a) for _ in range(3)] == [None, None, ("requests_per_second", 0.5)]  # a burst of 2
+    clock[0] += 0.25
+    assert limiter.admit(a) == ("requests_per_second", 0.25)
+    clock[0] += 0.25
+    assert limiter.admit(a) is None  # one more after 1/rate
+    assert all(limiter.admit(b) is None for _ in range(100))  # b's own limit has no request rate
+    limiter.charge(b, 90)  # 60 a minute is one a second: 30 overdrawn
+    assert limiter.admit(b) == pytest.approx(("tokens_per_minute", 30.0))
+    clock[0] += 30.5
+    assert limiter.admit(b) is None

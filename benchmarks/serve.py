@@ -1,6 +1,7 @@
 """Benchmark: Helio's serving on loopback against in-process ceilings and a plain Serve echo floor.
 
     .venv/bin/python benchmarks/serve.py [--storage ./runs] [--requests 256]
+    .venv/bin/python benchmarks/serve.py --soak [--rate 4] [--count 1200]   (benchmarks/serve_soak.py)
 
 One run, one local Ray cluster, one Serve application (jobs.serve) hosting the demo's Llama
 (`pretrain_demo`, grouped-query attention) and the finetuned MiniLM (`finetune_embed_demo`), each
@@ -176,8 +177,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--storage", default=str(ROOT / "runs"))
     parser.add_argument("--requests", type=int, default=256)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
+    parser.add_argument("--out", default=None, help="default benchmarks/results/serve.json (serve_soak.json)")
+    parser.add_argument("--soak", action="store_true", help="a constant-rate soak instead (benchmarks/serve_soak.py)")
+    parser.add_argument("--rate", type=float, default=4.0, help="soak: requests per second")
+    parser.add_argument("--count", type=int, default=1200, help="soak: requests")
     args = parser.parse_args()
+    out = Path(args.out or ROOT / "benchmarks" / "results" / ("serve_soak.json" if args.soak else "serve.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
     from cluster.storage import Storage
 
     store = Storage(args.storage)
@@ -188,6 +194,8 @@ def main() -> int:
                 job(step, args.storage)
     started = time.perf_counter()
     snippets = texts(args.requests)
+    if args.soak:
+        return run_soak(args.storage, snippets, args.rate, args.count, out)
     ceiling = embed_ceiling(args.storage, snippets)
     from tokenizers import Tokenizer
 
@@ -228,9 +236,28 @@ def main() -> int:
         "seconds": time.perf_counter() - started,
     }
     print_tables(result)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
     return 0
+
+
+def run_soak(storage: str, snippets: list[str], rate: float, count: int, out: Path) -> int:
+    import ray
+    from ray import serve
+
+    from benchmarks.serve_soak import print_soak, soak
+
+    ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False)  # the State API lists replicas
+    try:
+        url, cfg = deploy(storage)
+        result = soak(url, cfg.name, snippets, rate, count)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print_soak(result)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return 0 if result["errors"] == 0 and result["memory_ok"] else 1
 
 
 def print_tables(r: dict) -> None:

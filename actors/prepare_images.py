@@ -1,5 +1,7 @@
 """Ray Data UDFs of jobs.prepare_images: image files, or images made on the cluster, -> fixed-size uint8
-pixels with a label and a split; every file that cannot be used is counted by reason.
+pixels with a label and a split; every file that cannot be used is counted by reason. A shard's
+`pixels` column is a fixed-size list of H*W*C uint8 (row-major, channels last), which the training
+loop reads as one (rows, H*W*C) array.
 
 A file is decoded with Pillow and checked in this order, the first failure naming its reason:
 `empty_file` (zero bytes), `not_an_image` (Pillow cannot identify it, whatever its extension),
@@ -130,8 +132,9 @@ def made_images(batch: dict[str, np.ndarray], image: dict, split: dict, glyphs: 
 
 def render_glyph(font_path: str, char: str, seed: int, glyphs: dict) -> bytes:
     """One augmented rendering of `char` in a font, white on black, as PNG bytes: a random size (0.55-0.9
-    of the canvas), rotation (+-12 degrees), shear, offset and stroke, then reduced to `degrade_to`
-    pixels a side (the handwritten digits' 8) so the pretraining images look like what is finetuned on."""
+    of the canvas), rotation (+-12 degrees), shear, offset and stroke; then the ink's bounding box is
+    stretched to `degrade_to` pixels a side (the handwritten digits were normalised into their 8 x 8
+    frame the same way), so the pretraining images look like what is finetuned on."""
     from PIL import Image, ImageDraw, ImageFont
 
     rng = np.random.default_rng(seed)
@@ -148,11 +151,11 @@ def render_glyph(font_path: str, char: str, seed: int, glyphs: dict) -> bytes:
                       resample=Image.Resampling.BILINEAR)
     im = im.rotate(rng.uniform(-12, 12), resample=Image.Resampling.BILINEAR)
     box = im.getbbox()
-    if box is not None:  # the ink's square box with a margin, as the digits were cut
+    if box is not None and glyphs["degrade_to"]:  # the ink's box, stretched to the frame as the digits were
+        im = im.crop(box).resize((glyphs["degrade_to"],) * 2, Image.Resampling.BOX)
+    elif box is not None:  # the ink's square box with a margin
         cx, cy, half = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, max(box[2] - box[0], box[3] - box[1]) * 0.6
         im = im.crop((round(cx - half), round(cy - half), round(cx + half), round(cy + half)))
-    if glyphs["degrade_to"]:
-        im = im.resize((glyphs["degrade_to"],) * 2, Image.Resampling.BOX)
     out = io.BytesIO()
     im.save(out, format="PNG")
     return out.getvalue()
@@ -205,7 +208,8 @@ def write_shard(batch: dict[str, np.ndarray], out_uri: str, pixel_bytes: int, sk
             continue
         pick = pick[np.argsort(batch["sha256"][pick], kind="stable")]
         rel = f"{split}/shard-{batch['sha256'][pick[0]][:16]}.parquet"
-        table = pa.table({"pixels": pa.array([batch["pixels"][i] for i in pick], pa.binary(pixel_bytes)),
+        flat = np.frombuffer(b"".join(batch["pixels"][i] for i in pick), dtype=np.uint8)
+        table = pa.table({"pixels": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.uint8()), pixel_bytes),
                           "label": pa.array(batch["label"][pick].astype(np.int32), pa.int32()),
                           "id": pa.array([str(batch["id"][i]) for i in pick], pa.string())})
         entry = write_parquet_file(posixpath.join(out_uri, rel), table)

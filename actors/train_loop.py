@@ -36,10 +36,13 @@ from cluster.config import from_dict, to_dict
 from cluster.devices import peak_flops, peak_memory_mb
 from cluster.storage import blocks, columns, fetch_folder, resolve
 from cluster.zero import OptimConfig, ZeroConfig, ZeroStrategy, saved_client_state
-from models.arch import ModelConfig, build_model
+from models.arch import ModelConfig, build_model, build_vision_model
 from models.finetune import TaskSpec, build_task_model, export_task_model
 from models.finetune import flops_per_token as task_flops_per_token
 from models.hf import save_model
+from models.hf_vision import save_vision
+from models.image_finetune import build_image_task_model, export_image_task_model
+from models.image_objective import AugmentConfig, ImageClassification
 from models.pretrain_objectives import objective_for
 from models.task_heads import SFT, Classify, Contrastive
 
@@ -84,6 +87,16 @@ class FaultConfig:
 
 
 @dataclass(frozen=True)
+class ImageSpec:
+    """An image dataset's shape (jobs.prepare_images' manifest) and the augmentation to train with."""
+
+    size: int
+    channels: int
+    labels: tuple[str, ...]
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
 class LoopConfig:
     """Everything a worker needs, built by the job and sent as a plain dict."""
 
@@ -103,6 +116,7 @@ class LoopConfig:
     task: TaskSpec | None = None
     base_uri: str = ""
     base_name: str = ""  # recorded in the PEFT adapter_config.json
+    images: ImageSpec | None = None  # an image dataset: a vision model (model.arch resnet / vit) classifies it
 
     def identity(self) -> dict:
         """What a checkpoint must agree on to be resumed: everything that shapes the weights."""
@@ -111,7 +125,8 @@ class LoopConfig:
                         "micro_batch": t.micro_batch, "grad_accum": t.grad_accum, "seed": t.seed,
                         "shuffle_buffer": t.shuffle_buffer, "mask_prob": t.mask_prob,
                         "vocab_size": self.vocab_size, "block_len": self.block_len,
-                        "task": self.task, "base_uri": self.base_uri})
+                        "task": self.task, "base_uri": self.base_uri}
+                       | ({"images": self.images} if self.images is not None else {}))
 
 
 def global_batches(it, rows: int, start_step: int, steps_per_epoch: int, seed: int,
@@ -137,7 +152,9 @@ def rank_rows(batch: dict[str, np.ndarray], micro: int, accum_index: int, rank: 
 
 def real_tokens(rows: dict[str, torch.Tensor]) -> int:
     """Model-input tokens in a micro-batch: the `*len` columns' sum (finetuning rows are padded),
-    else full blocks of L-1 inputs (pretraining)."""
+    else full blocks of L-1 inputs (pretraining); images count one each."""
+    if "pixels" in rows:
+        return rows["pixels"].size(0)
     lengths = [v for k, v in rows.items() if k == "length" or k.endswith("_len")]
     if lengths:
         return int(sum(int(v.sum()) for v in lengths))
@@ -212,7 +229,16 @@ class Worker:
         """Builds the model (the same initial weights on every rank) and its DeepSpeed engine."""
         cfg, t = self.cfg, self.cfg.train
         torch.manual_seed(t.seed)
-        if cfg.task is None:
+        if cfg.images is not None:  # a vision model: pretrained here, or finetuned from a base checkpoint
+            im = cfg.images
+            if cfg.task is None:
+                self.model = build_vision_model(cfg.model, im.size, im.channels, len(im.labels))
+            else:
+                self.base_folder = fetch_folder(cfg.base_uri, ("config.json", "model.safetensors"))
+                self.model, self.head, _ = build_image_task_model(cfg.task.method, cfg.task.lora, cfg.task.labels,
+                                                                  self.base_folder.name, cfg.task.scratch)
+            self.objective = ImageClassification(self.model, im.size, im.channels, im.augment)
+        elif cfg.task is None:
             self.model = build_model(cfg.model, cfg.vocab_size, cfg.block_len - 1, cfg.pad_id)
             self.objective = objective_for(self.model, cfg.model.arch, cfg.mask_id, cfg.special_ids, t.mask_prob)
         else:
@@ -225,7 +251,8 @@ class Worker:
         self.trainable_params = sum(getattr(p, "ds_numel", p.numel())  # ZeRO-3 keeps a shard's full size here
                                     for p in self.objective.parameters() if p.requires_grad)
         seq = cfg.block_len - 1  # finetuning: the longest row
-        self.flops_per_token = (self.model.flops_per_token(seq) if cfg.task is None
+        self.flops_per_token = (0.0 if cfg.images is not None else  # MFU is reported for token models only
+                                self.model.flops_per_token(seq) if cfg.task is None
                                 else task_flops_per_token(cfg.task, self.model, seq))
 
     def _generator(self, *salt: int) -> torch.Generator:
@@ -257,8 +284,9 @@ class Worker:
         need, parts = rows * t.eval_batches, []
         for uri in self.cfg.val_files:
             fs, path = resolve(uri)
-            parts.append(columns(pq.read_table(path, filesystem=fs)))
-            if sum(len(p["input_ids" if "input_ids" in p else "query_ids"]) for p in parts) >= need:
+            wanted = ["pixels", "label"] if self.cfg.images is not None else None  # not the images' ids
+            parts.append(columns(pq.read_table(path, filesystem=fs, columns=wanted)))
+            if sum(len(next(iter(p.values()))) for p in parts) >= need:
                 break
         val = {k: np.concatenate([p[k] for p in parts])[:need] for k in parts[0]}
         n = len(next(iter(val.values())))
@@ -266,14 +294,18 @@ class Worker:
                           self.world) for i in range(n // rows)]
 
     @torch.no_grad()
-    def evaluate(self, rows: list[torch.Tensor]) -> float:
+    def evaluate(self, rows: list[torch.Tensor]) -> tuple[float, float | None]:
+        """(mean validation loss, accuracy for an image classifier, else None), over every rank's rows."""
         self.engine.eval()
-        total = 0.0
+        total, correct, seen = 0.0, 0, 0
         for i, r in enumerate(rows):
             args = self.objective.batch(r, self._generator(-1, self.rank, i))  # same masks every eval
             total += self.engine(*(x.to(self.device) for x in args)).item()
+            if self.cfg.images is not None:
+                correct, seen = correct + int(self.objective.correct), seen + len(args[-1])
         self.engine.train()
-        return mean_across_ranks(total / max(len(rows), 1), self.device)
+        loss = mean_across_ranks(total / max(len(rows), 1), self.device)
+        return loss, (mean_across_ranks(correct / max(seen, 1), self.device) if self.cfg.images else None)
 
     def checkpoint(self, folder: str, final: bool) -> None:
         fault = self.cfg.fault
@@ -283,8 +315,17 @@ class Worker:
         if final:
             lora = self.cfg.task is not None and self.cfg.task.method == "lora"
             state = self.strategy.full_state_dict(trainable_only=lora)  # every rank: a collective under ZeRO-3
-            if self.rank == 0 and self.cfg.task is None:
+            if self.rank == 0 and self.cfg.task is None and self.cfg.images is not None:
+                export_vision_model(self.cfg, state, Path(folder) / EXPORT_DIR)
+            elif self.rank == 0 and self.cfg.task is None:
                 export_model(self.cfg, state, Path(folder) / EXPORT_DIR)
+            elif self.rank == 0 and self.cfg.images is not None:
+                torch.manual_seed(self.cfg.train.seed)
+                t, im = self.cfg.task, self.cfg.images
+                model, head, _ = build_image_task_model(t.method, t.lora, t.labels, self.base_folder.name, t.scratch)
+                export_image_task_model(t.method, t.lora, t.labels, model, head, Path(folder) / EXPORT_DIR,
+                                        {k.removeprefix("model."): v for k, v in state.items()}, im.size,
+                                        self.cfg.base_name)
             elif self.rank == 0:  # a fresh CPU copy of the task model takes the finetuned weights
                 torch.manual_seed(self.cfg.train.seed)
                 model, head = build_task_model(self.cfg.task, self.base_folder.name)
@@ -314,7 +355,8 @@ class Worker:
         start_step = self.step
         val_rows = self.eval_rows()
         pool = concurrent.futures.ThreadPoolExecutor(1)  # a yardstick for the validation loss, while training
-        entropy = pool.submit(unigram_entropy, self.cfg.val_files, self.cfg.vocab_size) if not self.cfg.task else None
+        text = self.cfg.task is None and self.cfg.images is None
+        entropy = pool.submit(unigram_entropy, self.cfg.val_files, self.cfg.vocab_size) if text else None
         pool.shutdown(wait=False)
         loss_sum, loss_n, local_tokens, t_last = 0.0, 0, 0, time.perf_counter()
         t_attempt = t_last
@@ -339,7 +381,8 @@ class Worker:
                 "loss": mean_across_ranks(float(loss_sum) / loss_n, self.device),  # the host sync, per log
                 "lr": self.strategy.lr(), "grad_norm": self.strategy.grad_norm(),
                 "tokens_per_s": tokens_per_s,
-                "mfu": self.flops_per_token * tokens_per_s / (peak * self.world) if peak else None,
+                "mfu": self.flops_per_token * tokens_per_s / (peak * self.world) if peak and self.flops_per_token
+                else None,
                 "peak_flops_per_worker": peak, "peak_source": peak_source,
                 "tokens": self.tokens, "epoch": self.step / max(self.steps_per_epoch, 1),
                 "attempt_seconds": time.perf_counter() - t_attempt,
@@ -347,8 +390,10 @@ class Worker:
                 "trainable_params": self.trainable_params,
             }
             if do_eval:
-                metrics["val_loss"] = self.evaluate(val_rows)
-                if self.cfg.task is None or self.cfg.task.kind == "sft":  # a perplexity only for token losses
+                metrics["val_loss"], accuracy = self.evaluate(val_rows)
+                if accuracy is not None:
+                    metrics["val_accuracy"] = accuracy
+                elif self.cfg.task is None or self.cfg.task.kind == "sft":  # a perplexity only for token losses
                     metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
             if final and entropy:
                 metrics["val_unigram_entropy"], metrics["val_unigram_tokens"] = entropy.result()
@@ -372,6 +417,14 @@ def export_model(cfg: LoopConfig, state: dict[str, torch.Tensor], folder: Path) 
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"consolidated weights do not fit the model: missing {missing}, unexpected {unexpected}")
     save_model(model, folder)
+
+
+def export_vision_model(cfg: LoopConfig, state: dict[str, torch.Tensor], folder: Path) -> None:
+    """The consolidated fp32 vision model as a Hugging Face folder, label names in config.json."""
+    im = cfg.images
+    model = build_vision_model(cfg.model, im.size, im.channels, len(im.labels))
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})  # strict: every weight
+    save_vision(model, folder, list(im.labels), im.size)
 
 
 def task_objective(spec: TaskSpec, model: torch.nn.Module, world: int) -> torch.nn.Module:

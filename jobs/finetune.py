@@ -39,6 +39,7 @@ from cluster.train_run import FailureConfig, ResourcesConfig, check_resources, c
 from cluster.zero import OptimConfig, ZeroConfig
 from models.arch import CAUSAL
 from models.finetune import TaskSpec
+from models.image_objective import AugmentConfig
 from models.lora import LoraSpec
 
 log = logging.getLogger("helio")
@@ -58,6 +59,7 @@ class BaseConfig:
 @dataclass(frozen=True)
 class DataConfig:
     tasks: str = ""  # a tasks artifact under storage (jobs.make_tasks): reads {task_dir}/train.jsonl, val.jsonl
+    images: str = ""  # task image_classify: an image dataset artifact (jobs.prepare_images) instead
     task_dir: str = ""  # folder in that artifact; default: sft / classify / retrieval by task
     train: str = ""  # or explicit files / folders / URIs (.jsonl, .json or .parquet)
     val: str = ""
@@ -66,8 +68,8 @@ class DataConfig:
     pack: bool = True  # sft, classify: several examples per training row, none attending to another (false: one each)
 
     def __post_init__(self) -> None:
-        if bool(self.tasks) == bool(self.train):
-            raise ValueError("tasks: set exactly one of data.tasks and data.train")
+        if sum(map(bool, (self.tasks, self.train, self.images))) != 1:
+            raise ValueError("tasks: set exactly one of data.tasks, data.train and data.images")
         if self.train and not self.val:
             raise ValueError("val: data.train needs a held-out data.val")
         if self.max_len < 8 or self.max_query_len < 4:
@@ -84,7 +86,7 @@ class EvalConfig:
 @dataclass(frozen=True)
 class FinetuneConfig(JobConfig):
     name: str = "finetune"
-    task: str = "sft"  # sft | classify | embed
+    task: str = "sft"  # sft | classify | embed | image_classify (actors/image_finetune.py)
     method: str = "full"  # full | lora
     base: BaseConfig = field(default_factory=lambda: BaseConfig(artifact="pretrain_demo"))
     data: DataConfig = field(default_factory=lambda: DataConfig(tasks="stdlib_tasks"))
@@ -100,10 +102,14 @@ class FinetuneConfig(JobConfig):
     failure: FailureConfig = field(default_factory=FailureConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow / TensorBoard
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # image_classify: on-the-fly augmentation
+    compare_scratch: bool = False  # image_classify: also train the architecture from scratch (the transfer table)
 
     def __post_init__(self) -> None:
-        if self.task not in ("sft", "classify", "embed"):
-            raise ValueError(f"task: must be sft, classify or embed, not {self.task!r}")
+        if self.task not in ("sft", "classify", "embed", "image_classify"):
+            raise ValueError(f"task: must be sft, classify, embed or image_classify, not {self.task!r}")
+        if (self.task == "image_classify") != bool(self.data.images):
+            raise ValueError("task: image_classify trains on data.images (an image dataset), and only it does")
         if self.method not in ("full", "lora"):
             raise ValueError(f"method: must be full or lora, not {self.method!r}")
         if not self.temperature > 0:
@@ -256,6 +262,10 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     store.artifact_path("model", cfg.name)  # validates the name before any work
     connect_job(cfg)
     check_resources(cfg.resources, embedded(cfg))
+    if cfg.task == "image_classify":
+        from actors import image_finetune
+
+        return image_finetune.run(cfg, store)
     base = open_base(store, cfg.base)
     arch = _arch_config(base).arch
     if (cfg.task == "sft" and arch not in CAUSAL) or (cfg.task == "embed" and arch not in ("encoder", "llama")):

@@ -1,8 +1,10 @@
-"""Pretrain a GPT (causal LM) or a BERT-style encoder (masked LM) on a dataset artifact.
+"""Pretrain a GPT or Llama (causal LM), a BERT-style encoder (masked LM) or a vision model (ResNet, ViT:
+supervised image classification) on a dataset artifact.
 
     python -m jobs.pretrain jobs/configs/pretrain_demo.yaml [--set storage=DIR ...]
 
-Reads `{storage}/datasets/{dataset}` (made by jobs.prepare) and streams it to
+Reads `{storage}/datasets/{dataset}` (made by jobs.prepare, or jobs.prepare_images for a vision model:
+images augmented on the fly, `augment`) and streams it to
 `resources.num_workers` Ray Train workers, each running a DeepSpeed ZeRO engine
 (actors/train_loop.py). Checkpoints go to `{storage}/runs/{name}/` with
 `metrics.jsonl` and `loss.png`; running the job again with the same name and
@@ -23,14 +25,15 @@ import numpy as np
 
 from actors.train_driver import fit
 from actors.train_tracking import TrackingConfig, log_files, tracking_targets
-from actors.train_loop import EXPORT_DIR, FaultConfig, LoopConfig, TrainConfig
+from actors.train_loop import EXPORT_DIR, FaultConfig, ImageSpec, LoopConfig, TrainConfig
 from cluster.cli import JobFailed, run_job, format_summary
 from cluster.config import ConfigError, to_dict
 from cluster.runtime import JobConfig, connect_job, embedded
 from cluster.storage import Artifact, ArtifactError, Storage
 from cluster.train_run import FailureConfig, ResourcesConfig, check_resources, check_resumable
 from cluster.zero import OptimConfig, ZeroConfig
-from models.arch import CAUSAL, ModelConfig
+from models.arch import CAUSAL, VISION, ModelConfig
+from models.image_objective import AugmentConfig
 
 log = logging.getLogger("helio")
 
@@ -59,10 +62,13 @@ class PretrainConfig(JobConfig):
     sample: SampleConfig = field(default_factory=SampleConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)  # testing aid: fail one worker once
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow / TensorBoard
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # image datasets only
 
 
 def open_dataset(store: Storage, name: str) -> tuple[Artifact, dict[str, Any]]:
     art = store.open("dataset", name, verify=False)  # sizes checked here; shards are not re-hashed on the driver
+    if "images" in art.manifest:
+        return art, art.manifest["images"]
     info = art.manifest.get("dataset")
     if not info or "block_len" not in info or "splits" not in info:
         raise ArtifactError(f"dataset artifact '{art.uri}' has no 'dataset' section: was it made by jobs.prepare?")
@@ -95,11 +101,40 @@ def loop_config(cfg: PretrainConfig, art: Artifact, info: dict[str, Any], tokeni
                       pad_id=pad_id if pad_id is not None else 0, special_ids=special_ids, fault=cfg.fault)
 
 
+def image_loop_config(cfg: PretrainConfig, art: Artifact, images: dict[str, Any]) -> LoopConfig:
+    """Checks a vision model's config against an image dataset; the worker's config."""
+    if cfg.model.arch not in VISION:
+        raise ConfigError("model.arch", f"dataset '{art.name}' holds images: train a {' or '.join(VISION)} on it, "
+                                        f"not a {cfg.model.arch}")
+    if cfg.model.arch == "vit" and images["size"] % cfg.model.patch_size:
+        raise ConfigError("model.patch_size", f"{cfg.model.patch_size} does not divide the dataset's "
+                                              f"{images['size']}-pixel images")
+    t, w = cfg.train, cfg.resources.num_workers
+    train, val = images["splits"]["train"]["images"], images["splits"]["val"]["images"]
+    if train < t.micro_batch * t.grad_accum * w:
+        raise ConfigError("train.micro_batch", f"a global batch of {t.micro_batch * t.grad_accum * w} images "
+                                               f"(micro_batch x grad_accum x num_workers) exceeds the dataset's "
+                                               f"{train} training images")
+    if val < t.micro_batch * w * t.eval_batches:
+        raise ConfigError("train.eval_batches", f"the dataset has {val} validation images, fewer than "
+                                                f"{t.eval_batches} evaluation batches of {t.micro_batch * w}")
+    spec = ImageSpec(size=images["size"], channels=images["channels"], labels=tuple(images["classes"]),
+                     augment=cfg.augment)
+    return LoopConfig(model=cfg.model, train=t, zero=cfg.zero, optim=cfg.optim, vocab_size=0, block_len=0,
+                      train_blocks=train, val_files=tuple(art.file_uri(f) for f in images["splits"]["val"]["shards"]),
+                      fault=cfg.fault, images=spec)
+
+
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Trains, exports the model artifact and returns its manifest."""
     store = Storage(cfg.storage)
     store.artifact_path("model", cfg.name)  # validates the name before any work
     art, info = open_dataset(store, cfg.dataset)
+    if "classes" in info:
+        return run_images(cfg, store, art, info)
+    if cfg.model.arch in VISION:
+        raise ConfigError("model.arch", f"a {cfg.model.arch} trains on images; dataset '{cfg.dataset}' holds token "
+                                        f"blocks (make an image dataset with jobs.prepare_images)")
     tokenizer_json = art.read_bytes("tokenizer.json")
     loop = loop_config(cfg, art, info, tokenizer_json)
     connect_job(cfg)
@@ -121,6 +156,49 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     print(summary(manifest, run_uri))
     if cfg.sample.count and cfg.model.arch in CAUSAL:
         print(samples(store, cfg))
+    return manifest
+
+
+def run_images(cfg: PretrainConfig, store: Storage, art: Artifact, images: dict[str, Any]) -> dict[str, Any]:
+    """The vision branch of `run`: supervised pretraining of a ResNet or ViT on an image dataset."""
+    loop = image_loop_config(cfg, art, images)
+    connect_job(cfg)
+    check_resources(cfg.resources, embedded(cfg))
+    run_uri = store.to_uri(f"{store.root_path}/runs/{cfg.name}")
+    check_resumable(run_uri, loop.identity(), cfg.resources.num_workers)
+    t = cfg.train
+    log.info("pretraining a %s on %d classes of %dx%dx%d images for %d steps of %d on %d workers, ZeRO stage %d; "
+             "run folder %s", cfg.model.arch, len(images["classes"]), images["size"], images["size"],
+             images["channels"], t.steps, t.micro_batch * t.grad_accum * cfg.resources.num_workers,
+             cfg.resources.num_workers, cfg.zero.stage, run_uri)
+    tracking = tracking_targets(cfg.tracking, cfg.storage)
+    result, records, seconds = fit(cfg.name, store, loop, [art.file_uri(f) for f in images["splits"]["train"]["shards"]],
+                                   cfg.resources, cfg.failure, f"{cfg.name}: {cfg.model.arch}",
+                                   columns=["pixels", "label"], tracking=tracking, params=to_dict(cfg))
+    final = result.metrics or {}
+    if result.checkpoint is None or final.get("step") != t.steps:
+        raise JobFailed(f"the run in {run_uri} ended without a final checkpoint at step {t.steps}")
+    last_val = next((r for r in reversed(records) if "val_loss" in r), final)
+    speeds = [r["tokens_per_s"] for r in records[1:]] or [final.get("tokens_per_s", 0.0)]  # first: warm-up
+    with result.checkpoint.as_directory() as folder, \
+            store.create("model", cfg.name, to_dict(cfg), parents=[{
+                "kind": "dataset", "name": art.name, "uri": art.uri, "created_at": art.manifest["created_at"]}]) as out:
+        for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
+            out.write_bytes(name, (Path(folder) / EXPORT_DIR / name).read_bytes())
+        out.metrics = {"val_loss": last_val.get("val_loss"), "val_accuracy": last_val.get("val_accuracy"),
+                       "steps": final["step"], "images": final["tokens"],
+                       "images_per_s": float(np.median(speeds)), "seconds": round(seconds, 2)}
+        out.extra["model"] = {"arch": cfg.model.arch, "hf_layout": True, "labels": list(images["classes"]),
+                              "image_size": images["size"], "channels": images["channels"]}
+        out.extra["run"] = {"uri": run_uri, "checkpoint": result.checkpoint.path, "step": final["step"]}
+    manifest = store.open("model", cfg.name, verify=False).manifest
+    log_files(tracking, run_uri, cfg.name, to_dict(cfg), {"helio.json": json.dumps(manifest, indent=1).encode()})
+    m = manifest["metrics"]
+    print(format_summary("pretrain summary", [
+        ("steps / images", f"{m['steps']:,} / {m['images']:,}"),
+        ("validation loss / accuracy", f"{m['val_loss']:.4f} / {m['val_accuracy']:.4f}"),
+        ("images/s (median)", f"{m['images_per_s']:,.0f}"), ("time", f"{m['seconds']:.1f} s"),
+        ("run folder", run_uri), ("model artifact", manifest["name"])]))
     return manifest
 
 

@@ -28,16 +28,17 @@ METHODS = ("full", "lora")
 class TaskSpec:
     """What a finetuning worker builds on top of the base model."""
 
-    kind: str = "sft"  # sft | classify | embed
+    kind: str = "sft"  # sft | classify | embed | image_classify (models/image_finetune.py)
     method: str = "full"  # full | lora
     lora: LoraSpec = field(default_factory=LoraSpec)
     labels: tuple[str, ...] = ()  # classify: the class names, in id order
     temperature: float = 0.05  # embed: softmax temperature of the contrastive loss
     dropout: float | None = None  # overrides the base checkpoint's dropout; None: keep it
+    scratch: bool = False  # image_classify: the base's architecture freshly initialised (the transfer baseline)
 
     def __post_init__(self) -> None:
-        if self.kind not in TASK_KINDS:
-            raise ValueError(f"kind: must be one of {', '.join(TASK_KINDS)}, not {self.kind!r}")
+        if self.kind not in (*TASK_KINDS, "image_classify"):
+            raise ValueError(f"kind: must be one of {', '.join(TASK_KINDS)}, image_classify, not {self.kind!r}")
         if self.method not in METHODS:
             raise ValueError(f"method: must be full or lora, not {self.method!r}")
         if not self.temperature > 0:

@@ -36,7 +36,8 @@ PEFT_PREFIX = "base_model.model."  # PeftModel's key prefix in saved adapters
 # Where LoRA goes when the config names nothing: every attention and MLP projection.
 DEFAULT_TARGETS = {"gpt": ("c_attn", "c_proj", "c_fc"),
                    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-                   "encoder": ("query", "key", "value", "output.dense", "intermediate.dense")}  # not the pooler
+                   "encoder": ("query", "key", "value", "output.dense", "intermediate.dense"),  # not the pooler
+                   "vit": ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc1", "mlp.fc2")}
 
 
 @dataclass(frozen=True)

@@ -149,7 +149,7 @@ def test_a_folder_becomes_shards_with_every_file_accounted_for(ray_cluster, fold
                 raw = files[row["id"][len(str(folder)) + 1:]]
                 assert split_of(hashlib.sha256(raw).digest(), 0.1, 0.1) == split
                 expected = decode(raw, 32, 1, 8)[0]
-                assert row["pixels"] == expected.tobytes()  # what the job stored is what decoding the file gives
+                assert bytes(row["pixels"]) == expected.tobytes()  # what the job stored is what decoding the file gives
                 assert images["classes"][row["label"]] == row["id"][len(str(folder)) + 1:].split("/")[0]
                 seen += 1
         assert rows == info["images"]

@@ -81,7 +81,7 @@ def requests(job: str, cfg: Any) -> list[Request]:
             replica = {"CPU": m.num_cpus, **({"GPU": m.num_gpus} if m.num_gpus else {})}
             bundles += [replica] * (count * (2 if m.canary else 1))
         return [Request(f"{name}: every replica at its maximum", tuple(bundles))]
-    if job in ("prepare", "make_tasks"):
+    if job in ("prepare", "prepare_images", "make_tasks"):
         return [Request(f"{name}: data tasks", (data_task,))]
     if job == "evaluate":
         return [Request(f"{name}: an lm-eval task", ({"CPU": float(cfg.num_cpus)},))]

@@ -31,6 +31,7 @@ class PipelineSections(JobConfig):
 
     name: str = "demo"  # the pipeline's record: {storage}/pipelines/{name}.json
     prepare: dict[str, Any] | None = None  # each section: that stage's job config (absent: no such stage)
+    prepare_images: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> a jobs.prepare_images config
     pretrain: dict[str, Any] | None = None
     make_tasks: dict[str, Any] | None = None
     finetune: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> a jobs.finetune config

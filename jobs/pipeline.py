@@ -69,7 +69,7 @@ class Stage:
 
 def plan(cfg: PipelineConfig) -> list[Stage]:
     """The stages this config runs, in order, each with its validated config and inputs."""
-    from jobs import evaluate, finetune, make_tasks, monitor, prepare, pretrain, quantize, serve
+    from jobs import evaluate, finetune, make_tasks, monitor, prepare, prepare_images, pretrain, quantize, serve
 
     stages: list[Stage] = []
 
@@ -79,6 +79,10 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
     if cfg.prepare is not None:
         c = build(cfg, "prepare", prepare.PrepareConfig, section(cfg, "prepare", cfg.prepare))
         stages.append(Stage("prepare", "prepare", c, "dataset", c.name))
+    for label, body in cfg.prepare_images.items():
+        key = f"prepare_images.{label}"
+        c = build(cfg, key, prepare_images.PrepareImagesConfig, section(cfg, key, body))
+        stages.append(Stage(key, "prepare_images", c, "dataset", c.name))
     if cfg.pretrain is not None:
         data = section(cfg, "pretrain", cfg.pretrain)
         default(data, "dataset", [s.name for s in made("dataset")])
@@ -93,11 +97,12 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
         data = section(cfg, key, body)
         if not value_at(data, "base.hf_folder"):
             default(data, "base.artifact", [pretrained] if pretrained else [])
-        if not value_at(data, "data.train"):
+        if not value_at(data, "data.train") and not value_at(data, "data.images"):
             default(data, "data.tasks", [s.name for s in made("task")])
         c = build(cfg, key, finetune.FinetuneConfig, data)
         inputs = ((("model", c.base.artifact),) if c.base.artifact else ()) + \
-                 ((("task", c.data.tasks),) if c.data.tasks else ())
+                 ((("task", c.data.tasks),) if c.data.tasks else ()) + \
+                 ((("dataset", c.data.images),) if c.data.images else ())
         stages.append(Stage(key, "finetune", c, "model", c.name, inputs))
     if cfg.quantize is not None:
         data = section(cfg, "quantize", cfg.quantize)
@@ -169,6 +174,11 @@ def parents_of(stage: Stage, store: Storage, keys: dict[str, str]) -> dict[str, 
         source = stage.config.source if stage.job == "prepare" else SourceConfig(paths=stage.config.paths,
                                                                                  extensions=(".py",))
         out["files"] = hashlib.sha256(json.dumps(sorted(expand_sources(source).items())).encode()).hexdigest()[:16]
+    elif stage.job == "prepare_images" and stage.config.source.paths:
+        from cluster.storage import iter_files
+
+        found = sorted(f for root in stage.config.source.paths for f in iter_files(root))
+        out["files"] = hashlib.sha256(json.dumps(found).encode()).hexdigest()[:16]
     elif stage.job == "monitor":
         out["serve"] = keys.get("serve")
     return out
@@ -337,6 +347,9 @@ def lineage(stages: list[Stage], store: Storage) -> list[str]:
 
 def _describe_dataset(m: dict[str, Any]) -> str:
     r = m["metrics"]
+    if "images" in m:
+        return (f"dataset {m['name']} ({r['records']['kept']:,} of {r['records']['read']:,} images kept, "
+                f"{len(m['images']['classes'])} classes)")
     return (f"dataset {m['name']} ({r['records']['kept']:,} of {r['records']['read']:,} documents kept, "
             f"{r['train_tokens']:,} train tokens)")
 
@@ -349,7 +362,8 @@ def _describe_model(m: dict[str, Any]) -> str:
                 f"size x{x['size_ratio']:.2f})")
     if "finetune" in m:
         f = m["finetune"]
-        after = ", ".join(f"{k} {v:.4g}" for k, v in (x.get("after") or {}).items() if isinstance(v, (int, float)))
+        after = ", ".join(f"{k} {v:.4g}" for k, v in (x.get("after") or x.get("test") or {}).items()
+                          if isinstance(v, (int, float)))
         return f"model {m['name']} ({f['task']} {f['method']} of {f['base']}: {after or 'done'})"
     if "hf_folder" in m.get("config", {}):
         return f"model {m['name']} (imported from {m['config']['hf_folder']})"

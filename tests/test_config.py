@@ -16,9 +16,9 @@ CONFIGS = sorted(p for p in (JOBS / "configs").glob("*.yaml") if p.name != "serv
 
 def job_of(config: Path) -> str:
     """The job a shipped config belongs to: the longest `_`-prefix of its name that is a module
-    of jobs/ (make_tasks_demo -> jobs.make_tasks, pretrain_mlm_demo -> jobs.pretrain); demo.yaml is
-    the whole pipeline's."""
-    if config.stem == "demo":
+    of jobs/ (make_tasks_demo -> jobs.make_tasks, pretrain_mlm_demo -> jobs.pretrain); demo.yaml and
+    vision_demo.yaml are whole pipelines."""
+    if config.stem in ("demo", "vision_demo"):
         return "jobs.pipeline"
     parts = config.stem.split("_")
     for n in range(len(parts), 0, -1):

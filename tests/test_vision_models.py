@@ -111,3 +111,55 @@ def test_a_torchvision_style_resnet_state_dict_loads_from_a_file_with_names_and_
     with pytest.raises(ValueError, match="missing 1 parameter.s. of this ResNet, e.g. 'layer2.0.bn2.weight'"):
         resnet.load_torchvision_state_dict(loaded, {k: v for k, v in state.items() if k != "layer2.0.bn2.weight"},
                                            str(path))
+
+
+def test_augmentation_is_a_function_of_the_generator_and_off_means_untouched():
+    from models.image_objective import AugmentConfig, ImageClassification
+
+    torch.manual_seed(0)
+    model = vit.ViT(vit.ViTConfig(image_size=16, patch_size=4, channels=1, dim=16, depth=1, heads=2, mlp_dim=32,
+                                  num_labels=3))
+    rows = {"pixels": torch.randint(0, 256, (4, 16 * 16)), "label": torch.tensor([0, 1, 2, 0])}
+    objective = ImageClassification(model, 16, 1, AugmentConfig(shift=2, rotate_deg=10, scale=0.1))
+    a = objective.batch(rows, torch.Generator().manual_seed(7))[0]
+    b = objective.batch(rows, torch.Generator().manual_seed(7))[0]
+    c = objective.batch(rows, torch.Generator().manual_seed(8))[0]
+    plain = (rows["pixels"].float().view(4, 1, 16, 16) / 255 - 0.5) / 0.5
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, plain)
+    assert a.min() >= plain.min() - 1e-6 and a.max() <= plain.max() + 1e-6  # bilinear: no new extremes
+    objective.eval()  # evaluation never augments
+    assert torch.equal(objective.batch(rows, torch.Generator().manual_seed(7))[0], plain)
+    objective.train()
+    off = ImageClassification(model, 16, 1, AugmentConfig(shift=0, rotate_deg=0, scale=0))
+    assert torch.equal(off.batch(rows, torch.Generator().manual_seed(7))[0], plain)
+    loss = objective(*objective.batch(rows, torch.Generator().manual_seed(7)))
+    assert loss.ndim == 0 and 0 <= int(objective.correct) <= 4
+
+
+def test_a_vision_folder_round_trips_and_lora_at_init_is_the_base_with_a_new_head(tmp_path):
+    from models.hf_vision import load_vision, save_vision
+    from models.image_finetune import build_image_task_model
+    from models.lora import LoraSpec
+
+    torch.manual_seed(0)
+    cfg = vit.ViTConfig(image_size=16, patch_size=4, channels=1, dim=16, depth=2, heads=2, mlp_dim=32, num_labels=3)
+    model = vit.ViT(cfg).eval()
+    save_vision(model, tmp_path / "base", ["a", "b", "c"], 16)
+    loaded, labels, size = load_vision(tmp_path / "base")
+    hf = ViTForImageClassification.from_pretrained(tmp_path / "base").eval()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), model(x), rtol=0, atol=0)
+        torch.testing.assert_close(hf(pixel_values=x).logits, model(x))
+    assert (labels, size) == (["a", "b", "c"], 16) and hf.config.id2label == {0: "a", 1: "b", 2: "c"}
+
+    task, head, _ = build_image_task_model("lora", LoraSpec(rank=2), ("x", "y", "z", "w"), tmp_path / "base")
+    assert head == ("head",) and task.head.out_features == 4
+    with torch.no_grad():  # adapters start at B = 0: the backbone computes what the base does
+        torch.testing.assert_close(task.eval().features(x), model.features(x))
+    trainable = {n for n, p in task.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
+    resnet_base = resnet.ResNet(resnet.ResNetConfig(channels=1, stem_width=8, widths=(8,), depths=(1,), num_labels=3))
+    save_vision(resnet_base, tmp_path / "r", ["a", "b", "c"], 16)
+    with pytest.raises(ValueError, match="method lora: Helio adapts a ViT's attention and MLP.*is a resnet"):
+        build_image_task_model("lora", LoraSpec(rank=2), ("x", "y"), tmp_path / "r")

@@ -44,8 +44,8 @@ demo: install
 	@echo "Still serving on the local Ray head: HTTP on 127.0.0.1:8000, gRPC on 127.0.0.1:9000; dashboard $(DASHBOARD)."
 	@echo "make demo again skips every stage whose artifact is current; make stop shuts it all down."
 
-# The image pipeline (glyphs pretrain a ResNet, 10 digits a class finetune it; about 1.5 minutes on 2 cores),
-# submitted the same way; the classification report and the transfer table are in models/resnet_digits.
+# The image pipeline (glyphs pretrain a ResNet, 10 digits a class finetune it, int8, served on /vision and
+# watched; about 2 minutes on 2 cores), submitted the same way; the report and transfer table are in models/resnet_digits.
 vision-demo: install
 	@$(RAYENV) ray get-auth-token --generate >/dev/null
 	@$(RAYENV) ray status >/dev/null 2>&1 && echo "using the Ray head that is already running" || \
@@ -55,7 +55,8 @@ vision-demo: install
 	@echo
 	@echo "vision outputs are under $(STORAGE)/: datasets/glyphs and datasets/digits (Parquet pixels and labels),"
 	@echo "models/resnet_glyphs (pretrained, Hugging Face layout), models/resnet_digits (report.txt, report.json,"
-	@echo "confusion.png; the transfer table in helio.json's metrics). make stop shuts the Ray head down."
+	@echo "confusion.png; the transfer table in helio.json's metrics), models/resnet_digits_int8 (report.json)."
+	@echo "Still serving on the local Ray head: POST http://127.0.0.1:8000/vision/v1/classify (base64 PNGs); make stop ends it."
 
 # Stops the served application and the local Ray head make demo started.
 stop:

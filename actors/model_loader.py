@@ -8,6 +8,7 @@ quality gate rejected it unless forced, and loads it.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -23,6 +24,7 @@ from models.quant import QUANT_CONFIG, load_quantized
 from models.task_heads import SequenceClassifier
 
 MODEL_FILES = ("config.json", "model.safetensors")
+VISION_TYPES = ("resnet", "vit")  # image classifiers (models/hf_vision.py)
 
 
 def check_servable(art: Artifact, force: bool = False) -> None:
@@ -48,6 +50,11 @@ def load_runnable(uri: str, kernel: str = "auto") -> nn.Module:
     fs, path = resolve(uri)
     quantized = fs.get_file_info(f"{path}/{QUANT_CONFIG}").type == pafs.FileType.File
     with fetch_folder(uri, MODEL_FILES + ((QUANT_CONFIG,) if quantized else ())) as folder:
+        if json.loads((Path(folder) / "config.json").read_text()).get("model_type") in VISION_TYPES:
+            from models.hf_vision import load_vision
+            from models.quant_vision import load_int8_vision
+
+            return (load_int8_vision(folder) if quantized else load_vision(folder))[0].eval()
         if quantized:
             return load_quantized(empty_model(folder), folder, kernel)[0]
         return load_inference_model(folder)
@@ -56,7 +63,7 @@ def load_runnable(uri: str, kernel: str = "auto") -> nn.Module:
 def artifact_kind(art: Artifact) -> str:
     """What `model_kind` says of the model an artifact holds, read from its config.json alone."""
     hf = json.loads(art.read_bytes("config.json"))
-    if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []):
+    if any(a.endswith(("ForSequenceClassification", "ForImageClassification")) for a in hf.get("architectures") or []):
         return "classify"
     return "lm" if hf.get("model_type") in ("gpt2", *FAMILIES) and not is_headless(hf) else "embed"
 

@@ -108,6 +108,7 @@ class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = 1 << 20  # also the limit for a gRPC request message
+    max_image_pixels: int = 1 << 24  # an image classifier's input: width x height over it is a 413
     request_timeout_s: float = 60.0  # Helio's deadline for a model's answer (504); also Serve's proxy timeout
 
     def __post_init__(self) -> None:
@@ -130,6 +131,7 @@ class GrpcConfig:
 class ServeConfig(JobConfig):
     """jobs.serve's config (the pipeline's `serve` section): the application and how long to serve it."""
     name: str = "serve_demo"  # the Serve application's name
+    route_prefix: str = "/"  # where its HTTP routes start (another app on the same cluster takes another prefix)
     http: HttpConfig = field(default_factory=HttpConfig)
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
     models: tuple[ModelEntry, ...] = ()
@@ -155,12 +157,19 @@ class ServeConfig(JobConfig):
             raise ValueError(f"start_timeout_s: must be positive, got {self.start_timeout_s}")
         if len(set(ids)) != len(ids):
             raise ValueError(f"models: model ids must be unique, got {ids}")
+        if not self.route_prefix.startswith("/") or (self.route_prefix != "/" and self.route_prefix.endswith("/")):
+            raise ValueError(f"route_prefix: {self.route_prefix!r} must start with / and not end with one (or be /)")
         if self.auth not in ("keys", "none"):
             raise ValueError(f"auth: {self.auth!r} is not keys or none")
         if self.auth == "keys" and not loopback(self.http.host) and not (
                 self.api_keys or env_keys() or self.api_key_file):
             raise ValueError(f"http.host: {self.http.host} is reachable from other machines and no API key is set "
                              f"(api_keys, HELIO_API_KEYS or api_key_file); set one, or auth: none to serve everyone")
+
+
+def app_url(cfg: ServeConfig) -> str:
+    """The application's HTTP base URL: its routes (/v1/...) follow it."""
+    return f"http://{cfg.http.host}:{cfg.http.port}" + ("" if cfg.route_prefix == "/" else cfg.route_prefix)
 
 
 def loopback(host: str) -> bool:
@@ -193,7 +202,7 @@ def _check_device(where: str, m: ModelEntry, name: str, art) -> None:
 def entries(cfg: ServeConfig) -> list[dict[str, Any]]:
     """Each model's entry for the ingress (task, tokenizer, context), checked against its artifact."""
     from actors.chat import tokenizer_files
-    from actors.model_loader import artifact_kind, check_servable
+    from actors.model_loader import VISION_TYPES, artifact_kind, check_servable
 
     store = Storage(cfg.storage)
     out = []
@@ -205,6 +214,14 @@ def entries(cfg: ServeConfig) -> list[dict[str, Any]]:
         kind = artifact_kind(art).replace("lm", "generate")  # a GPT is served for generation
         if kind != m.task:
             raise ConfigError(f"models[{i}].task", f"artifact '{m.artifact}' is a {kind} model, not {m.task}")
+        if hf.get("model_type") in VISION_TYPES:  # an image classifier: no tokenizer, pixels in
+            if m.canary is not None:
+                raise ConfigError(f"models[{i}].canary", "canary rollouts of image classifiers are not supported yet")
+            out.append({"id": m.id, "task": m.task, "artifact": m.artifact, "modality": "image", "context": None,
+                        "image_size": hf.get("helio_image_size") or hf.get("image_size"),
+                        "channels": hf.get("num_channels", 3),
+                        "labels": [hf["id2label"][str(j)] for j in range(len(hf["id2label"]))]})
+            continue
         entry = {"id": m.id, "task": m.task, "artifact": m.artifact,
                  "tokenizer_files": tokenizer_files(art),  # with a checkpoint's chat template and eos ids
                  "context": min(own := hf.get("n_positions") or hf.get("max_position_embeddings"),
@@ -231,7 +248,7 @@ def build_app(cfg: ServeConfig):
     """The Serve application: one deployment per model, bound into the ingress."""
     from actors.chat import ChatFormat
     from actors.serve_api import Api
-    from actors.serve_deployments import Classifier, Embedder, Generator, threads_for
+    from actors.serve_deployments import Classifier, Embedder, Generator, ImageClassifier, threads_for
 
     models = entries(cfg)
     handles = {}
@@ -244,7 +261,7 @@ def build_app(cfg: ServeConfig):
             opts["autoscaling_config"] = to_dict(m.autoscaling)
         else:
             opts["num_replicas"] = m.replicas
-        if m.task != "generate":  # the batched encoders pad with the tokenizer's pad token
+        if m.task != "generate" and e.get("modality") != "image":  # the batched encoders pad with the pad token
             batch = (ChatFormat(e["tokenizer_files"]).pad_id, threads_for(m.num_cpus), m.max_batch_size, m.batch_wait_s)
         versions = [(m.id, opts["name"], m.artifact)]
         if m.canary is not None:
@@ -255,13 +272,15 @@ def build_app(cfg: ServeConfig):
                 Generator.options(**dep).bind(*args, threads_for(m.num_cpus), m.max_batch_size, m.stream_interval_s,
                                               e["context"], m.draft_tokens)
                 if m.task == "generate" else Embedder.options(**dep).bind(*args, *batch) if m.task == "embed" else
-                Classifier.options(**dep).bind(*args, *batch, e["labels"]))
+                ImageClassifier.options(**dep).bind(*args, threads_for(m.num_cpus), m.max_batch_size, m.batch_wait_s,
+                                                    e["labels"], e["image_size"], e["channels"])
+                if e.get("modality") == "image" else Classifier.options(**dep).bind(*args, *batch, e["labels"]))
     return Api.options(ray_actor_options={"num_cpus": cfg.ingress_cpus}, backpressure_config=BACKPRESSURE,
                        graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
                        max_ongoing_requests=cfg.ingress_max_ongoing_requests,
                        max_queued_requests=cfg.ingress_max_queued_requests).bind(
         models, handles, api_keys(cfg), cfg.max_items, cfg.http.max_body_bytes, cfg.http.request_timeout_s,
-        cfg.storage, cfg.name, cfg.api_key_file, cfg.auth, to_dict(cfg.limits))
+        cfg.storage, cfg.name, cfg.api_key_file, cfg.auth, to_dict(cfg.limits), cfg.http.max_image_pixels)
 
 
 def proxy_options(cfg: ServeConfig) -> dict[str, Any]:

@@ -29,7 +29,7 @@ def record_references(cfg: ServeConfig, url: str) -> dict[str, Any]:
     doc: dict[str, Any] = {"app": cfg.name, "recorded": time.time(), "http": url,
                            "grpc": f"{cfg.http.host}:{cfg.grpc.port}" if cfg.grpc.port else None, "models": {}}
     for m in cfg.models:
-        path, body = PROBE[m.task]
+        path, body = request_for(cfg, m, PROBE)
         answer = post(url + path, {"model": m.id, **body}, api_keys(cfg))
         expected = (answer["choices"][0]["text"] if m.task == "generate" else
                     [d["embedding"] for d in answer["data"]] if m.task == "embed" else
@@ -38,6 +38,24 @@ def record_references(cfg: ServeConfig, url: str) -> dict[str, Any]:
                                "path": path, "request": {"model": m.id, **body}, "expected": expected}
     Storage(cfg.storage).write_json(references_path(cfg.name), doc)
     return doc
+
+
+def request_for(cfg: ServeConfig, m: Any, table: dict[str, tuple[str, dict]]) -> tuple[str, dict]:
+    """The probe or sample request (path, body) for a model entry; an image classifier's inputs are known
+    images (actors/serve_images.py), not texts."""
+    if m.task == "classify" and is_image_model(cfg, m.artifact):
+        from actors.serve_images import probe_images
+
+        images = probe_images()
+        return "/v1/classify", {"input": images if table is PROBE else images[0]}
+    return table[m.task]
+
+
+def is_image_model(cfg: ServeConfig, artifact: str) -> bool:
+    from actors.model_loader import VISION_TYPES
+
+    art = Storage(cfg.storage).open("model", artifact, verify=False)
+    return json.loads(art.read_bytes("config.json")).get("model_type") in VISION_TYPES
 
 
 def post(url: str, body: dict, keys: list[str], timeout: float = 120) -> dict:
@@ -62,7 +80,7 @@ def samples(cfg: ServeConfig, url: str) -> str:
     keys = api_keys(cfg)
     lines = []
     for m in cfg.models:
-        path, body = SAMPLE[m.task]
+        path, body = request_for(cfg, m, SAMPLE)
         answer = post(url + path, {"model": m.id, **body}, keys)
         if m.task == "generate":
             shown = repr(body["prompt"] + answer["choices"][0]["text"])
@@ -71,7 +89,10 @@ def samples(cfg: ServeConfig, url: str) -> str:
             shown = f"{len(v)} floats [{', '.join(f'{x:.4f}' for x in v[:4])}, ...]"
         else:
             shown = f"{answer['data'][0]['label']} {answer['data'][0]['probabilities']}"
-        lines.append(f"POST {path} {json.dumps({'model': m.id, **body})}\n  -> {shown}")
+        sent = {"model": m.id, **body}
+        if m.task == "classify" and is_image_model(cfg, m.artifact):
+            sent["input"] = f"<{len(body['input'])} base64 characters: a PNG of the glyph 0>"
+        lines.append(f"POST {cfg.route_prefix.rstrip('/')}{path} {json.dumps(sent)}\n  -> {shown}")
     if cfg.grpc.port:
         lines.append(f"gRPC {cfg.http.host}:{cfg.grpc.port} grpc.health.v1.Health/Check -> {grpc_health(cfg)}")
     return "\n".join(["", "sample requests over HTTP and gRPC:"] + lines)

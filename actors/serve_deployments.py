@@ -46,7 +46,9 @@ def _load(storage: str, artifact: str, force: bool, threads: int) -> torch.nn.Mo
 
 
 def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where the model's tensors are: an int8 vision model has no float parameters (its weights are packed),
+    and runs on CPU."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _padded(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,6 +122,36 @@ class Classifier:
             p = self.model(torch.tensor([[self.pad_id + 1]], device=device), torch.tensor([1], device=device)).softmax(-1)
         if not torch.isfinite(p).all():
             raise RuntimeError("the classifier's answer to a probe is not finite")
+
+
+@serve.deployment
+class ImageClassifier:
+    """A ResNet or ViT (float or int8): each request is one image's uint8 pixels, decoded by the ingress
+    (actors/serve_images.py); requests are batched into one forward."""
+
+    def __init__(self, storage: str, artifact: str, force: bool, threads: int, max_batch_size: int,
+                 batch_wait_s: float, labels: list[str], size: int, channels: int):
+        self.model = _load(storage, artifact, force, threads)
+        self.labels, self.shape = labels, (size, size, channels)
+        self.classify.set_max_batch_size(max_batch_size)
+        self.classify.set_batch_wait_timeout_s(batch_wait_s)
+
+    @serve.batch
+    async def classify(self, images: list[bytes]) -> list[dict[str, float]]:
+        from models.hf_vision import normalize
+
+        pixels = torch.frombuffer(bytearray(b"".join(images)), dtype=torch.uint8).view(len(images), *self.shape)
+        with torch.no_grad():
+            probs = self.model(normalize(pixels).to(_device(self.model))).float().softmax(-1)
+        return [dict(zip(self.labels, p)) for p in probs.tolist()]
+
+    def check_health(self) -> None:
+        from models.hf_vision import normalize
+
+        with torch.no_grad():
+            p = self.model(normalize(torch.zeros(1, *self.shape, dtype=torch.uint8)).to(_device(self.model)))
+        if not torch.isfinite(p).all():
+            raise RuntimeError("the classifier's answer to a blank image is not finite")
 
 
 @serve.deployment

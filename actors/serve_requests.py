@@ -23,6 +23,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from actors.chat import ChatFormat
 from actors.monitor import routing_path
+from actors.serve_images import DATA_URL, ImageError, pixels_of
 from actors.serve_limits import ANONYMOUS, Limiter, Limits, key_id
 from actors.token_scores import Scored
 from cluster.config import from_dict
@@ -124,11 +125,14 @@ class Served:
         self.id, self.task, self.handle, self.canary = entry["id"], entry["task"], handle, canary
         self.artifacts = {"stable": entry["artifact"], "canary": entry.get("canary_artifact")}
         self.version = "stable"
-        self.chat = ChatFormat(entry["tokenizer_files"])
-        self.tokenizer = self.chat.tokenizer
+        self.modality = entry.get("modality", "text")  # image: an image classifier (actors/serve_images.py)
+        self.image = (entry["image_size"], entry["channels"]) if self.modality == "image" else None
         self.context = entry["context"]
-        self.eos_ids = self.chat.eos_ids  # a reply ends at any of them
-        self.imported = "tokenizer_config.json" in entry["tokenizer_files"]  # a checkpoint's own format, not Helio's
+        if self.modality == "text":
+            self.chat = ChatFormat(entry["tokenizer_files"])
+            self.tokenizer = self.chat.tokenizer
+            self.eos_ids = self.chat.eos_ids  # a reply ends at any of them
+            self.imported = "tokenizer_config.json" in entry["tokenizer_files"]  # a checkpoint's own format
 
     def as_version(self, version: str) -> "Served":
         view = copy.copy(self)
@@ -392,7 +396,8 @@ class Frontend:
 
     def __init__(self, models: list[dict[str, Any]], handles: dict[str, Any], api_keys: list[str],
                  max_items: int, max_body_bytes: int, request_timeout_s: float, storage: str, app: str,
-                 key_file: str = "", auth: str = "keys", limits: dict | None = None):
+                 key_file: str = "", auth: str = "keys", limits: dict | None = None,
+                 max_image_pixels: int = 1 << 24):
         self.models = {m["id"]: Served(m, handles[m["id"]], handles.get(f"{m['id']}@canary")) for m in models}
         self.keys = {k.encode(): key_id(k) for k in api_keys + (read_key_file(key_file) if key_file else [])}
         if not self.keys:
@@ -404,6 +409,7 @@ class Frontend:
         if unknown := set(self.limiter.limits.keys) - set(self.keys.values()) - {ANONYMOUS}:
             log.warning("application %s: limits.keys names %s, which is no key's id", app, ", ".join(sorted(unknown)))
         self.max_items, self.max_body_bytes, self.timeout = max_items, max_body_bytes, request_timeout_s
+        self.max_image_pixels = max_image_pixels
         self.created = int(time.time())
         self.store, self.routing_file = Storage(storage), routing_path(app)
         self.routing: dict[str, Any] = {}
@@ -535,11 +541,33 @@ class Frontend:
         """Sends every text of `input` to the model's batched method (each joins the replica's next batch):
         (model, one answer per text, usage)."""
         served = self.model(body.model, task, asked)
-        rows = self._encode(served, [body.input] if isinstance(body.input, str) else body.input, body.truncate)
+        inputs = [body.input] if isinstance(body.input, str) else body.input
         method = getattr(served.handle, task)  # embed / classify
+        if served.modality == "image":
+            images = self._images(served, inputs)
+            answers = await answer(asyncio.gather(*(method.remote(px) for px in images)), self.deadline())
+            return served, list(answers), {"prompt_tokens": 0, "total_tokens": 0}  # images are not tokens
+        looks_like_image = next((i for i, t in enumerate(inputs) if DATA_URL.match(t)), None)
+        if looks_like_image is not None:
+            raise ApiError(400, f"input[{looks_like_image}]: is an image, and model '{served.id}' classifies text",
+                           "input", "wrong_modality")
+        rows = self._encode(served, inputs, body.truncate)
         answers = await answer(asyncio.gather(*(method.remote(r) for r in rows)), self.deadline())
         tokens = sum(len(r) for r in rows)
         return served, list(answers), {"prompt_tokens": tokens, "total_tokens": tokens}
+
+    def _images(self, served: Served, inputs: list[str]) -> list[bytes]:
+        """Each input decoded to the model's pixels; a 400 or 413 naming the first that is not an image."""
+        if not inputs:
+            raise ApiError(400, "input: must hold at least one image", "input")
+        if len(inputs) > self.max_items:
+            raise ApiError(400, f"input: {len(inputs)} items, more than the limit of {self.max_items}", "input")
+        size, channels = served.image
+        try:
+            return [pixels_of(text, i, size, channels, self.max_image_pixels) for i, text in enumerate(inputs)]
+        except ImageError as e:
+            raise ApiError(e.status, str(e), "input", "invalid_image" if e.status == 400 else "image_too_large") \
+                from None
 
     def completion(self, body: CompletionRequest | ChatRequest,
                    asked: str | None = None) -> tuple[Served, list[tuple[list[int], dict, Completion]]]:

@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from actors.serve_app import app_url
 from cluster.cli import USER_ERRORS, JobFailed, UserError, format_summary, run_job
 from cluster.config import ConfigError, to_dict
 from cluster.pipeline_config import RUNTIME_KEYS, PipelineSections, build, default, section, value_at
@@ -126,7 +127,7 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
         server = next((s.config for s in stages if s.job == "serve"), None)
         entry = next((m for m in server.models if m.artifact == value_at(data, "model")), None) if server else None
         if entry is not None and not value_at(data, "served.url"):  # scored as clients reach it, too
-            default(data, "served.url", [f"http://{server.http.host}:{server.http.port}"])
+            default(data, "served.url", [app_url(server)])
             default(data, "served.model", [entry.id])
         c = build(cfg, key, evaluate.EvaluateConfig, data)
         stages.append(Stage(key, "evaluate", c, "evaluation", c.name, (("model", c.model), ("task", c.tasks_artifact))))
@@ -341,7 +342,7 @@ def lineage(stages: list[Stage], store: Storage) -> list[str]:
             chain.insert(0, _describe_dataset(store.open("dataset", dataset, verify=False).manifest))
     if entry is not None:
         chain.append(f"served as '{entry.id}' in application '{served.name}' "
-                     f"(http://{served.config.http.host}:{served.config.http.port}/v1)")
+                     f"({app_url(served.config)}/v1)")
     return chain
 
 

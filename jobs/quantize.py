@@ -290,6 +290,10 @@ def run(cfg: QuantizeConfig) -> dict[str, Any]:
     parent = store.open("model", cfg.model)
     if "quantization" in parent.manifest:
         raise ConfigError("model", f"model artifact '{cfg.model}' is already quantized; quantize its float parent")
+    if json.loads(parent.read_bytes("config.json")).get("model_type") in ("resnet", "vit"):
+        from actors import quantize_images
+
+        return quantize_images.run(cfg, store, parent)
     kind = artifact_kind(parent)
     if cfg.lm_eval.tasks_artifact and kind != "lm":
         raise ConfigError("lm_eval.tasks_artifact", f"lm-eval scores causal LMs; model '{parent.name}' is {kind}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import urllib.error
 
-from actors.serve_app import ServeConfig
+from actors.serve_app import ServeConfig, app_url
 from actors.serve_client import samples
 from cluster.cli import UserError, format_summary, run_job
 from cluster.pipeline_config import PipelineSections, build, section
@@ -23,7 +23,7 @@ def run(cfg: PipelineSections) -> str:
     if cfg.serve is None:
         raise UserError("the pipeline config has no serve section: nothing is served")
     s = build(cfg, "serve", ServeConfig, section(cfg, "serve", cfg.serve))  # as jobs.pipeline builds it
-    url = f"http://{s.http.host}:{s.http.port}"
+    url = app_url(s)
     rows = [("OpenAI-compatible HTTP", f"{url}/v1 (completions, chat/completions, embeddings, classify, models)"),
             ("health", f"{url}/health")]
     if s.grpc.port:

@@ -28,8 +28,8 @@ from typing import Any
 # What the job is made of lives in actors/ (jobs.query and jobs.pipeline use it too); the names
 # callers of jobs.serve know stay importable from here.
 from actors.serve_app import (BACKPRESSURE, ENDPOINT_KINDS, GRPC_SERVICERS, Autoscaling, Canary, GrpcConfig,
-                              HttpConfig, ModelEntry, ServeConfig, api_keys, build_app, entries, proxy_options,
-                              routing)
+                              HttpConfig, ModelEntry, ServeConfig, api_keys, app_url, build_app, entries,
+                              proxy_options, routing)
 from actors.serve_client import PROBE, SAMPLE, grpc_health, post, record_references, samples
 from cluster.cli import UserError, format_summary, run_job
 from cluster.config import load_config
@@ -65,11 +65,11 @@ def deploy(cfg: ServeConfig) -> str:
     store = Storage(cfg.storage)
     store.write_json(routing_path(cfg.name), {"models": {}})  # no canary gets traffic or probes while deploying
     serve.start(**proxy_options(cfg))
-    serve.run_many([serve.RunTarget(application, name=cfg.name, route_prefix="/")],
+    serve.run_many([serve.RunTarget(application, name=cfg.name, route_prefix=cfg.route_prefix)],
                    wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     wait_running(cfg.name, cfg.start_timeout_s)
     store.write_json(routing_path(cfg.name), routing(cfg))  # once every version serves
-    return f"http://{cfg.http.host}:{cfg.http.port}"
+    return app_url(cfg)
 
 
 def wait_running(name: str, timeout_s: float) -> None:

@@ -163,3 +163,36 @@ def test_a_vision_folder_round_trips_and_lora_at_init_is_the_base_with_a_new_hea
     save_vision(resnet_base, tmp_path / "r", ["a", "b", "c"], 16)
     with pytest.raises(ValueError, match="method lora: Helio adapts a ViT's attention and MLP.*is a resnet"):
         build_image_task_model("lora", LoraSpec(rank=2), ("x", "y"), tmp_path / "r")
+
+
+@pytest.mark.parametrize("family", ["resnet", "vit"])
+def test_int8_vision_models_are_saved_as_plain_tensors_and_come_back_exactly(tmp_path, family):
+    from safetensors import safe_open
+
+    from models.hf_vision import save_vision
+    from models.quant_vision import load_int8_vision, quantize_vision, save_int8_vision
+
+    torch.manual_seed(0)
+    if family == "resnet":
+        model = resnet.ResNet(resnet.ResNetConfig(channels=1, stem_width=8, widths=(8, 16), depths=(1, 1),
+                                                  num_labels=4)).eval()
+        _random_batchnorm_stats(model, 4)
+    else:
+        model = vit.ViT(vit.ViTConfig(image_size=16, patch_size=4, channels=1, dim=16, depth=1, heads=2, mlp_dim=32,
+                                      num_labels=4)).eval()
+    x = torch.randn(64, 1, 16, 16)
+    q, desc = quantize_vision(model, [x[:32], x[32:]])
+    assert desc["scheme"] == ("static" if family == "resnet" else "dynamic")
+    save_vision(model, tmp_path, ["a", "b", "c", "d"], 16)  # the float config beside the int8 tensors
+    save_int8_vision(q, desc, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        int8 = [k for k in f.keys() if k.endswith(".weight.int8")]
+        assert int8 and all(f.get_tensor(k).dtype == torch.int8 for k in int8)
+    back, labels, size = load_int8_vision(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(back(x), q(x))  # the same integer weights, scales and activation qparams
+        logits, ref = q(x), model(x)
+    # int8 weights (per channel) and, for the ResNet, int8 activations: the logits move by a few quantization
+    # steps of their range; a fifth of the float logits' spread is far outside that and far under a wrong model
+    assert (logits - ref).abs().max() < 0.2 * (ref.max() - ref.min()), (logits - ref).abs().max()
+    assert labels == ["a", "b", "c", "d"] and size == 16

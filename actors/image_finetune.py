@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.image_report import classification_report, confusion_png, predict_split
+from actors.image_report import accuracy_and_f1, classification_report, confusion_png, predict_split
 from actors.train_driver import fit
 from actors.train_loop import EXPORT_DIR, ImageSpec, LoopConfig
 from actors.train_tracking import log_files, tracking_targets
@@ -122,14 +122,6 @@ def run(cfg: Any, store: Storage) -> dict[str, Any]:
     return manifest
 
 
-def accuracy_and_f1(test: dict[str, list[int]], classes: int) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score
-
-    return {"accuracy": float(accuracy_score(test["labels"], test["predicted"])),
-            "macro_f1": float(f1_score(test["labels"], test["predicted"], labels=list(range(classes)),
-                                       average="macro", zero_division=0))}
-
-
 def export(cfg: Any, store: Storage, base: Artifact, data: Artifact, results: dict[str, Any], report: dict,
            text: str, png: bytes) -> dict[str, Any]:
     """models/{name} (and adapters/{name} for LoRA) with the report files and the transfer table."""
@@ -137,7 +129,8 @@ def export(cfg: Any, store: Storage, base: Artifact, data: Artifact, results: di
     records, final = main["records"], main["result"].metrics
     last_val = next((r for r in reversed(records) if "val_loss" in r), final)
     classes = len(data.manifest["images"]["classes"])
-    transfer = {kind: accuracy_and_f1(r["test"], classes) for kind, r in results.items()}
+    transfer = {kind: accuracy_and_f1(r["test"]["labels"], r["test"]["predicted"], classes)
+                for kind, r in results.items()}
     metrics = {"test": transfer["pretrained"], "transfer": transfer if cfg.compare_scratch else None,
                "val_loss": last_val.get("val_loss"), "val_accuracy": last_val.get("val_accuracy"),
                "steps": final["step"], "train_images": data.manifest["images"]["splits"]["train"]["images"],

@@ -41,6 +41,15 @@ def predict_split(model_uri: str, shard_uris: list[str], threads: int = 1) -> di
     return {"labels": np.concatenate(true).astype(int).tolist(), "predicted": np.concatenate(predicted).tolist()}
 
 
+def accuracy_and_f1(labels: list[int], predicted: list[int], classes: int) -> dict[str, float]:
+    """The two numbers a classifier is gated and compared on: accuracy and macro-averaged F1."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    return {"accuracy": float(accuracy_score(labels, predicted)),
+            "macro_f1": float(f1_score(labels, predicted, labels=list(range(classes)), average="macro",
+                                       zero_division=0))}
+
+
 def classification_report(labels: list[int], predicted: list[int], names: list[str]) -> tuple[dict, str]:
     """(the report as data, as text): per class precision / recall / F1 / support, then accuracy and the
     micro, macro and weighted averages, in scikit-learn's layout."""

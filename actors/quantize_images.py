@@ -55,8 +55,7 @@ def _ms(fn, iters: int) -> float:
 def quantize_and_score(model_uri: str, calibration_uris: list[str], samples: int, test_uris: list[str],
                        threads: int, iters: int) -> dict[str, Any]:
     import torch
-    from sklearn.metrics import accuracy_score, f1_score
-
+    from actors.image_report import accuracy_and_f1
     from cluster.storage import fetch_folder
     from models.hf_vision import load_vision, normalize
     from models.quant_vision import int8_tensors, quantize_vision
@@ -74,9 +73,7 @@ def quantize_and_score(model_uri: str, calibration_uris: list[str], samples: int
     with torch.no_grad():
         for name, m in (("float", model), ("int8", q)):
             predicted = torch.cat([m(x[i:i + 256]).argmax(-1) for i in range(0, len(x), 256)]).numpy()
-            scores[name] = {"accuracy": float(accuracy_score(truth.numpy(), predicted)),
-                            "macro_f1": float(f1_score(truth.numpy(), predicted, labels=list(range(len(labels))),
-                                                       average="macro", zero_division=0))}
+            scores[name] = accuracy_and_f1(truth.tolist(), predicted.tolist(), len(labels))
         for batch in (1, 32):
             xb = x[:batch].contiguous()
             latency[f"b{batch}"] = {name: _ms(lambda m=m: m(xb), iters) for name, m in (("float", model), ("int8", q))}

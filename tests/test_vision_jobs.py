@@ -156,6 +156,19 @@ def test_a_vit_pretrains_under_zero3_and_lora_finetunes_its_attention_and_mlp(im
     with torch.no_grad():
         torch.testing.assert_close(peft_model(pixel_values=x).logits, merged.eval()(x), rtol=1e-4, atol=1e-4)
 
+    # jobs.quantize on a ViT: dynamic int8 of its Linear layers, scored and timed like the ResNet (a barely
+    # trained tiny model's accuracy moves by chance here, so the gate is opened: the path is what is tested)
+    from jobs import quantize
+    from models.quant_vision import load_int8_vision
+
+    qm = quantize.run(load_config(quantize.QuantizeConfig, "jobs/configs/quantize_resnet_digits.yaml",
+                                  [f"storage={images}", "name=vit_digits_int8", "model=vit_digits",
+                                   "max_quality_delta=1.0", "eval.iters=5"]))
+    assert qm["quantization"]["scheme"] == "dynamic" and qm["metrics"]["size_ratio"] < 1
+    int8, _, _ = load_int8_vision(f"{images}/models/vit_digits_int8")
+    with torch.no_grad():
+        assert int8(x).shape == merged(x).shape
+
 
 @pytest.mark.slow
 def test_an_image_run_that_fails_resumes_to_the_same_weights(images):

@@ -117,7 +117,7 @@ class Model(Doc):
     created: int
     owned_by: str
     task: Literal["generate", "embed", "classify"]
-    context: int
+    context: int | None  # tokens a request may hold; None for an image classifier
 
 
 class ModelList(Doc):

@@ -245,6 +245,12 @@ def test_served_image_classifiers_answer_what_the_artifacts_compute_over_http_an
             except urllib.error.HTTPError as e:
                 return e.code, json.loads(e.read())
 
+        from actors.serve_openapi import ModelList
+
+        with urllib.request.urlopen(url + "/v1/models", timeout=60) as r:  # as its OpenAPI document says
+            listed = ModelList.model_validate(json.loads(r.read()))
+        assert {(m.id, m.task, m.context) for m in listed.data} == {("digits", "classify", None),
+                                                                     ("digits-int8", "classify", None)}
         pixels, truth = _test_split(images)
         sample = pixels[:24].view(-1, 32, 32).numpy()
         inputs = [_png_b64(p) for p in sample]

@@ -44,12 +44,6 @@ def _finetune(storage: str, name: str, *overrides: str) -> dict:
     return finetune.run(cfg)
 
 
-def _test_images(storage: str, n: int = 64) -> tuple[torch.Tensor, np.ndarray]:
-    art = Storage(storage).open("dataset", "digits")
-    table = pq.read_table(art.file_uri(art.manifest["images"]["splits"]["test"]["shards"][0]))
-    return torch.from_numpy(blocks(table, "pixels")[:n]), blocks(table, "label")[:n]
-
-
 @pytest.fixture(scope="module")
 def trained(images) -> dict:
     """The demo's recipe, once: a ResNet pretrained on the glyphs, finetuned on 10 digits a class beside the
@@ -99,7 +93,8 @@ def test_glyph_pretraining_transfers_to_ten_digits_a_class_better_than_training_
     folder = Storage(images).root_path + "/models/resnet_digits"
     model, labels, size = load_vision(folder)
     hf = ResNetForImageClassification.from_pretrained(folder).eval()
-    pixels, truth = _test_images(images)
+    pixels, truth = _test_split(images)
+    pixels = pixels[:64]
     x = normalize(pixels.view(-1, size, size, 1))
     with torch.no_grad():
         torch.testing.assert_close(hf(pixel_values=x).logits, model.eval()(x), rtol=1e-4, atol=1e-4)
@@ -151,7 +146,7 @@ def test_a_vit_pretrains_under_zero3_and_lora_finetunes_its_attention_and_mlp(im
                                                         ignore_mismatched_sizes=True)
     peft_model = PeftModel.from_pretrained(base_hf, f"{images}/adapters/vit_digits").eval()
     merged, _, size = load_vision(f"{images}/models/vit_digits")
-    pixels, _ = _test_images(images, 16)
+    pixels = _test_split(images)[0][:16]
     x = normalize(pixels.view(-1, size, size, 1))
     with torch.no_grad():
         torch.testing.assert_close(peft_model(pixel_values=x).logits, merged.eval()(x), rtol=1e-4, atol=1e-4)

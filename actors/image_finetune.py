@@ -23,7 +23,7 @@ from actors.train_tracking import log_files, tracking_targets
 from cluster.cli import JobFailed, format_summary
 from cluster.config import ConfigError, to_dict
 from cluster.storage import Artifact, Storage
-from cluster.train_run import check_resumable
+from cluster.train_run import check_resumable, elastic_max
 from models.arch import ModelConfig
 from models.finetune import TaskSpec
 
@@ -68,7 +68,7 @@ def run(cfg: Any, store: Storage) -> dict[str, Any]:
                                          f"{images['channels']} images; base '{base.name}' takes "
                                          f"{hf.get('image_size', 'any')} pixels a side, {hf.get('num_channels', 3)} "
                                          f"channel(s)")
-    t, w = cfg.train, cfg.resources.num_workers
+    t, w = cfg.train, cfg.resources.max_workers
     splits = images["splits"]
     if splits["train"]["images"] < t.micro_batch * t.grad_accum * w:
         raise ConfigError("train.micro_batch", f"a global batch of {t.micro_batch * t.grad_accum * w} images "
@@ -86,19 +86,19 @@ def run(cfg: Any, store: Storage) -> dict[str, Any]:
                           train_blocks=splits["train"]["images"],
                           val_files=tuple(data.file_uri(f) for f in splits["val"]["shards"]), fault=cfg.fault,
                           task=TaskSpec(**{**spec.__dict__, "scratch": scratch}), base_uri=base.uri,
-                          base_name=base.name, images=image_spec)
+                          base_name=base.name, images=image_spec, max_workers=elastic_max(cfg.resources))
 
     runs = {"pretrained": cfg.name} | ({"scratch": f"{cfg.name}-scratch"} if cfg.compare_scratch else {})
     for kind, name in runs.items():
-        check_resumable(store.to_uri(f"{store.root_path}/runs/{name}"), loop(kind == "scratch").identity(), w)
+        check_resumable(store.to_uri(f"{store.root_path}/runs/{name}"), loop(kind == "scratch").identity(), cfg.resources)
     train_uris = [data.file_uri(f) for f in splits["train"]["shards"]]
     test_uris = [data.file_uri(f) for f in splits["test"]["shards"]]
     tracking = tracking_targets(cfg.tracking, cfg.storage)
     results: dict[str, Any] = {}
     for kind, name in runs.items():
-        log.info("finetuning %s for %s (%s, %s%s) for %d steps of %d images on %d workers", base.name, data.name,
+        log.info("finetuning %s for %s (%s, %s%s) for %d steps of %d images on %s workers", base.name, data.name,
                  cfg.method, arch.arch, ", from scratch" if kind == "scratch" else "", t.steps,
-                 t.micro_batch * t.grad_accum * w, w)
+                 t.micro_batch * t.grad_accum * w, cfg.resources.describe())
         result, records, seconds = fit(name, store, loop(kind == "scratch"), train_uris, cfg.resources, cfg.failure,
                                        f"{name}: image_classify ({cfg.method})", columns=["pixels", "label"],
                                        tracking=tracking, params=to_dict(cfg))

@@ -57,7 +57,8 @@ def fit(name: str, store: Storage, loop: LoopConfig, train_uris: list[str], reso
             train_loop,
             train_loop_config=to_dict(loop),
             scaling_config=ray.train.ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
-                                                   resources_per_worker={"CPU": resources.cpus_per_worker}),
+                                                   resources_per_worker={"CPU": resources.cpus_per_worker},
+                                                   elastic_resize_monitor_interval_s=resources.resize_check_s),
             run_config=ray.train.RunConfig(
                 name=name, storage_path=store.to_uri(f"{store.root_path}/runs"),
                 failure_config=ray.train.FailureConfig(max_failures=failure.max_failures,

@@ -7,6 +7,12 @@ each. Rank r's micro-batch a of a step holds rows [(a*W + r)*m, (a*W + r + 1)*m)
 so one process with micro-batch W*m sees exactly the same global batches; and a
 resumed worker skips the batches its checkpoint already consumed, so a run
 interrupted by failures ends with the same weights as one that was not.
+
+An elastic run (`max_workers`) keeps the global batch of its largest group,
+`micro_batch * grad_accum * max_workers`, at every size W: each worker then
+accumulates grad_accum * max_workers / W micro-batches per step. The step's
+micro-batches, and what is averaged over them, are the same at every size, and a
+checkpoint written by one size resumes at another (cluster.zero's universal path).
 (Every worker reads every token: a few MB/s at 1M tokens/s, far below what the
 model costs, bought for exact resume and exact data-parallel equivalence.)
 """
@@ -117,6 +123,7 @@ class LoopConfig:
     base_uri: str = ""
     base_name: str = ""  # recorded in the PEFT adapter_config.json
     images: ImageSpec | None = None  # an image dataset: a vision model (model.arch resnet / vit) classifies it
+    max_workers: int = 0  # an elastic run's largest group, whose global batch every size trains; 0: a fixed group
 
     def identity(self) -> dict:
         """What a checkpoint must agree on to be resumed: everything that shapes the weights."""
@@ -126,7 +133,8 @@ class LoopConfig:
                         "shuffle_buffer": t.shuffle_buffer, "mask_prob": t.mask_prob,
                         "vocab_size": self.vocab_size, "block_len": self.block_len,
                         "task": self.task, "base_uri": self.base_uri}
-                       | ({"images": self.images} if self.images is not None else {}))
+                       | ({"images": self.images} if self.images is not None else {})
+                       | ({"max_workers": self.max_workers} if self.max_workers else {}))
 
 
 def global_batches(it, rows: int, start_step: int, steps_per_epoch: int, seed: int,
@@ -176,6 +184,12 @@ def mean_across_ranks(value: float, device: torch.device) -> float:
     return t.item() / dist.get_world_size()
 
 
+def sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def max_across_ranks(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -213,7 +227,11 @@ class Worker:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         t = cfg.train
-        self.global_rows = t.micro_batch * t.grad_accum * self.world
+        self.max_world = cfg.max_workers or self.world
+        if (t.grad_accum * self.max_world) % self.world:  # refused before the run (cluster.train_run.check_elastic)
+            raise RuntimeError(f"{self.world} workers cannot share {t.grad_accum * self.max_world} micro-batches")
+        self.grad_accum = t.grad_accum * self.max_world // self.world  # this group's share of a step
+        self.global_rows = t.micro_batch * t.grad_accum * self.max_world
         self.tokens = 0  # model-input tokens trained on so far, all ranks (finetuning: padding not counted)
         self.steps_per_epoch = cfg.train_blocks // self.global_rows
         self.step = 0
@@ -245,7 +263,7 @@ class Worker:
             self.base_folder = fetch_folder(cfg.base_uri, ("config.json", "model.safetensors"))
             self.model, self.head = build_task_model(cfg.task, self.base_folder.name)
             self.objective = task_objective(cfg.task, self.model, self.world)
-        self.strategy = ZeroStrategy(cfg.zero, cfg.optim, micro_batch=t.micro_batch, grad_accum=t.grad_accum,
+        self.strategy = ZeroStrategy(cfg.zero, cfg.optim, micro_batch=t.micro_batch, grad_accum=self.grad_accum,
                                      world_size=self.world, total_steps=t.steps, device=self.device)
         self.engine = self.strategy.setup(self.objective)
         self.trainable_params = sum(getattr(p, "ds_numel", p.numel())  # ZeRO-3 keeps a shard's full size here
@@ -256,32 +274,34 @@ class Worker:
                                 else task_flops_per_token(cfg.task, self.model, seq))
 
     def _generator(self, *salt: int) -> torch.Generator:
-        """Masking randomness that depends only on (seed, step, rank, micro-batch): resumable."""
+        """Masking and augmentation randomness that depends only on (seed, step, which of the step's
+        micro-batches): resumable, and the same at every group size."""
         return torch.Generator().manual_seed(hash((self.cfg.train.seed, *salt)) & 0x7FFFFFFF)
 
     def train_step(self, block: dict[str, np.ndarray]) -> tuple[torch.Tensor, int]:
         """One optimizer step; (mean loss, still on the device: no host sync per micro-batch or step,
         this rank's model-input tokens)."""
         t, loss_sum, tokens = self.cfg.train, torch.zeros((), device=self.device), 0
-        for a in range(t.grad_accum):
+        for a in range(self.grad_accum):
             rows = rank_rows(block, t.micro_batch, a, self.rank, self.world)
             tokens += real_tokens(rows)
-            args = self.objective.batch(rows, self._generator(self.step, self.rank, a))
+            args = self.objective.batch(rows, self._generator(self.step, a * self.world + self.rank))
             loss = self.engine(*(x.to(self.device) for x in args))
             self.strategy.backward(loss)
             self.strategy.step()
             loss_sum += loss.detach().float()
         self.step += 1
-        return loss_sum / t.grad_accum, tokens
+        return loss_sum / self.grad_accum, tokens
 
-    def eval_rows(self) -> list[torch.Tensor]:
-        """This rank's rows of the first `eval_batches` validation batches, read once and kept.
+    def eval_rows(self) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the first `eval_batches` validation batches, read once and kept.
 
-        A fixed sample of a few dozen blocks, read straight from the first
-        shards: every evaluation scores the same rows.
+        A fixed sample of a few dozen blocks, read straight from the first shards: every evaluation
+        scores the same rows, in the same micro-batches at every group size (an evaluation batch is
+        sized for the largest group; rank r takes micro-batches r, r + W, ...).
         """
-        t, rows = self.cfg.train, self.cfg.train.micro_batch * self.world
-        need, parts = rows * t.eval_batches, []
+        t, m = self.cfg.train, self.cfg.train.micro_batch
+        need, parts = m * self.max_world * t.eval_batches, []
         for uri in self.cfg.val_files:
             fs, path = resolve(uri)
             wanted = ["pixels", "label"] if self.cfg.images is not None else None  # not the images' ids
@@ -290,22 +310,24 @@ class Worker:
                 break
         val = {k: np.concatenate([p[k] for p in parts])[:need] for k in parts[0]}
         n = len(next(iter(val.values())))
-        return [rank_rows({k: v[i * rows:(i + 1) * rows] for k, v in val.items()}, t.micro_batch, 0, self.rank,
-                          self.world) for i in range(n // rows)]
+        return [{k: torch.from_numpy(v[i * m:(i + 1) * m].astype(np.int64)) for k, v in val.items()}
+                for i in range(self.rank, n // m, self.world)]
 
     @torch.no_grad()
-    def evaluate(self, rows: list[torch.Tensor]) -> tuple[float, float | None]:
-        """(mean validation loss, accuracy for an image classifier, else None), over every rank's rows."""
+    def evaluate(self, rows: list[dict[str, torch.Tensor]]) -> tuple[float, float | None]:
+        """(mean validation loss over the micro-batches, accuracy for an image classifier, else None),
+        over every rank's rows."""
         self.engine.eval()
         total, correct, seen = 0.0, 0, 0
         for i, r in enumerate(rows):
-            args = self.objective.batch(r, self._generator(-1, self.rank, i))  # same masks every eval
+            index = self.rank + i * self.world  # which micro-batch of the sample: the same masks every eval
+            args = self.objective.batch(r, self._generator(-1, index))
             total += self.engine(*(x.to(self.device) for x in args)).item()
             if self.cfg.images is not None:
                 correct, seen = correct + int(self.objective.correct), seen + len(args[-1])
         self.engine.train()
-        loss = mean_across_ranks(total / max(len(rows), 1), self.device)
-        return loss, (mean_across_ranks(correct / max(seen, 1), self.device) if self.cfg.images else None)
+        total, count, correct, seen = sum_across_ranks([total, len(rows), correct, seen], self.device)
+        return total / max(count, 1), (correct / max(seen, 1) if self.cfg.images else None)
 
     def checkpoint(self, folder: str, final: bool) -> None:
         fault = self.cfg.fault
@@ -346,7 +368,7 @@ class Worker:
         ckpt = ray.train.get_checkpoint()
         with ckpt.as_directory() if ckpt else contextlib.nullcontext() as folder:
             if folder:
-                state = saved_client_state(folder, self.world)
+                state = saved_client_state(folder)
                 self.step, self.tokens, self.resumed = int(state["step"]), int(state.get("tokens", 0)), True
             batches = self.start_data()
             self.setup()
@@ -387,7 +409,7 @@ class Worker:
                 "tokens": self.tokens, "epoch": self.step / max(self.steps_per_epoch, 1),
                 "attempt_seconds": time.perf_counter() - t_attempt,
                 "peak_memory_mb": max_across_ranks(peak_memory_mb(self.device), self.device),
-                "trainable_params": self.trainable_params,
+                "trainable_params": self.trainable_params, "workers": self.world,
             }
             if do_eval:
                 metrics["val_loss"], accuracy = self.evaluate(val_rows)

@@ -43,6 +43,8 @@ def progress_line(m: dict[str, Any]) -> str:
         line += f" MFU {100 * m['mfu']:.1f}%"
     if "val_loss" in m:
         line += f" | val_loss {m['val_loss']:.4f}" + (f" val_ppl {m['val_ppl']:.1f}" if "val_ppl" in m else "")
+    if "workers" in m:
+        line += f" | {m['workers']} worker{'s' if m['workers'] != 1 else ''}"
     return line + (f" | ETA {eta:.0f}s" if eta == eta else "")
 
 

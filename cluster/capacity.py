@@ -68,8 +68,8 @@ def requests(job: str, cfg: Any) -> list[Request]:
     if job in ("pretrain", "finetune"):
         r = cfg.resources
         worker = {"CPU": r.cpus_per_worker, **({"GPU": 1.0} if r.use_gpu else {})}
-        return [Request(f"{name}: {r.num_workers} train workers and a data task",
-                        (worker,) * r.num_workers + (data_task,))]
+        return [Request(f"{name}: {r.min_workers} train workers and a data task",  # elastic: what it needs to start
+                        (worker,) * r.min_workers + (data_task,))]
     if job == "quantize":
         lm_eval = [Request(f"{name}: an lm-eval task", (data_task,))] if cfg.lm_eval.tasks_artifact else []
         return [Request(f"{name}: the timing task", ({"CPU": float(cfg.eval.threads)},)),

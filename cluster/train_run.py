@@ -18,7 +18,11 @@ from cluster.storage import resolve
 
 @dataclass(frozen=True)
 class ResourcesConfig:
-    num_workers: int = 2
+    # A fixed group size, or [min, max]: an elastic group. Ray Train starts as many as the cluster has room
+    # for (up to max), continues with fewer when a node is lost (down to min), and grows again when room
+    # comes back (checked every resize_check_s). The global batch is micro_batch x grad_accum x max
+    # whatever the size: a smaller group accumulates more micro-batches, so every size trains the same run.
+    num_workers: int | tuple[int, ...] = 2
     cpus_per_worker: float = 0.5  # on a small machine leave CPU for Ray Data's read tasks
     use_gpu: bool = False
     # Training input up to this many MiB of Parquet is read once by the driver and handed to the
@@ -28,14 +32,37 @@ class ResourcesConfig:
     # it is handed, so a shuffled run's order depends on which way its input came: keep this
     # setting when resuming a run.
     in_memory_mb: float = 256.0
+    resize_check_s: float = 60.0  # elastic: how often a running group looks for room to grow
 
     def __post_init__(self) -> None:
-        if self.num_workers < 1:
+        if isinstance(self.num_workers, tuple) and len(self.num_workers) != 2:
+            raise ValueError(f"num_workers: an elastic group is [min, max], not {list(self.num_workers)}")
+        if self.min_workers < 1:
             raise ValueError("num_workers: must be at least 1")
+        if self.min_workers > self.max_workers:
+            raise ValueError(f"num_workers: min {self.min_workers} exceeds max {self.max_workers}")
+        if self.resize_check_s <= 0:
+            raise ValueError("resize_check_s: must be positive")
         if self.cpus_per_worker <= 0:
             raise ValueError("cpus_per_worker: must be positive")
         if self.in_memory_mb < 0:
             raise ValueError("in_memory_mb: must be >= 0")
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        """The largest group; the global batch is sized for it."""
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    def describe(self) -> str:
+        return f"{self.min_workers}-{self.max_workers} (elastic)" if self.elastic else str(self.num_workers)
 
 
 @dataclass(frozen=True)
@@ -59,6 +86,11 @@ class FailureConfig:
             raise ValueError("start_timeout_s: must be positive")
 
 
+def elastic_max(r: ResourcesConfig) -> int:
+    """What the worker loop config's `max_workers` is: the largest group of an elastic run, else 0."""
+    return r.max_workers if r.elastic else 0
+
+
 def check_resources(r: ResourcesConfig, embedded: bool) -> None:
     """On the embedded cluster, refuse what would wait forever instead of failing."""
     import ray
@@ -66,20 +98,40 @@ def check_resources(r: ResourcesConfig, embedded: bool) -> None:
     if not embedded:
         return  # a cloud cluster's autoscaler may add what is missing
     res = ray.cluster_resources()
-    if r.use_gpu and res.get("GPU", 0) < r.num_workers:
-        raise ConfigError("resources.use_gpu", f"{r.num_workers} GPU workers asked for, this machine has "
+    n = r.min_workers  # an elastic group starts with what fits, at least min
+    if r.use_gpu and res.get("GPU", 0) < n:
+        raise ConfigError("resources.use_gpu", f"{n} GPU workers asked for, this machine has "
                                                f"{int(res.get('GPU', 0))} GPUs")
-    cpus, asked = res.get("CPU", 0), r.num_workers * r.cpus_per_worker
+    cpus, asked = res.get("CPU", 0), n * r.cpus_per_worker
     if asked >= cpus:
-        raise ConfigError("resources.cpus_per_worker", f"{r.num_workers} workers x {r.cpus_per_worker} CPU take all "
+        raise ConfigError("resources.cpus_per_worker", f"{n} workers x {r.cpus_per_worker} CPU take all "
                                                        f"{cpus:g} CPUs and leave none for Ray Data's reads (the run "
-                                                       f"would hang); use at most {max(cpus - 1, 0.5) / r.num_workers:g}")
+                                                       f"would hang); use at most {max(cpus - 1, 0.5) / n:g}")
 
 
-def check_resumable(run_uri: str, identity: dict[str, Any], num_workers: int) -> None:
+def check_elastic(r: ResourcesConfig, grad_accum: int, zero_stage: int) -> None:
+    """An elastic group must be able to train the same global batch at every size it may take."""
+    if not r.elastic:
+        return
+    if zero_stage == 3:
+        raise ConfigError("resources.num_workers", "an elastic group needs ZeRO stage 0, 1 or 2: DeepSpeed's "
+                                                   "universal checkpoint resumes a ZeRO-3 run at another size only "
+                                                   "approximately (its losses drift by 5e-4 within 8 steps)")
+    micro_batches = grad_accum * r.max_workers  # per optimizer step, shared out among the workers
+    uneven = [n for n in range(r.min_workers, r.max_workers + 1) if micro_batches % n]
+    if uneven:
+        raise ConfigError("resources.num_workers", f"a group of {uneven[0]} workers cannot share the "
+                                                   f"{micro_batches} micro-batches of a step (grad_accum x max "
+                                                   f"workers) evenly; pick a range whose sizes all divide "
+                                                   f"{micro_batches}, or raise train.grad_accum")
+
+
+def check_resumable(run_uri: str, identity: dict[str, Any], resources: ResourcesConfig) -> None:
     """A run folder with checkpoints is resumed; refuse it if they came from a different run.
 
-    `identity` is what a checkpoint must agree on (the worker loop config's `identity()`).
+    `identity` is what a checkpoint must agree on (the worker loop config's `identity()`). A fixed
+    group resumes at its own size only; an elastic one at any size (a universal checkpoint, converted
+    by the workers when the size changed).
     """
     import pyarrow.fs as pafs
 
@@ -98,7 +150,7 @@ def check_resumable(run_uri: str, identity: dict[str, Any], num_workers: int) ->
             continue
         theirs, ours = record["client_state"].get("run", {}), identity
         differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
-        if record["world_size"] != num_workers:
+        if not resources.elastic and record["world_size"] != resources.num_workers:
             differ.append(f"num_workers ({record['world_size']} there)")
         if differ:
             raise UserError(f"run folder {run_uri} holds a checkpoint (step {record['client_state']['step']}) of a "

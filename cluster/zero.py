@@ -12,7 +12,9 @@ A checkpoint's files are pickles (`torch.load`), and a pickle can run code. Noth
 unpickled before every file matches the size and sha256 its rank recorded at save time and no file
 is there that no rank wrote; then DeepSpeed's loads go through `torch.load(weights_only=True)`,
 which builds tensors and plain data only (and the three DeepSpeed data classes its checkpoints hold),
-so even a checkpoint whose records were forged cannot run code here.
+so even a checkpoint whose records were forged cannot run code here. A checkpoint written by a group
+of another size (an elastic run) goes through DeepSpeed's universal checkpoint conversion, which
+unpickles fully; its files' globals are read (not run) and checked first.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,8 +222,28 @@ class ZeroStrategy:
         os.replace(tmp, folder / COMPLETE.format(rank=rank))
 
     def load(self, folder: str | Path) -> dict:
-        """Restores model, optimizer and LR schedule from `folder`; returns the client state."""
-        check_complete(folder, self.world_size)
+        """Restores model, optimizer and LR schedule from `folder`; returns the client state.
+
+        A checkpoint written by a group of another size (an elastic run that lost or gained workers)
+        is loaded through DeepSpeed's universal checkpoint: converted here, after every file was
+        verified, then read with the engine's `load_universal_checkpoint` set for that one load.
+        Without ZeRO the state is not sharded and loads at any size as it is.
+        """
+        saved = check_complete(folder)
+        if saved == self.world_size or self.zero.stage == 0:
+            return self._load(folder)
+        if self.zero.stage == 3:  # also refused before the run starts (cluster.train_run.check_elastic)
+            raise RuntimeError(f"checkpoint {folder} was written by {saved} ZeRO-3 workers and this group has "
+                               f"{self.world_size}: resuming ZeRO-3 at another size is not supported")
+        with tempfile.TemporaryDirectory(prefix="helio-universal-") as universal:
+            to_universal(folder, universal)
+            self.engine._config.load_universal_checkpoint = True  # what engine.load_checkpoint reads
+            try:
+                return self._load(universal)
+            finally:
+                self.engine._config.load_universal_checkpoint = False
+
+    def _load(self, folder: str | Path) -> dict:
         _, client_state = self.engine.load_checkpoint(str(folder), tag=CKPT_TAG, load_optimizer_states=True,
                                                       load_lr_scheduler_states=True)
         if client_state is None:
@@ -255,9 +278,40 @@ class ZeroStrategy:
         return out
 
 
-def saved_client_state(folder: str | Path, world_size: int) -> dict:
+def to_universal(folder: str | Path, out: str | Path) -> None:
+    """DeepSpeed's conversion of a ZeRO-1/2 checkpoint (its `CKPT_TAG` folder) into a universal one
+    under `out`, which any number of workers loads: each parameter's fp32 weights and optimizer state
+    whole, one folder each. DeepSpeed reads the shards with pickle (`weights_only=False`), so this
+    runs only on a checkpoint `check_complete` has verified file by file, and first reads every file's
+    pickled globals (without running them): anything beyond tensors, plain data and `SAFE_GLOBALS`
+    is refused, as `WeightsOnly` refuses it on a load at the same size."""
+    import contextlib
+    import io
+    import time
+    from types import SimpleNamespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    for path in sorted(Path(folder, CKPT_TAG).glob("*.pt")):
+        found = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - set(SAFE_GLOBALS)
+        if found:
+            raise RuntimeError(f"checkpoint file {path} is not tensors and plain data (it would unpickle "
+                               f"{', '.join(sorted(found))}): refused without running it")
+    t0, chatter = time.perf_counter(), io.StringIO()
+    # one process, no pool: a Ray worker's threads and fork() do not mix; inject_missing_state records the
+    # universal format's version, which DeepSpeed expects a Megatron-style client to have set
+    args = SimpleNamespace(input_folder=str(Path(folder) / CKPT_TAG), output_folder=str(Path(out) / CKPT_TAG),
+                           num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                           inject_missing_state=True)
+    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):  # its prints and tqdm bars
+        ds_to_universal(args)
+    logging.getLogger(__name__).info("converted checkpoint %s to a universal checkpoint in %.1f s", folder,
+                                     time.perf_counter() - t0)
+
+
+def saved_client_state(folder: str | Path) -> dict:
     """The client state a complete checkpoint was saved with, read without building an engine."""
-    check_complete(folder, world_size)
+    check_complete(folder)
     return json.loads((Path(folder) / COMPLETE.format(rank=0)).read_text())["client_state"]
 
 
@@ -298,10 +352,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_complete(folder: str | Path, world_size: int) -> None:
-    """Raises, before anything in it is unpickled, if any rank's part of a checkpoint folder is missing,
-    the wrong size or not what the rank wrote (sha256), or if the folder holds a file no rank wrote."""
+def check_complete(folder: str | Path) -> int:
+    """The number of workers that wrote a checkpoint folder. Raises, before anything in it is unpickled,
+    if any rank's part is missing, the wrong size or not what the rank wrote (sha256), or if the folder
+    holds a file no rank wrote."""
     folder = Path(folder)
+    first = folder / COMPLETE.format(rank=0)
+    if not first.is_file():
+        raise RuntimeError(f"checkpoint {folder} is incomplete: rank 0 never finished writing it")
+    world_size = json.loads(first.read_text())["world_size"]
     listed = set(RAY_FILES) | {COMPLETE.format(rank=r) for r in range(world_size)}
     for rank in range(world_size):
         marker = folder / COMPLETE.format(rank=rank)
@@ -309,8 +368,8 @@ def check_complete(folder: str | Path, world_size: int) -> None:
             raise RuntimeError(f"checkpoint {folder} is incomplete: rank {rank} never finished writing it")
         record = json.loads(marker.read_text())
         if record["world_size"] != world_size:
-            raise RuntimeError(f"checkpoint {folder} was written by {record['world_size']} workers, "
-                               f"this run has {world_size}")
+            raise RuntimeError(f"checkpoint {folder} is inconsistent: rank {rank} says {record['world_size']} "
+                               f"workers wrote it, rank 0 says {world_size}")
         for rel, entry in record["files"].items():
             size, digest = (entry, None) if isinstance(entry, int) else (entry["bytes"], entry["sha256"])
             path = folder / rel
@@ -326,3 +385,4 @@ def check_complete(folder: str | Path, world_size: int) -> None:
     if planted:
         raise RuntimeError(f"checkpoint {folder} holds {', '.join(planted)}, which no rank wrote; refused before "
                            f"loading any of it")
+    return world_size

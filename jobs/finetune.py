@@ -35,7 +35,8 @@ from cluster.cli import JobFailed, UserError, format_summary, run_job
 from cluster.config import ConfigError, to_dict
 from cluster.runtime import JobConfig, connect_job, embedded
 from cluster.storage import Artifact, Storage, iter_files, resolve
-from cluster.train_run import FailureConfig, ResourcesConfig, check_resources, check_resumable
+from cluster.train_run import (FailureConfig, ResourcesConfig, check_elastic, check_resources, check_resumable,
+                               elastic_max)
 from cluster.zero import OptimConfig, ZeroConfig
 from models.arch import CAUSAL
 from models.finetune import TaskSpec
@@ -262,6 +263,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     store.artifact_path("model", cfg.name)  # validates the name before any work
     connect_job(cfg)
     check_resources(cfg.resources, embedded(cfg))
+    check_elastic(cfg.resources, cfg.train.grad_accum, cfg.zero.stage)
     if cfg.task == "image_classify":
         from actors import image_finetune
 
@@ -283,15 +285,15 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     spec = TaskSpec(kind=cfg.task, method=cfg.method, lora=cfg.lora, labels=data["labels"],
                     temperature=cfg.temperature, dropout=cfg.dropout)
     loop = loop_config(cfg, spec, base, data, pad_id)
-    check_resumable(run_uri, loop.identity(), cfg.resources.num_workers)
+    check_resumable(run_uri, loop.identity(), cfg.resources)
 
     before = evaluate(evaluator, cfg, base.uri, data["uris"]["val"], eos_id) if cfg.task != "classify" else {}
     if before:
         log.info("base model on the held-out set: %s", before)
     t = cfg.train
-    log.info("finetuning %s (%s, %s) for %d steps of %d rows on %d workers, ZeRO stage %d; run folder %s",
-             base.name, cfg.task, cfg.method, t.steps, t.micro_batch * t.grad_accum * cfg.resources.num_workers,
-             cfg.resources.num_workers, cfg.zero.stage, run_uri)
+    log.info("finetuning %s (%s, %s) for %d steps of %d rows on %s workers, ZeRO stage %d; run folder %s",
+             base.name, cfg.task, cfg.method, t.steps, t.micro_batch * t.grad_accum * cfg.resources.max_workers,
+             cfg.resources.describe(), cfg.zero.stage, run_uri)
     tracking = tracking_targets(cfg.tracking, cfg.storage)
     result, records, seconds = fit(cfg.name, store, loop, [data["uris"]["train"]], cfg.resources, cfg.failure,
                                    f"{cfg.name}: {cfg.task} ({cfg.method})", tracking=tracking, params=to_dict(cfg))
@@ -309,7 +311,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
 
 
 def loop_config(cfg: FinetuneConfig, spec: TaskSpec, base: Artifact, data: dict[str, Any], pad_id: int) -> LoopConfig:
-    t, w = cfg.train, cfg.resources.num_workers
+    t, w = cfg.train, cfg.resources.max_workers
     rows = t.micro_batch * t.grad_accum * w
     if data["rows"]["train"] < rows:
         raise ConfigError("train.micro_batch", f"a global batch of {rows} rows (micro_batch x grad_accum x "
@@ -320,7 +322,7 @@ def loop_config(cfg: FinetuneConfig, spec: TaskSpec, base: Artifact, data: dict[
     return LoopConfig(model=_arch_config(base), train=t, zero=cfg.zero, optim=cfg.optim, vocab_size=0,
                       block_len=cfg.data.max_len + 1, train_blocks=data["rows"]["train"],
                       val_files=(data["uris"]["val"],), pad_id=pad_id, fault=cfg.fault, task=spec,
-                      base_uri=base.uri, base_name=base.name)
+                      base_uri=base.uri, base_name=base.name, max_workers=elastic_max(cfg.resources))
 
 
 def _arch_config(base: Artifact):

@@ -30,7 +30,8 @@ from cluster.cli import JobFailed, run_job, format_summary
 from cluster.config import ConfigError, to_dict
 from cluster.runtime import JobConfig, connect_job, embedded
 from cluster.storage import Artifact, ArtifactError, Storage
-from cluster.train_run import FailureConfig, ResourcesConfig, check_resources, check_resumable
+from cluster.train_run import (FailureConfig, ResourcesConfig, check_elastic, check_resources, check_resumable,
+                               elastic_max)
 from cluster.zero import OptimConfig, ZeroConfig
 from models.arch import CAUSAL, VISION, ModelConfig
 from models.image_objective import AugmentConfig
@@ -85,7 +86,7 @@ def loop_config(cfg: PretrainConfig, art: Artifact, info: dict[str, Any], tokeni
     mask_id, pad_id = tok.token_to_id("[MASK]"), tok.token_to_id("<|pad|>")
     if cfg.model.arch == "encoder" and mask_id is None:
         raise ConfigError("model.arch", "the dataset's tokenizer has no [MASK] token, so it cannot train a masked LM")
-    t, w = cfg.train, cfg.resources.num_workers
+    t, w = cfg.train, cfg.resources.max_workers
     rows = t.micro_batch * t.grad_accum * w
     train_blocks, val_blocks = info["splits"]["train"]["blocks"], info["splits"]["val"]["blocks"]
     if train_blocks < rows:
@@ -98,7 +99,8 @@ def loop_config(cfg: PretrainConfig, art: Artifact, info: dict[str, Any], tokeni
                       block_len=info["block_len"], train_blocks=train_blocks,
                       val_files=tuple(art.file_uri(f) for f in info["splits"]["val"]["shards"]),
                       mask_id=mask_id if mask_id is not None else -1,
-                      pad_id=pad_id if pad_id is not None else 0, special_ids=special_ids, fault=cfg.fault)
+                      pad_id=pad_id if pad_id is not None else 0, special_ids=special_ids, fault=cfg.fault,
+                      max_workers=elastic_max(cfg.resources))
 
 
 def image_loop_config(cfg: PretrainConfig, art: Artifact, images: dict[str, Any]) -> LoopConfig:
@@ -109,7 +111,7 @@ def image_loop_config(cfg: PretrainConfig, art: Artifact, images: dict[str, Any]
     if cfg.model.arch == "vit" and images["size"] % cfg.model.patch_size:
         raise ConfigError("model.patch_size", f"{cfg.model.patch_size} does not divide the dataset's "
                                               f"{images['size']}-pixel images")
-    t, w = cfg.train, cfg.resources.num_workers
+    t, w = cfg.train, cfg.resources.max_workers
     train, val = images["splits"]["train"]["images"], images["splits"]["val"]["images"]
     if train < t.micro_batch * t.grad_accum * w:
         raise ConfigError("train.micro_batch", f"a global batch of {t.micro_batch * t.grad_accum * w} images "
@@ -122,7 +124,7 @@ def image_loop_config(cfg: PretrainConfig, art: Artifact, images: dict[str, Any]
                      augment=cfg.augment)
     return LoopConfig(model=cfg.model, train=t, zero=cfg.zero, optim=cfg.optim, vocab_size=0, block_len=0,
                       train_blocks=train, val_files=tuple(art.file_uri(f) for f in images["splits"]["val"]["shards"]),
-                      fault=cfg.fault, images=spec)
+                      fault=cfg.fault, images=spec, max_workers=elastic_max(cfg.resources))
 
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
@@ -137,16 +139,17 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
                                         f"blocks (make an image dataset with jobs.prepare_images)")
     tokenizer_json = art.read_bytes("tokenizer.json")
     loop = loop_config(cfg, art, info, tokenizer_json)
+    check_elastic(cfg.resources, cfg.train.grad_accum, cfg.zero.stage)
     connect_job(cfg)
     check_resources(cfg.resources, embedded(cfg))
     run_uri = store.to_uri(f"{store.root_path}/runs/{cfg.name}")
-    check_resumable(run_uri, loop.identity(), cfg.resources.num_workers)
+    check_resumable(run_uri, loop.identity(), cfg.resources)
 
     train_uris = [art.file_uri(f) for f in info["splits"]["train"]["shards"]]
     t = cfg.train
-    log.info("pretraining a %s (%s) for %d steps of %d x %d tokens on %d workers, ZeRO stage %d; run folder %s",
-             cfg.model.arch, _size(cfg.model), t.steps, t.micro_batch * t.grad_accum * cfg.resources.num_workers,
-             loop.block_len - 1, cfg.resources.num_workers, cfg.zero.stage, run_uri)
+    log.info("pretraining a %s (%s) for %d steps of %d x %d tokens on %s workers, ZeRO stage %d; run folder %s",
+             cfg.model.arch, _size(cfg.model), t.steps, t.micro_batch * t.grad_accum * cfg.resources.max_workers,
+             loop.block_len - 1, cfg.resources.describe(), cfg.zero.stage, run_uri)
     tracking = tracking_targets(cfg.tracking, cfg.storage)
     result, records, seconds = fit(cfg.name, store, loop, train_uris, cfg.resources, cfg.failure,
                                    f"{cfg.name}: {cfg.model.arch}", columns=["input_ids"], tracking=tracking,
@@ -162,15 +165,16 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
 def run_images(cfg: PretrainConfig, store: Storage, art: Artifact, images: dict[str, Any]) -> dict[str, Any]:
     """The vision branch of `run`: supervised pretraining of a ResNet or ViT on an image dataset."""
     loop = image_loop_config(cfg, art, images)
+    check_elastic(cfg.resources, cfg.train.grad_accum, cfg.zero.stage)
     connect_job(cfg)
     check_resources(cfg.resources, embedded(cfg))
     run_uri = store.to_uri(f"{store.root_path}/runs/{cfg.name}")
-    check_resumable(run_uri, loop.identity(), cfg.resources.num_workers)
+    check_resumable(run_uri, loop.identity(), cfg.resources)
     t = cfg.train
-    log.info("pretraining a %s on %d classes of %dx%dx%d images for %d steps of %d on %d workers, ZeRO stage %d; "
+    log.info("pretraining a %s on %d classes of %dx%dx%d images for %d steps of %d on %s workers, ZeRO stage %d; "
              "run folder %s", cfg.model.arch, len(images["classes"]), images["size"], images["size"],
-             images["channels"], t.steps, t.micro_batch * t.grad_accum * cfg.resources.num_workers,
-             cfg.resources.num_workers, cfg.zero.stage, run_uri)
+             images["channels"], t.steps, t.micro_batch * t.grad_accum * cfg.resources.max_workers,
+             cfg.resources.describe(), cfg.zero.stage, run_uri)
     tracking = tracking_targets(cfg.tracking, cfg.storage)
     result, records, seconds = fit(cfg.name, store, loop, [art.file_uri(f) for f in images["splits"]["train"]["shards"]],
                                    cfg.resources, cfg.failure, f"{cfg.name}: {cfg.model.arch}",

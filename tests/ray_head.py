@@ -25,7 +25,7 @@ BIN = Path(sys.executable).parent  # the venv's ray and python: what a job's `py
 
 
 class RayHead:
-    def __init__(self, num_cpus: int = 2, autoscaling_config: str | None = None):
+    def __init__(self, num_cpus: int = 2, autoscaling_config: str | None = None, quick_node_death: bool = False):
         # a short folder of its own: Ray's socket paths under it must stay within 107 bytes
         self.root = Path(tempfile.mkdtemp(prefix="hh", dir="/tmp"))
         self.temp_dir = self.root / "ray"
@@ -33,6 +33,7 @@ class RayHead:
         self.token.write_text("helio-test-" + os.urandom(16).hex())
         self.port, self.dashboard_port = free_port(), free_port()
         self.num_cpus, self.autoscaling_config = num_cpus, autoscaling_config
+        self.quick_node_death = quick_node_death or autoscaling_config is not None
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.working_dir = str(REPO)  # uploaded by `ray job submit`, unpacked on each node
 
@@ -48,12 +49,12 @@ class RayHead:
                # the agent's default port (52365) is taken while the session's own cluster runs
                f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]
         extra = {}
+        if self.quick_node_death:  # a killed node is declared dead after ~3 s of failed health checks, not ~20 s
+            extra = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+                     "RAY_health_check_failure_threshold": "3"}
         if self.autoscaling_config:
             cmd.append(f"--autoscaling-config={self.autoscaling_config}")
-            extra = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-                     # a killed node is declared dead after ~3 s of failed health checks, not Ray's ~20 s
-                     "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
-                     "RAY_health_check_failure_threshold": "3"}
+            extra |= {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
         done = subprocess.run(cmd, env=self.env(**extra), capture_output=True, text=True, timeout=120)
         if done.returncode:
             self.stop()
@@ -71,6 +72,19 @@ class RayHead:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the job API of {self.address} never took a job: {done.stderr[-2000:]}")
             time.sleep(1)
+
+    def add_node(self, name: str, num_cpus: int = 1) -> None:
+        """Starts a worker node on this machine (a raylet of its own) joined to this head; its processes,
+        and every worker it starts, carry HELIO_TEST_NODE=name in their environment (`kill_node`)."""
+        cmd = [str(BIN / "ray"), "start", f"--address={self.gcs_address()}", f"--num-cpus={num_cpus}",
+               f"--temp-dir={self.temp_dir}", f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]
+        done = subprocess.run(cmd, env=self.env(HELIO_TEST_NODE=name), capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            raise RuntimeError(f"ray start (node {name}) failed: {done.stderr[-3000:]}")
+
+    def kill_node(self, name: str) -> int:
+        """Kills a node added by `add_node` as a machine dies: every process of it at once; returns how many."""
+        return kill_processes_marked(f"HELIO_TEST_NODE={name}".encode())
 
     def gcs_address(self) -> str:
         """host:port of the head's GCS (the address `ray start` chose to advertise)."""
@@ -138,3 +152,27 @@ class RayHead:
             except OSError:
                 pass
         return out
+
+
+def kill_processes_marked(entry: bytes) -> int:
+    """SIGKILLs, all at once, every process with `entry` (NAME=value) in its environment and every process
+    below them; returns how many. A node's raylet and agents carry its mark, and the workers the raylet
+    forked inherit it."""
+    parents: dict[int, int] = {}
+    doomed: set[int] = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit():
+                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if entry in (proc / "environ").read_bytes().split(b"\0"):
+                    doomed.add(int(proc.name))
+        except OSError:
+            pass
+    while grown := {pid for pid, ppid in parents.items() if ppid in doomed and pid not in doomed}:
+        doomed |= grown
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(doomed)

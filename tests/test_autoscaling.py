@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-import signal
 import shutil
 import textwrap
 import time
@@ -17,31 +15,14 @@ import pytest
 import yaml
 
 from cluster.storage import Storage
-from ray_head import REPO, RayHead
+from ray_head import REPO, RayHead, kill_processes_marked
+from waiting import reported_checkpoint, wait_for
 from tiny_data import write_tiny_dataset
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # full tier: the pipeline test runs each component once in make test-fast
 TINY_GPT = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "train.micro_batch=2", "train.log_every=2",
             "train.eval_every=1000", "train.eval_batches=1", "train.shuffle_buffer=16", "optim.warmup_steps=2",
             "resources.num_workers=2", "resources.cpus_per_worker=0.5", "sample.count=0"]
-
-
-def wait_for(what: str, check, timeout: float, every: float = 0.5, job=None):
-    """Polls `check` until it is truthy; with `job` (a running `ray job submit`), stops as soon as the
-    job ends and shows what it printed, as it does on a timeout (after ending the job)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        ended = job is not None and job.poll() is not None
-        if ended or time.monotonic() > deadline:
-            if job is not None and not ended:
-                job.kill()
-            log = job.communicate()[0][-4000:] if job is not None else ""
-            why = f"the job ended (exit {job.returncode})" if ended else f"timed out after {timeout:.0f} s"
-            raise AssertionError(f"{why} waiting for {what}\n{log}")
-        time.sleep(every)
 
 
 @pytest.fixture(scope="module")
@@ -133,34 +114,7 @@ def _train_worker_nodes() -> set[bytes]:
 def _kill_node(node_id: bytes) -> int:
     """Kills a fake node as a machine dies: its raylet and agents (started with its id in their
     environment) and every process below them (the workers the raylet forked), all at once."""
-    mark = MARK + node_id
-    parents: dict[int, int] = {}
-    doomed: set[int] = set()
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit():
-                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                if mark in (proc / "environ").read_bytes().split(b"\0"):
-                    doomed.add(int(proc.name))
-        except OSError:
-            pass
-    while grown := {pid for pid, ppid in parents.items() if ppid in doomed and pid not in doomed}:
-        doomed |= grown
-    for pid in doomed:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return len(doomed)
-
-
-def _reported_checkpoint(run: Path) -> int | None:
-    """The step of the last checkpoint Ray Train has registered (metrics.jsonl records it), if any."""
-    try:
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    except (OSError, json.JSONDecodeError):
-        return None
-    return next((r["step"] for r in reversed(records) if r.get("checkpoint")), None)
+    return kill_processes_marked(MARK + node_id)
 
 
 def test_killing_a_worker_node_mid_training_resumes_from_the_last_checkpoint(cluster, tmp_path):
@@ -174,7 +128,7 @@ def test_killing_a_worker_node_mid_training_resumes_from_the_last_checkpoint(clu
                          timeout=0, wait=False)
     try:
         run = storage / "runs" / "survivor"
-        first = wait_for("a reported checkpoint", lambda: _reported_checkpoint(run), timeout=240, every=0.1,
+        first = wait_for("a reported checkpoint", lambda: reported_checkpoint(run), timeout=240, every=0.1,
                          job=job)
         nodes = _train_worker_nodes()
         assert nodes, "no Ray Train worker is running"

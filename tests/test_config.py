@@ -102,3 +102,26 @@ def test_a_serve_models_context_cap_is_checked_where_it_is_written():
     with pytest.raises(ConfigError, match=r"'models\[0\].draft_tokens': must not be negative \(0 turns"):
         load_config(ServeConfig, None, ["models=[{id: m, artifact: a, draft_tokens: -1}]"])
     assert load_config(ServeConfig, None, ["models=[{id: m, artifact: a, draft_tokens: 0}]"]).models[0].draft_tokens == 0
+
+
+def test_num_workers_is_a_size_or_an_elastic_range():
+    from cluster.train_run import ResourcesConfig, check_elastic, elastic_max
+
+    fixed = from_dict(ResourcesConfig, {"num_workers": 2})
+    assert (fixed.elastic, fixed.min_workers, fixed.max_workers, elastic_max(fixed)) == (False, 2, 2, 0)
+    elastic = from_dict(ResourcesConfig, {"num_workers": [1, 2], "resize_check_s": 5})
+    assert (elastic.elastic, elastic.min_workers, elastic.max_workers, elastic_max(elastic)) == (True, 1, 2, 2)
+    assert from_dict(ResourcesConfig, to_dict(elastic)) == elastic
+    for bad, words in (([2, 1], "min 2 exceeds max 1"), ([1, 2, 3], r"is \[min, max\]"), ([0, 2], "at least 1"),
+                       ("two", "must be")):
+        with pytest.raises(ConfigError, match=words) as e:
+            from_dict(ResourcesConfig, {"num_workers": bad}, "resources")
+        assert e.value.key == "resources.num_workers"
+    check_elastic(elastic, grad_accum=1, zero_stage=2)  # 1 worker takes both micro-batches, 2 one each
+    check_elastic(fixed, grad_accum=1, zero_stage=3)  # a fixed group never changes size
+    with pytest.raises(ConfigError, match="group of 3 workers cannot share the 4 micro-batches"):
+        check_elastic(from_dict(ResourcesConfig, {"num_workers": [2, 4]}), grad_accum=1, zero_stage=2)
+    check_elastic(from_dict(ResourcesConfig, {"num_workers": [2, 4]}), grad_accum=3, zero_stage=1)  # 12 = 3 x 4
+    with pytest.raises(ConfigError, match="needs ZeRO stage 0, 1 or 2") as e:
+        check_elastic(elastic, grad_accum=1, zero_stage=3)
+    assert e.value.key == "resources.num_workers"

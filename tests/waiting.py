@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +37,30 @@ def metric(text: str, name: str, **labels: str) -> float:
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def wait_for(what: str, check, timeout: float, every: float = 0.5, job=None):
+    """Polls `check` until it is truthy; with `job` (a running `ray job submit`), stops as soon as the
+    job ends and shows what it printed, as it does on a timeout (after ending the job)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        ended = job is not None and job.poll() is not None
+        if ended or time.monotonic() > deadline:
+            if job is not None and not ended:
+                job.kill()
+            log = job.communicate()[0][-4000:] if job is not None else ""
+            why = f"the job ended (exit {job.returncode})" if ended else f"timed out after {timeout:.0f} s"
+            raise AssertionError(f"{why} waiting for {what}\n{log}")
+        time.sleep(every)
+
+
+def reported_checkpoint(run: Path) -> int | None:
+    """The step of the last checkpoint Ray Train has registered (metrics.jsonl records it), if any."""
+    try:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    except (OSError, json.JSONDecodeError):
+        return None
+    return next((r["step"] for r in reversed(records) if r.get("checkpoint")), None)

@@ -209,3 +209,56 @@ def pack_rows(cols: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]
             at += n
         out["length"][r] = at
     return out
+
+
+def pack_pairs(cols: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+    """Contrastive rows of one pair each (query, positive, optional hard negative), right-padded, ->
+    packed rows of several pairs: pair k of a row is segment k + 1 of its query row, its positive row
+    and its negative row alike, so the pairing survives packing.
+
+    Best-fit decreasing on the positives (the long texts): the longest first, each into the fullest
+    row whose positive, query and negative rows all still have room, else a new row. Columns: query_ids
+    and query_segment (rows, Lq), pos_* and neg_* (rows, L), and per-pair lengths query_len, pos_len,
+    neg_len (rows, K), 0 after the row's pairs (a pair without a negative has neg_len 0 and no tokens
+    in the negative row)."""
+    import bisect
+
+    parts = [p for p in ("query", "pos", "neg") if f"{p}_ids" in cols]
+    width = {p: cols[f"{p}_ids"].shape[1] for p in parts}
+    lengths = {p: cols[f"{p}_len"].astype(np.int64) for p in parts}
+    rooms: list[tuple[int, int]] = []  # (room left in the positive row, row), sorted
+    left: list[dict[str, int]] = []  # per row: room left in each part
+    rows: list[list[int]] = []
+    for i in np.argsort(-lengths["pos"], kind="stable"):
+        need = {p: int(lengths[p][i]) for p in parts}
+        at = bisect.bisect_left(rooms, (need["pos"], -1))
+        # the fullest rows first: a few tries for one whose other parts fit too
+        while at < min(len(rooms), at + 8) and any(left[rooms[at][1]][p] < need[p] for p in parts):
+            at += 1
+        if at < len(rooms) and all(left[rooms[at][1]][p] >= need[p] for p in parts):
+            _, row = rooms.pop(at)
+        else:
+            rows.append([])
+            left.append(dict(width))
+            row = len(rows) - 1
+        rows[row].append(int(i))
+        for p in parts:
+            left[row][p] -= need[p]
+        if left[row]["pos"] > 0:
+            bisect.insort(rooms, (left[row]["pos"], row))
+    slots = max(map(len, rows))
+    out: dict[str, np.ndarray] = {}
+    for p in parts:
+        ids, lens = cols[f"{p}_ids"], lengths[p]
+        out[f"{p}_ids"] = np.full((len(rows), width[p]), pad_id, dtype=ids.dtype)
+        out[f"{p}_segment"] = np.zeros((len(rows), width[p]), dtype=np.int32)
+        out[f"{p}_len"] = np.zeros((len(rows), slots), dtype=cols[f"{p}_len"].dtype)
+        for r, members in enumerate(rows):
+            at = 0
+            for s, i in enumerate(members, start=1):
+                n = int(lens[i])
+                out[f"{p}_ids"][r, at:at + n] = ids[i, :n]
+                out[f"{p}_segment"][r, at:at + n] = s
+                out[f"{p}_len"][r, s - 1] = n
+                at += n
+    return out

@@ -159,11 +159,12 @@ def rank_rows(batch: dict[str, np.ndarray], micro: int, accum_index: int, rank: 
 
 
 def real_tokens(rows: dict[str, torch.Tensor]) -> int:
-    """Model-input tokens in a micro-batch: the `*len` columns' sum (finetuning rows are padded),
+    """Model-input tokens in a micro-batch: the `*len` columns' sum (finetuning rows are padded; sft's
+    prompt_len is a part of its length),
     else full blocks of L-1 inputs (pretraining); images count one each."""
     if "pixels" in rows:
         return rows["pixels"].size(0)
-    lengths = [v for k, v in rows.items() if k == "length" or k.endswith("_len")]
+    lengths = [v for k, v in rows.items() if k == "length" or (k.endswith("_len") and k != "prompt_len")]
     if lengths:
         return int(sum(int(v.sum()) for v in lengths))
     ids = rows["input_ids"]
@@ -171,9 +172,19 @@ def real_tokens(rows: dict[str, torch.Tensor]) -> int:
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """(m, ...) on each rank -> (W*m, ...) in rank order; this rank's rows keep their autograd history."""
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
+    """(m_r, ...) on each rank r -> (sum of m_r, ...) in rank order; this rank's rows keep their autograd
+    history. Ranks may hold different numbers of rows (packed contrastive rows hold a varying number of
+    pairs): each is padded to the largest for the collective and cut back after."""
+    world = dist.get_world_size()
+    counts = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([x.size(0)], dtype=torch.int64, device=x.device))
+    counts = [int(c) for c in counts]
+    most = max(counts)
+    padded = torch.zeros((most, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[:x.size(0)] = x.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    parts = [p[:n] for p, n in zip(parts, counts)]
     parts[dist.get_rank()] = x
     return torch.cat(parts)
 

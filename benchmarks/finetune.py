@@ -1,8 +1,8 @@
 """Benchmark: full vs LoRA finetuning of all-MiniLM-L6-v2 for stdlib docstring <-> code retrieval, and
-packed vs unpacked SFT rows.
+packed vs unpacked SFT rows and contrastive pairs.
 
     .venv/bin/python benchmarks/finetune.py [--steps N] [--out benchmarks/results/finetune.json]
-    .venv/bin/python benchmarks/finetune.py --packing [--steps N]   # only the SFT packing comparison
+    .venv/bin/python benchmarks/finetune.py --packing [--steps N]   # only the packing comparisons
 
 Measured in one run, same machine, same model, same data, same global batch,
 same steps: `jobs.finetune` with `method: full` (every weight trained: the
@@ -19,7 +19,9 @@ Packing (`--packing`, also part of the default run): the demo's SFT (jobs/config
 docstring -> function on the stdlib tasks, max_len 256) on a briefly pretrained demo Llama, with
 `data.pack: true` (several examples per row, none attending to another) and `false` (one per row,
 each batch trimmed to its longest), same steps and micro-batch: useful (non-padding) tokens/s, and
-the rows' padding. Target (issue 19): packed >= 2x the unpacked run's useful tokens/s.
+the rows' padding. Target (issue 19): packed >= 2x the unpacked run's useful tokens/s. The same for
+the embedding demo's contrastive pairs (MiniLM LoRA): pairs per row, padding, useful tokens/s and the
+held-out MRR after training.
 """
 
 from __future__ import annotations
@@ -41,10 +43,12 @@ def run(args: list[str]) -> None:
                    stderr=subprocess.DEVNULL)
 
 
-def finetune(storage: str, method: str, steps: int, gpu: bool) -> dict:
-    name = f"bench_{method}_{int(time.time())}"  # a fresh run folder: an existing one would be resumed
+def finetune(storage: str, method: str, steps: int, gpu: bool, pack: bool = True) -> dict:
+    # a fresh run folder: an existing one would be resumed
+    name = f"bench_{method}{'' if pack else '_unpacked'}_{int(time.time())}"
     sets = [f"storage={storage}", f"name={name}", f"method={method}", f"train.steps={steps}",
-            f"train.eval_every={steps}", f"train.checkpoint_every={steps}", "train.log_every=5"]
+            f"train.eval_every={steps}", f"train.checkpoint_every={steps}", "train.log_every=5",
+            f"data.pack={str(pack).lower()}"]
     if method == "full":
         sets.append("optim.lr=0.00005")  # full finetuning of a pretrained encoder wants a smaller step
     if gpu:
@@ -52,7 +56,7 @@ def finetune(storage: str, method: str, steps: int, gpu: bool) -> dict:
     t = time.perf_counter()
     run(["jobs.finetune", CONFIG] + [x for s in sets for x in ("--set", s)])
     m = json.loads((Path(storage) / "models" / name / "helio.json").read_text())["metrics"]
-    return {"method": method, "wall_seconds": time.perf_counter() - t, **m}
+    return {"method": method, "pack": pack, "wall_seconds": time.perf_counter() - t, **m}
 
 
 def sft(storage: str, pack: bool, steps: int) -> dict:
@@ -104,12 +108,32 @@ def packing(storage: str, steps: int) -> dict:
     return out
 
 
+def embed_packing(storage: str, steps: int) -> dict:
+    """Packed against unpacked contrastive pairs: the embedding demo (MiniLM LoRA), same steps and rows."""
+    out = {}
+    for pack in (False, True):
+        print(f"MiniLM LoRA, {'packed' if pack else 'unpacked'} pairs, {steps} steps ...", flush=True)
+        out["packed" if pack else "unpacked"] = finetune(storage, "lora", steps, gpu=False, pack=pack)
+    plain, packed = out["unpacked"], out["packed"]
+    rows = packed["packing"]
+    print(f"\nall-MiniLM-L6-v2 LoRA on the stdlib retrieval pairs, {steps} steps, micro-batch 8 rows x 2 workers")
+    print(f"{'':18} {'useful tokens/s':>16} {'pairs / row':>12} {'row padding':>12} {'MRR after':>10}")
+    for label, r, padding, per_row in (("unpacked", plain, rows["padding_unpacked"], 1.0),
+                                       ("packed (Helio)", packed, rows["padding_packed"],
+                                        rows["examples"] / rows["rows"])):
+        print(f"{label:18} {r['tokens_per_s']:16,.0f} {per_row:12.2f} {100 * padding:11.1f}% "
+              f"{r['after']['mrr']:10.4f}")
+    out["packed_over_unpacked"] = packed["tokens_per_s"] / plain["tokens_per_s"]
+    print(f"packed / unpacked useful tokens/s: x{out['packed_over_unpacked']:.2f}")
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--storage", default=None, help="where make_tasks_demo is (made there if missing)")
     parser.add_argument("--gpu", action="store_true", help="one GPU worker in bf16 instead of 2 CPU workers")
-    parser.add_argument("--packing", action="store_true", help="only the packed vs unpacked SFT comparison")
+    parser.add_argument("--packing", action="store_true", help="only the packed vs unpacked comparisons")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "finetune.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,9 +142,11 @@ def main() -> int:
             print("making the stdlib tasks ...", flush=True)
             run(["jobs.make_tasks", "jobs/configs/make_tasks_demo.yaml", "--set", f"storage={storage}"])
         packed = packing(storage, args.steps)
+        packed_pairs = embed_packing(storage, args.steps)
         if args.packing:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps({"steps": args.steps, "packing": packed}, indent=2))
+            Path(args.out).write_text(json.dumps({"steps": args.steps, "packing": packed,
+                                                  "packing_embed": packed_pairs}, indent=2))
             print(f"wrote {args.out}")
             return 0
         results = {}
@@ -144,7 +170,7 @@ def main() -> int:
           f"trainable parameters x{ratio['trainable_params']:.4f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"steps": args.steps, "full": full, "lora": lora, "lora_over_full": ratio,
-                                          "packing": packed}, indent=2))
+                                          "packing": packed, "packing_embed": packed_pairs}, indent=2))
     print(f"wrote {args.out}")
     return 0
 

@@ -57,6 +57,13 @@ class BaseConfig:
             raise ValueError("artifact: set exactly one of base.artifact and base.hf_folder")
 
 
+def padding(cols: dict[str, np.ndarray]) -> float:
+    """The share of a table's token slots that are padding: real tokens are the `length` / `*_len`
+    columns' sum (not sft's `prompt_len`, a part of `length`), slots the `*_ids` columns' size."""
+    real = sum(int(v.sum()) for k, v in cols.items() if k == "length" or (k.endswith("_len") and k != "prompt_len"))
+    return 1 - real / sum(v.size for k, v in cols.items() if k.endswith("_ids"))
+
+
 @dataclass(frozen=True)
 class DataConfig:
     tasks: str = ""  # a tasks artifact under storage (jobs.make_tasks): reads {task_dir}/train.jsonl, val.jsonl
@@ -66,7 +73,7 @@ class DataConfig:
     val: str = ""
     max_len: int = 128  # tokens per text (sft: prompt + response)
     max_query_len: int = 64  # embed: tokens per query
-    pack: bool = True  # sft, classify: several examples per training row, none attending to another (false: one each)
+    pack: bool = True  # several examples (embed: pairs) per training row, none attending to another (false: one each)
 
     def __post_init__(self) -> None:
         if sum(map(bool, (self.tasks, self.train, self.images))) != 1:
@@ -230,17 +237,19 @@ def prepare_data(cfg: FinetuneConfig, store: Storage, run_uri: str, tokenizer_fi
         for cols in tables.values():
             cols["label"] = np.array([index[n] for n in cols.pop("label_name")], dtype=np.int32)
         out["labels"] = tuple(labels)
-    if cfg.task in ("sft", "classify") and cfg.data.pack:  # validation rows stay one per example
+    if cfg.data.pack:  # validation rows stay one per example
         from actors.chat import ChatFormat
-        from actors.finetune_data import pack_rows
+        from actors.finetune_data import pack_pairs, pack_rows
 
         before = tables["train"]
-        tables["train"] = pack_rows(before, ChatFormat(tokenizer_files).pad_id)
-        width, n, m = before["input_ids"].shape[1], len(before["length"]), len(tables["train"]["length"])
-        out["packing"] = {"examples": n, "rows": m, "padding_unpacked": 1 - before["length"].sum() / (n * width),
-                          "padding_packed": 1 - tables["train"]["length"].sum() / (m * width)}
-        log.info("packed %d training examples into %d rows: padding %.0f%% -> %.0f%%", n, m,
-                 100 * out["packing"]["padding_unpacked"], 100 * out["packing"]["padding_packed"])
+        pack = pack_pairs if cfg.task == "embed" else pack_rows
+        tables["train"] = pack(before, ChatFormat(tokenizer_files).pad_id)
+        out["packing"] = {"examples": len(before["pos_len" if cfg.task == "embed" else "length"]),
+                          "rows": len(next(iter(tables["train"].values()))),
+                          "padding_unpacked": padding(before), "padding_packed": padding(tables["train"])}
+        log.info("packed %d training examples into %d rows: padding %.0f%% -> %.0f%%", out["packing"]["examples"],
+                 out["packing"]["rows"], 100 * out["packing"]["padding_unpacked"],
+                 100 * out["packing"]["padding_packed"])
     for split, cols in tables.items():
         out["uris"][split] = f"{run_uri}/data/{split}.parquet"
         write_rows(out["uris"][split], cols)

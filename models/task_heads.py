@@ -149,6 +149,24 @@ def embed(model: Encoder | DecoderLM, ids: torch.Tensor, lengths: torch.Tensor) 
     return F.normalize(model.embed(ids, length_mask(lengths, ids.size(1))).float(), dim=-1)
 
 
+def embed_packed(model: Encoder | DecoderLM, ids: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """Packed rows -> unit-length embeddings (B, K, C) of the examples in them, by segment: [r, k] is
+    segment k + 1 of row r, pooled as `embed` pools one example alone (an Encoder's mean over the
+    example's tokens, a decoder's last token); attention never leaves an example. A segment a row
+    does not have gives a zero vector."""
+    K = max(int(segments.max()), 1)
+    one_hot = (segments[..., None] == torch.arange(1, K + 1, device=segments.device)).float()  # (B, T, K)
+    if isinstance(model, Encoder):
+        h = model(ids, segments=segments).float()  # (B, T, C)
+        pooled = one_hot.transpose(1, 2) @ h / one_hot.sum(1)[..., None].clamp(min=1)  # (B, K, C): the means
+    else:
+        h = model.hidden(ids, segments=segments)[0].float()
+        last = (one_hot * torch.arange(ids.size(1), device=ids.device)[None, :, None]).amax(1).long()  # (B, K)
+        pooled = h.gather(1, last[..., None].expand(-1, -1, h.size(-1)))  # (B, K, C): each one's last token
+        pooled = pooled * (one_hot.sum(1) > 0)[..., None]  # a segment the row does not have: zeros
+    return F.normalize(pooled, dim=-1)
+
+
 class Contrastive(nn.Module):
     """Symmetric InfoNCE over every worker's pairs: query->document and document->query.
 
@@ -157,6 +175,12 @@ class Contrastive(nn.Module):
     same global loss over the gathered (W*m) embeddings, its own rows carrying
     the gradient; data-parallel averaging divides by W, so the gradient is
     scaled by W to equal one process training on the whole global batch.
+
+    Packed rows (actors.finetune_data.pack_pairs) hold several pairs each: query_ids
+    and query_segment (B, Lq), pos_ids and pos_segment (B, L), neg_* likewise, and
+    per-example lengths query_len, pos_len, neg_len (B, K), 0 after the row's pairs:
+    pair k of a row is segment k + 1 of each of its three rows. The loss is the
+    same InfoNCE over the same pairs; only the number a micro-batch holds varies.
     """
 
     def __init__(self, model: Encoder | DecoderLM, temperature: float, gather: Gather | None = None, world: int = 1):
@@ -166,16 +190,43 @@ class Contrastive(nn.Module):
 
     def batch(self, rows: dict[str, torch.Tensor], generator: torch.Generator | None = None):
         parts = ["query", "pos"] + (["neg"] if "neg_ids" in rows else [])
+        if "query_segment" in rows:  # packed: (ids, segments) per part, then the pairs' lengths
+            width = {p: max(int((rows[f"{p}_segment"] > 0).sum(1).max()), 1) for p in parts}
+            return (tuple(x for p in parts for x in (rows[f"{p}_ids"][:, :width[p]], rows[f"{p}_segment"][:, :width[p]]))
+                    + tuple(rows[f"{p}_len"] for p in parts[1:]))  # pos_len marks the slots in use
         return tuple(x for p in parts for x in (trim(rows[f"{p}_ids"], rows[f"{p}_len"]), rows[f"{p}_len"]))
 
-    def forward(self, q_ids, q_len, p_ids, p_len, n_ids=None, n_len=None) -> torch.Tensor:
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        if args[1].dim() == 2:  # query segments (B, Lq), not lengths (B,): packed rows
+            return self._packed(*args)
+        q_ids, q_len, p_ids, p_len, *neg = args
         q = self.gather(embed(self.model, q_ids, q_len))  # (N, C), N = W*m
         d = self.gather(embed(self.model, p_ids, p_len))  # (N, C)
         valid = None
-        if n_ids is not None:  # hard negatives: more candidates for the queries; a row without one has n_len 0
+        if neg:  # hard negatives: more candidates for the queries; a row without one has n_len 0
+            n_ids, n_len = neg
             d = torch.cat([d, self.gather(embed(self.model, n_ids, n_len))])  # (N + N, C)
             valid = self.gather(n_len > 0)
-        loss = info_nce(q, d, self.temperature, valid)
+        return self._scaled(info_nce(q, d, self.temperature, valid))
+
+    def _packed(self, q_ids, q_seg, p_ids, p_seg, *rest) -> torch.Tensor:
+        n_ids, n_seg, p_len, n_len = rest if len(rest) == 4 else (None, None, rest[0], None)
+        pairs = p_len > 0  # (B, K): which slots hold a pair; [pairs] flattens them row by row, in order
+        K = pairs.size(1)
+
+        def pooled(ids, seg):  # (B, K', C) -> (B, K, C): a part whose rows hold fewer segments is padded
+            e = embed_packed(self.model, ids, seg)
+            return F.pad(e, (0, 0, 0, K - e.size(1)))
+
+        q = self.gather(pooled(q_ids, q_seg)[pairs])  # (N, C), N pairs on all workers
+        d = self.gather(pooled(p_ids, p_seg)[pairs])
+        valid = None
+        if n_ids is not None:
+            d = torch.cat([d, self.gather(pooled(n_ids, n_seg)[pairs])])
+            valid = self.gather(n_len[pairs] > 0)
+        return self._scaled(info_nce(q, d, self.temperature, valid))
+
+    def _scaled(self, loss: torch.Tensor) -> torch.Tensor:
         return loss + (self.world - 1) * (loss - loss.detach())  # value: the loss; gradient: W times it
 
 

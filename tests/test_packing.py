@@ -135,3 +135,100 @@ def test_a_packed_classifier_gives_each_example_the_logits_and_loss_it_gets_alon
     assert objective.batch(packed_rows)[2].tolist() == labels
     loss_alone = F.cross_entropy(alone, torch.tensor(labels))
     torch.testing.assert_close(objective(*objective.batch(packed_rows)), loss_alone, atol=1e-5, rtol=0)
+
+
+def _pairs(n_pairs: int, seed: int, negatives: bool):
+    """Random contrastive pairs as one-per-row columns: query_ids (n, 12), pos_ids and neg_ids (n, 24), the
+    texts shorter than their rows (as short pairs are: the case packing is for)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    cols = {}
+    for part, width, low, high in (("query", 12, 2, 5), ("pos", 24, 3, 10)) + ((("neg", 24, 0, 10),) if negatives
+                                                                               else ()):
+        lens = rng.integers(low, high + 1, n_pairs)
+        if part == "neg":
+            lens[::3] = 0  # every third pair has no hard negative
+        ids = np.zeros((n_pairs, width), dtype=np.int32)
+        for i, n in enumerate(lens):
+            ids[i, :n] = rng.integers(1, 61, n)
+        cols[f"{part}_ids"], cols[f"{part}_len"] = ids, lens.astype(np.int32)
+    return cols
+
+
+def test_pack_pairs_keeps_every_pair_together_and_whole():
+    from actors.finetune_data import pack_pairs
+
+    cols = _pairs(40, 0, negatives=True)
+    packed = pack_pairs(cols, pad_id=0)
+    rows = len(packed["pos_ids"])
+    assert rows < 40 / 2  # at least two pairs a row on average
+    seen = set()
+    for r in range(rows):
+        for k in range(packed["pos_len"].shape[1]):
+            if packed["pos_len"][r, k] == 0:
+                assert packed["query_len"][r, k] == 0 and packed["neg_len"][r, k] == 0
+                continue
+            texts = []
+            for part in ("query", "pos", "neg"):
+                toks = packed[f"{part}_ids"][r][packed[f"{part}_segment"][r] == k + 1]
+                assert len(toks) == packed[f"{part}_len"][r, k]
+                texts.append(tuple(toks))
+            matches = [i for i in range(40) if all(tuple(cols[f"{p}_ids"][i, :cols[f"{p}_len"][i]]) == t
+                                                   for p, t in zip(("query", "pos", "neg"), texts))]
+            assert len(matches) == 1, (r, k)  # the three texts of a slot are one original pair's
+            seen.add(matches[0])
+    assert seen == set(range(40))  # every pair once
+    for part in ("query", "pos", "neg"):  # segments are contiguous from the row's start: no gaps
+        seg = packed[f"{part}_segment"]
+        assert ((seg > 0).sum(1) == packed[f"{part}_len"].sum(1)).all()
+
+
+@pytest.mark.parametrize("arch", ["encoder", "llama"])
+def test_packed_contrastive_pairs_get_the_embeddings_loss_and_gradients_they_get_alone(arch):
+    """Packed pairs (several per row) against the same pairs one per row: every embedding, the InfoNCE loss
+    (with hard negatives, a third of them missing) and every gradient, within 1e-5 (gradients: of each
+    tensor's largest). A planted change to one pair's texts leaves every other pair's embeddings alone."""
+    from actors.finetune_data import pack_pairs
+    from models.encoder import Encoder, EncoderConfig
+    from models.task_heads import Contrastive, embed_packed
+
+    torch.manual_seed(4)
+    model = (Encoder(EncoderConfig(vocab_size=61, max_position=24, n_layer=2, n_head=2, n_embd=16,
+                                   intermediate_size=32)) if arch == "encoder" else MODELS[arch]()).eval()
+    objective = Contrastive(model, temperature=0.1)
+    cols = _pairs(12, 1, negatives=True)
+    one_each = {k: torch.from_numpy(v.astype("int64")) for k, v in cols.items()}
+    packed_cols = pack_pairs(cols, pad_id=0)
+    packed = {k: torch.from_numpy(v.astype("int64")) for k, v in packed_cols.items()}
+    assert packed["pos_len"].shape[0] < 12  # the test is about rows that hold several pairs
+    # the packed order of the pairs: slot by slot, row by row
+    order = [next(i for i in range(12) if (cols["pos_len"][i] == n and (cols["pos_ids"][i, :n] ==
+             packed_cols["pos_ids"][r][packed_cols["pos_segment"][r] == k + 1]).all()))
+             for r in range(len(packed_cols["pos_len"])) for k, n in enumerate(packed_cols["pos_len"][r]) if n]
+
+    def grads(rows):
+        model.zero_grad()
+        loss = objective(*objective.batch(rows))
+        loss.backward()
+        # a key bias adds the same amount to each of a query's scores, which softmax ignores: left out
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                               if p.grad is not None and not n.endswith("key.bias")}
+
+    alone = {k: v[order] for k, v in one_each.items()}  # the same pairs, one per row, in the packed order
+    loss_alone, grads_alone = grads(alone)
+    loss_packed, grads_packed = grads(packed)
+    torch.testing.assert_close(loss_packed, loss_alone, atol=1e-5, rtol=0)
+    for name, g in grads_alone.items():
+        torch.testing.assert_close(grads_packed[name], g, atol=1e-5 * g.abs().max().item(), rtol=0, msg=name)
+    assert min(g.abs().max().item() for g in grads_alone.values()) > 1e-5  # signal, not rounding noise
+    with torch.no_grad():  # the planted pair: another's texts changed, this one's embeddings stay
+        before = embed_packed(model, packed["pos_ids"], packed["pos_segment"])
+        planted = packed["pos_ids"].clone()
+        first = packed["pos_segment"][0] == 1
+        planted[0, first] = (planted[0, first] + 7) % 60 + 1
+        after = embed_packed(model, planted, packed["pos_segment"])
+    assert (after[0, 0] - before[0, 0]).abs().max() > 1e-3  # the planted pair's own embedding moved
+    mates = int((packed["pos_len"][0] > 0).sum())
+    assert mates >= 2
+    torch.testing.assert_close(after[0, 1:mates], before[0, 1:mates], atol=1e-6, rtol=0)  # its row-mates did not

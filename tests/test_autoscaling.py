@@ -1,22 +1,21 @@
-"""The autoscaler and node failures on one machine: Ray's fake_multinode provider starts each worker
+"""The autoscaler on one machine: Ray's fake_multinode provider starts each worker
 node as a raylet here, from cluster/fake_multinode.yaml (a zero-CPU head, 1-CPU workers, 6 s idle
-timeout). Jobs go in with `ray job submit`, against token auth, as on a cloud cluster."""
+timeout). Jobs go in with `ray job submit`, against token auth, as on a cloud cluster. A node that dies
+mid-training is tests/test_elastic.py's."""
 
 from __future__ import annotations
 
 import collections
-import json
 import shutil
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
 from cluster.storage import Storage
-from ray_head import REPO, RayHead, kill_processes_marked
-from waiting import reported_checkpoint, wait_for
+from ray_head import REPO, RayHead
+from waiting import wait_for
 from tiny_data import write_tiny_dataset
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # full tier: the pipeline test runs each component once in make test-fast
@@ -89,63 +88,6 @@ def test_a_job_asking_for_more_cpus_than_the_head_has_gets_nodes_that_go_when_id
     assert done.returncode == 0 and "both ran at once: True" in log, log[-3000:]
     # both workers idle now: removed after the 6 s idle timeout, back to the head alone
     wait_for("the idle workers to be removed", lambda: cluster.alive_nodes() == 1, timeout=90, every=2)
-
-
-MARK = b"RAY_OVERRIDE_NODE_ID_FOR_TESTING="  # the fake provider starts each node's raylet with its id
-
-
-def _node_of(pid: int) -> bytes | None:
-    env = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
-    return next((e[len(MARK):] for e in env if e.startswith(MARK)), None)
-
-
-def _train_worker_nodes() -> set[bytes]:
-    """The fake nodes the Ray Train workers run on, read off /proc at once (no driver to start)."""
-    nodes = set()
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
-                nodes.add(_node_of(int(proc.name)))
-        except OSError:
-            pass
-    return nodes - {None}
-
-
-def _kill_node(node_id: bytes) -> int:
-    """Kills a fake node as a machine dies: its raylet and agents (started with its id in their
-    environment) and every process below them (the workers the raylet forked), all at once."""
-    return kill_processes_marked(MARK + node_id)
-
-
-def test_killing_a_worker_node_mid_training_resumes_from_the_last_checkpoint(cluster, tmp_path):
-    import posixpath
-
-    storage = tmp_path / "runs"
-    write_tiny_dataset(Storage(str(storage)), [collections, json.decoder, posixpath, textwrap, shutil], 33)
-    job = cluster.submit(["python", "-m", "jobs.pretrain", "--set", f"storage={storage}", "--set", "dataset=tiny",
-                          "--set", "name=survivor", "--set", "train.steps=40", "--set", "train.checkpoint_every=10",
-                          "--set", "failure.max_failures=2", *[a for o in TINY_GPT for a in ("--set", o)]],
-                         timeout=0, wait=False)
-    try:
-        run = storage / "runs" / "survivor"
-        first = wait_for("a reported checkpoint", lambda: reported_checkpoint(run), timeout=240, every=0.1,
-                         job=job)
-        nodes = _train_worker_nodes()
-        assert nodes, "no Ray Train worker is running"
-        for node in nodes:
-            print(f"killing node {node.decode()}: {_kill_node(node)} processes")
-        at = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"]
-        assert at < 40, "training had ended before the node was killed"
-        out, _ = job.communicate(timeout=400)
-        print(out[-3000:])
-    finally:
-        if job.poll() is None:
-            job.kill()
-    assert job.returncode == 0, out[-4000:]
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["step"] == 40
-    assert records[-1]["attempt_start_step"] >= first, records[-1]  # restarted from a checkpoint, not from 0
-    assert (storage / "models" / "survivor" / "helio.json").is_file()
 
 
 def test_a_worker_group_that_can_never_be_placed_fails_the_job_instead_of_waiting(cluster, tmp_path):

@@ -3,8 +3,10 @@ Train's controller) and 1-CPU worker nodes, each a raylet of its own that the te
 machine dies. No autoscaler runs, so a killed node is never replaced. Jobs go in with `ray job submit`.
 
 One elastic run (`resources.num_workers: [1, 2]`, one worker per node) loses a node after a checkpoint,
-goes on with 1 worker, gains a node after a 1-worker checkpoint and finishes on 2; an uninterrupted run on
-the same two nodes is its reference. The two tests read that one run: the shrink, and the growth.
+goes on with 1 worker, gains a node after a 1-worker checkpoint and finishes on 2. Its reference, an
+uninterrupted run of 2 workers on the same data and batch, trains on the session's own cluster meanwhile
+(the same computation: the same micro-batches in the same order, averaged the same way). The two tests
+read that one run: the shrink, and the growth.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import collections
 import json
 import posixpath
 import shutil
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -23,7 +27,7 @@ from tiny_data import write_tiny_dataset
 from waiting import wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-STEPS = 60
+STEPS = 80
 RUN = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", f"train.steps={STEPS}", "train.micro_batch=2",
        "train.log_every=1", "train.eval_every=1000", "train.eval_batches=1", "train.checkpoint_every=4",
        "train.shuffle_buffer=16", "optim.warmup_steps=2", "sample.count=0", "zero.stage=2",
@@ -45,44 +49,61 @@ def _checkpoint_with(run, workers: int, after: int = 0) -> int | None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, ray_cluster):
     """(reference records, elastic records, step of the 2-worker checkpoint before the node was lost, step of the
     1-worker checkpoint before a node came back)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cluster.config import load_config
+    from jobs import pretrain
+
+    storage = tmp_path_factory.mktemp("elastic")
+    write_tiny_dataset(Storage(str(storage)), [collections, json.decoder, posixpath, textwrap, shutil], 33)
+    sets = [f"storage={storage}", "dataset=tiny", *RUN]
+    steady_cfg = load_config(pretrain.PretrainConfig, None, [*sets, "name=steady", "resources.num_workers=2",
+                                                             "resources.cpus_per_worker=0.5"])
     head = RayHead(num_cpus=0, quick_node_death=True)
     head.working_dir = f"local://{REPO}"  # the nodes share this disk (see tests/test_autoscaling.py)
-    head.start()
-    try:
-        head.add_node("a")
-        head.add_node("b")
-        storage = tmp_path_factory.mktemp("elastic")
-        write_tiny_dataset(Storage(str(storage)), [collections, json.decoder, posixpath, textwrap, shutil], 33)
-
-        def job(name: str, wait: bool):
-            args = ["--set", f"storage={storage}", "--set", "dataset=tiny", "--set", f"name={name}"]
-            return head.submit(["python", "-m", "jobs.pretrain", *args, *[a for o in RUN for a in ("--set", o)]],
-                               timeout=600, wait=wait)
-
-        steady = job("steady", wait=True)
-        assert steady.returncode == 0, steady.stdout[-4000:]
-        elastic = job("elastic", wait=False)
+    with ThreadPoolExecutor(1) as pool:
+        steady = pool.submit(pretrain.run, steady_cfg)  # the reference, on the session's cluster, meanwhile
+        head.start()
         try:
-            run = storage / "runs" / "elastic"
-            lost = wait_for("a checkpoint of 2 workers", lambda: _checkpoint_with(run, 2), 300, every=0.1, job=elastic)
-            print(f"node b killed after the step-{lost} checkpoint: {head.kill_node('b')} processes")
-            alone = wait_for("a checkpoint of 1 worker", lambda: _checkpoint_with(run, 1, lost), 300, every=0.1,
-                             job=elastic)
-            assert _records(run)[-1]["step"] < STEPS, "the run ended before a node came back"
-            head.add_node("c")
-            print(f"node c added after the step-{alone} checkpoint")
-            out, _ = elastic.communicate(timeout=600)
+            head.add_node("a")
+            head.add_node("b")
+            elastic = head.submit(["python", "-m", "jobs.pretrain", *[a for o in [*sets, "name=elastic"]
+                                                                      for a in ("--set", o)]], timeout=600, wait=False)
+            try:
+                run = storage / "runs" / "elastic"
+                lost = wait_for("a checkpoint of 2 workers", lambda: _checkpoint_with(run, 2), 300, every=0.1,
+                                job=elastic)
+                print(f"node b killed after the step-{lost} checkpoint: {head.kill_node('b')} processes")
+                alone = wait_for("a checkpoint of 1 worker", lambda: _checkpoint_with(run, 1, lost), 300, every=0.1,
+                                 job=elastic)
+                assert _records(run)[-1]["step"] < STEPS, "the run ended before a node came back"
+                head.add_node("c")
+                refresh_the_view_of_the_cluster(head)
+                print(f"node c added after the step-{alone} checkpoint")
+                out, _ = elastic.communicate(timeout=600)
+            finally:
+                if elastic.poll() is None:
+                    elastic.kill()
+            print(out[-3000:])
+            assert elastic.returncode == 0, out[-4000:]
         finally:
-            if elastic.poll() is None:
-                elastic.kill()
-        print(out[-3000:])
-        assert elastic.returncode == 0, out[-4000:]
-        yield _records(storage / "runs" / "steady"), _records(run), lost, alone
-    finally:
-        head.stop()
+            head.stop()
+        steady.result(timeout=600)
+    yield _records(storage / "runs" / "steady"), _records(run), lost, alone
+
+
+def refresh_the_view_of_the_cluster(head: RayHead) -> None:
+    """Has Ray Data's autoscaling coordinator, whose view of the cluster Ray Train's elastic policy reads,
+    look at the cluster now. It looks every 20 s by itself (TICK_INTERVAL_S), so a run sees a new node 20 s
+    plus `resources.resize_check_s` after it joins at worst; the test does not wait that out."""
+    code = (f"import ray; ray.init(address={head.gcs_address()!r}, logging_level='ERROR'); "
+            "c = ray.get_actor('AutoscalingCoordinator', namespace='AutoscalingCoordinator'); "
+            "ray.get(c.get_reserved_resources.remote('helio-test', recompute=True))")
+    done = subprocess.run([sys.executable, "-c", code], env=head.env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def _losses_follow(records, reference, steps) -> None:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -55,12 +53,3 @@ def wait_for(what: str, check, timeout: float, every: float = 0.5, job=None):
             why = f"the job ended (exit {job.returncode})" if ended else f"timed out after {timeout:.0f} s"
             raise AssertionError(f"{why} waiting for {what}\n{log}")
         time.sleep(every)
-
-
-def reported_checkpoint(run: Path) -> int | None:
-    """The step of the last checkpoint Ray Train has registered (metrics.jsonl records it), if any."""
-    try:
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    except (OSError, json.JSONDecodeError):
-        return None
-    return next((r["step"] for r in reversed(records) if r.get("checkpoint")), None)

@@ -73,14 +73,18 @@ class RayHead:
                 raise RuntimeError(f"the job API of {self.address} never took a job: {done.stderr[-2000:]}")
             time.sleep(1)
 
-    def add_node(self, name: str, num_cpus: int = 1) -> None:
-        """Starts a worker node on this machine (a raylet of its own) joined to this head; its processes,
-        and every worker it starts, carry HELIO_TEST_NODE=name in their environment (`kill_node`)."""
-        cmd = [str(BIN / "ray"), "start", f"--address={self.gcs_address()}", f"--num-cpus={num_cpus}",
-               f"--temp-dir={self.temp_dir}", f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]
-        done = subprocess.run(cmd, env=self.env(HELIO_TEST_NODE=name), capture_output=True, text=True, timeout=120)
-        if done.returncode:
-            raise RuntimeError(f"ray start (node {name}) failed: {done.stderr[-3000:]}")
+    def add_nodes(self, *names: str, num_cpus: int = 1) -> None:
+        """Starts worker nodes on this machine (a raylet each) joined to this head; a node's processes, and
+        every worker it starts, carry HELIO_TEST_NODE=name in their environment (`kill_node`). One at a
+        time: two `ray start`s at once on one address time out waiting for their own node to register."""
+        for name in names:
+            cmd = [str(BIN / "ray"), "start", f"--address={self.gcs_address()}", f"--num-cpus={num_cpus}",
+                   f"--temp-dir={self.temp_dir}", f"--dashboard-agent-listen-port={free_port()}",
+                   "--disable-usage-stats"]
+            done = subprocess.run(cmd, env=self.env(HELIO_TEST_NODE=name), capture_output=True, text=True,
+                                  timeout=120)
+            if done.returncode:
+                raise RuntimeError(f"ray start (node {name}) failed: {done.stderr[-3000:]}")
 
     def kill_node(self, name: str) -> int:
         """Kills a node added by `add_node` as a machine dies: every process of it at once; returns how many."""

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -32,7 +33,7 @@ RUN = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", f"train.steps={ST
        "train.log_every=1", "train.eval_every=1000", "train.eval_batches=1", "train.checkpoint_every=4",
        "train.shuffle_buffer=16", "optim.warmup_steps=2", "sample.count=0", "zero.stage=2",
        "resources.num_workers=[1, 2]", "resources.cpus_per_worker=1", "resources.resize_check_s=1",
-       "failure.max_failures=3", "failure.start_timeout_s=30", "failure.num_to_keep=4"]
+       "failure.max_failures=3", "failure.start_timeout_s=8", "failure.num_to_keep=4"]
 
 
 def _records(run) -> list[dict]:
@@ -66,24 +67,29 @@ def runs(tmp_path_factory, ray_cluster):
     head.working_dir = f"local://{REPO}"  # the nodes share this disk (see tests/test_autoscaling.py)
     with ThreadPoolExecutor(1) as pool:
         steady = pool.submit(pretrain.run, steady_cfg)  # the reference, on the session's cluster, meanwhile
+        t0 = time.monotonic()
         head.start()
         try:
-            head.add_node("a")
-            head.add_node("b")
+            head.add_nodes("a", "b")
+            print(f"{time.monotonic() - t0:.0f} s: head and nodes a, b up")
             elastic = head.submit(["python", "-m", "jobs.pretrain", *[a for o in [*sets, "name=elastic"]
                                                                       for a in ("--set", o)]], timeout=600, wait=False)
             try:
                 run = storage / "runs" / "elastic"
                 lost = wait_for("a checkpoint of 2 workers", lambda: _checkpoint_with(run, 2), 300, every=0.1,
                                 job=elastic)
-                print(f"node b killed after the step-{lost} checkpoint: {head.kill_node('b')} processes")
+                print(f"{time.monotonic() - t0:.0f} s: node b killed after the step-{lost} checkpoint: "
+                      f"{head.kill_node('b')} processes")
+                refresh_the_view_of_the_cluster(head, alive=2)  # the head and node a
                 alone = wait_for("a checkpoint of 1 worker", lambda: _checkpoint_with(run, 1, lost), 300, every=0.1,
                                  job=elastic)
                 assert _records(run)[-1]["step"] < STEPS, "the run ended before a node came back"
-                head.add_node("c")
-                refresh_the_view_of_the_cluster(head)
-                print(f"node c added after the step-{alone} checkpoint")
+                print(f"{time.monotonic() - t0:.0f} s: a checkpoint of 1 worker at step {alone}")
+                head.add_nodes("c")
+                refresh_the_view_of_the_cluster(head, alive=3)
+                print(f"{time.monotonic() - t0:.0f} s: node c added")
                 out, _ = elastic.communicate(timeout=600)
+                print(f"{time.monotonic() - t0:.0f} s: the elastic run ended")
             finally:
                 if elastic.poll() is None:
                     elastic.kill()
@@ -92,18 +98,23 @@ def runs(tmp_path_factory, ray_cluster):
         finally:
             head.stop()
         steady.result(timeout=600)
+        print(f"{time.monotonic() - t0:.0f} s: the reference run ended")
     yield _records(storage / "runs" / "steady"), _records(run), lost, alone
 
 
-def refresh_the_view_of_the_cluster(head: RayHead) -> None:
-    """Has Ray Data's autoscaling coordinator, whose view of the cluster Ray Train's elastic policy reads,
-    look at the cluster now. It looks every 20 s by itself (TICK_INTERVAL_S), so a run sees a new node 20 s
-    plus `resources.resize_check_s` after it joins at worst; the test does not wait that out."""
-    code = (f"import ray; ray.init(address={head.gcs_address()!r}, logging_level='ERROR'); "
-            "c = ray.get_actor('AutoscalingCoordinator', namespace='AutoscalingCoordinator'); "
-            "ray.get(c.get_reserved_resources.remote('helio-test', recompute=True))")
-    done = subprocess.run([sys.executable, "-c", code], env=head.env(), capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr[-2000:]
+def refresh_the_view_of_the_cluster(head: RayHead, alive: int) -> None:
+    """Once `alive` nodes (the head included) are alive, has Ray Data's autoscaling coordinator, whose view of
+    the cluster Ray Train's elastic policy reads, look at the cluster. It looks every 20 s by itself
+    (TICK_INTERVAL_S), so a run sees a lost or a new node up to 20 s late; the test does not wait that out."""
+    code = (f"import ray, time; ray.init(address={head.gcs_address()!r}, logging_level='ERROR')\n"
+            "deadline = time.monotonic() + 60\n"
+            f"while sum(n['Alive'] for n in ray.nodes()) != {alive} and time.monotonic() < deadline:\n"
+            "    time.sleep(0.2)\n"
+            "c = ray.get_actor('AutoscalingCoordinator', namespace='AutoscalingCoordinator')\n"
+            "ray.get(c.get_reserved_resources.remote('helio-test', recompute=True))\n"
+            "print('alive nodes:', sum(n['Alive'] for n in ray.nodes()))")
+    done = subprocess.run([sys.executable, "-c", code], env=head.env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and f"alive nodes: {alive}" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
 
 
 def _losses_follow(records, reference, steps) -> None:

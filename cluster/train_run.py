@@ -98,10 +98,10 @@ def check_resources(r: ResourcesConfig, embedded: bool) -> None:
     if not embedded:
         return  # a cloud cluster's autoscaler may add what is missing
     res = ray.cluster_resources()
-    n = r.min_workers  # an elastic group starts with what fits, at least min
-    if r.use_gpu and res.get("GPU", 0) < n:
-        raise ConfigError("resources.use_gpu", f"{n} GPU workers asked for, this machine has "
+    if r.use_gpu and res.get("GPU", 0) < r.min_workers:  # an elastic group can start with fewer than max
+        raise ConfigError("resources.use_gpu", f"{r.min_workers} GPU workers asked for, this machine has "
                                                f"{int(res.get('GPU', 0))} GPUs")
+    n = r.max_workers  # an elastic group takes every worker there is room for, up to max
     cpus, asked = res.get("CPU", 0), n * r.cpus_per_worker
     if asked >= cpus:
         raise ConfigError("resources.cpus_per_worker", f"{n} workers x {r.cpus_per_worker} CPU take all "

@@ -55,3 +55,20 @@ def test_embedded_means_no_address_in_the_config_nor_the_environment(monkeypatch
     assert embedded(StageConfig()) and not embedded(StageConfig(ray_address="auto"))
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     assert not embedded(StageConfig())
+
+
+@pytest.mark.ray
+def test_the_embedded_cluster_refuses_a_group_that_would_leave_no_cpu_for_ray_data(ray_cluster):
+    """On the session's 2-CPU cluster: 2 workers x 0.5 CPU fit; an elastic group counts at its largest, since
+    it takes every worker there is room for."""
+    from cluster.config import ConfigError
+    from cluster.train_run import ResourcesConfig, check_resources
+
+    assert ray_cluster.cluster_resources()["CPU"] == 2
+    check_resources(ResourcesConfig(num_workers=2, cpus_per_worker=0.5), embedded=True)
+    check_resources(ResourcesConfig(num_workers=(1, 2), cpus_per_worker=0.5), embedded=True)
+    check_resources(ResourcesConfig(num_workers=(1, 4), cpus_per_worker=0.5), embedded=False)  # a cluster can grow
+    for resources in (ResourcesConfig(num_workers=4, cpus_per_worker=0.5),
+                      ResourcesConfig(num_workers=(1, 4), cpus_per_worker=0.5)):
+        with pytest.raises(ConfigError, match="4 workers x 0.5 CPU take all 2 CPUs"):
+            check_resources(resources, embedded=True)

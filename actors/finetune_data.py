@@ -232,8 +232,9 @@ def pack_pairs(cols: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray
     for i in np.argsort(-lengths["pos"], kind="stable"):
         need = {p: int(lengths[p][i]) for p in parts}
         at = bisect.bisect_left(rooms, (need["pos"], -1))
-        # the fullest rows first: a few tries for one whose other parts fit too
-        while at < min(len(rooms), at + 8) and any(left[rooms[at][1]][p] < need[p] for p in parts):
+        # the fullest rows first: up to 8 tries for one whose other parts fit too
+        stop = min(len(rooms), at + 8)
+        while at < stop and any(left[rooms[at][1]][p] < need[p] for p in parts):
             at += 1
         if at < len(rooms) and all(left[rooms[at][1]][p] >= need[p] for p in parts):
             _, row = rooms.pop(at)

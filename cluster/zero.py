@@ -116,18 +116,36 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]  # LoRA adapters are all matrices; ZeRO-3 drops empty groups
 
 
-def _without_the_shared_memory_op() -> None:
-    """Tells DeepSpeed its CPU shared-memory allreduce op is unavailable, so it never compiles it.
+def import_deepspeed():
+    """DeepSpeed, imported the way a training worker needs it; every Helio use goes through here.
 
-    The op serves only DeepSpeed's tensor-parallel inference allreduce (`inference_all_reduce`);
-    training's collectives are torch.distributed's (gloo on CPU) either way. Compiling it took about
-    70 s on 2 cores (in `make install`, or just in time in a fresh checkout's first run), with a ninja.
-    `deepspeed.ops.__compatible_ops__` is the one table DeepSpeed consults for it (cached on first use).
+    - Its autotuner imports MLflow when it can (about 1.2 s of a 1.4 s import on 2 cores), at every
+      worker's start. Workers never use either (Helio's tracking runs in Ray Train's controller), so
+      MLflow is kept out of that one import: Python refuses an import whose `sys.modules` entry is
+      None, and DeepSpeed then records that MLflow is missing. A later `import mlflow` works.
+    - Its CPU shared-memory allreduce op is marked unavailable, so it is never compiled. The op
+      serves only DeepSpeed's tensor-parallel inference allreduce (`inference_all_reduce`);
+      training's collectives are torch.distributed's (gloo on CPU) either way. Compiling it took
+      about 70 s on 2 cores (in `make install`, or just in time in a fresh checkout's first run),
+      with a ninja. `deepspeed.ops.__compatible_ops__` is the one table DeepSpeed consults for it.
     """
+    import sys
+
+    if "deepspeed" not in sys.modules:
+        blocked = "mlflow" not in sys.modules
+        if blocked:
+            sys.modules["mlflow"] = None  # type: ignore[assignment]
+        try:
+            import deepspeed
+        finally:
+            if blocked:
+                del sys.modules["mlflow"]
+    import deepspeed
     import deepspeed.ops
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+    return deepspeed
 
 
 class ZeroStrategy:
@@ -169,7 +187,7 @@ class ZeroStrategy:
 
     def setup(self, model: torch.nn.Module) -> torch.nn.Module:
         """Wraps `model` in a DeepSpeed engine; returns the engine (call it like the model)."""
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         o = self.optim
         fused = self.device.type == "cuda" and not self.zero.offload_optimizer
@@ -178,7 +196,6 @@ class ZeroStrategy:
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: warmup_cosine(s, o.warmup_steps, self.total_steps, o.min_lr_ratio))
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        _without_the_shared_memory_op()
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                     config=self.ds_config())
         self.engine.checkpoint_engine = WeightsOnly(self.engine.checkpoint_engine)
@@ -257,7 +274,7 @@ class ZeroStrategy:
         are gathered from their shards, never read as the empty local stub.
         `trainable_only`: just the parameters the optimizer updates (and no buffers).
         """
-        import deepspeed
+        deepspeed = import_deepspeed()
         from deepspeed.utils import safe_get_full_fp32_param
 
         out = {}
@@ -290,6 +307,7 @@ def to_universal(folder: str | Path, out: str | Path) -> None:
     import time
     from types import SimpleNamespace
 
+    import_deepspeed()
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     for path in sorted(Path(folder, CKPT_TAG).glob("*.pt")):

@@ -97,9 +97,9 @@ def test_a_worker_group_that_can_never_be_placed_fails_the_job_instead_of_waitin
     job = ["python", "-m", "jobs.pretrain", "--set", f"storage={storage}", "--set", "dataset=tiny", "--set",
            "name=stranded", "--set", "train.steps=4", *[a for o in TINY_GPT for a in ("--set", o)],
            "--set", "resources.cpus_per_worker=4",  # no node type has 4 CPUs: never placed
-           "--set", "failure.controller_failure_limit=1", "--set", "failure.start_timeout_s=5"]
+           "--set", "failure.controller_failure_limit=0", "--set", "failure.start_timeout_s=3"]
     done = cluster.submit(job, timeout=300)
     log = done.stdout + done.stderr
     assert done.returncode != 0, log[-3000:]
-    assert "training failed" in log and "controller_failure_limit=1" in log, log[-3000:]
+    assert "training failed" in log and "controller_failure_limit=0" in log, log[-3000:]
     print(f"failed after {time.monotonic() - started:.0f} s")

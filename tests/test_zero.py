@@ -111,15 +111,20 @@ for _ in range(5):  # the same batch: its loss must fall
     engine.step()
     losses.append(loss.item())
 print("losses:", losses[0], losses[-1])
-import deepspeed.comm.comm as comm
+import deepspeed.comm.comm as comm, sys
 print("shm op:", comm.cdb.shm_comm_op)
+print("mlflow imported:", "mlflow" in sys.modules)
+import mlflow  # kept out of DeepSpeed's import only
+print("mlflow importable:", bool(mlflow.__version__))
 """
 
 
 @pytest.mark.parametrize("zero", ["stage=2", "stage=3, offload_optimizer=True, offload_params=True"])
 def test_a_zero_engine_trains_without_compiling_any_deepspeed_op(tmp_path, zero):
     """DeepSpeed compiles its ops just in time into TORCH_EXTENSIONS_DIR: ZeRO-2 steps, and ZeRO-3 steps with
-    the optimizer state and the parameters offloaded to CPU memory, leave it empty, and the loss falls."""
+    the optimizer state and the parameters offloaded to CPU memory, leave it empty, and the loss falls. A
+    worker's DeepSpeed comes without MLflow (its autotuner's import, 1.2 s of every worker's start), which
+    can still be imported after."""
     import os
     import subprocess
     import sys
@@ -133,6 +138,7 @@ def test_a_zero_engine_trains_without_compiling_any_deepspeed_op(tmp_path, zero)
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "shm op: None" in done.stdout, done.stdout[-2000:]
+    assert "mlflow imported: False" in done.stdout and "mlflow importable: True" in done.stdout, done.stdout[-2000:]
     first, last = (float(x) for x in done.stdout.split("losses:")[1].split()[:2])
     assert last < first, (first, last)
     assert list(extensions.iterdir()) == [], "DeepSpeed compiled an op"
@@ -282,16 +288,17 @@ def run(out, world, stage, start, end, save_at=0, load=None):
 
 
 if __name__ == "__main__":
-    root, results = pathlib.Path(sys.argv[1]), {}
-    for stage in (0, 2):
-        at = root / f"stage{stage}"
-        reference = run(f"{at}/two", 2, stage, 0, 8, save_at=3)
-        shrunk = run(f"{at}/one", 1, stage, 3, 8, save_at=5, load=f"{at}/two/ckpt")  # 2 -> 1 worker at step 3
-        grown = run(f"{at}/grown", 2, stage, 5, 8, load=f"{at}/one/ckpt")  # 1 -> 2 workers at step 5
-        results[stage] = {"reference": reference, "shrunk": shrunk, "grown": grown}
+    root, marker, stage = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), int(sys.argv[3])
+    reference = run(f"{root}/two", 2, stage, 0, 8, save_at=3)
+    shrunk = run(f"{root}/one", 1, stage, 3, 8, save_at=5, load=f"{root}/two/ckpt")  # 2 -> 1 worker at step 3
+    grown = run(f"{root}/grown", 2, stage, 5, 8, load=f"{root}/one/ckpt")  # 1 -> 2 workers at step 5
+    results = {"reference": reference, "shrunk": shrunk, "grown": grown}
+    if stage == 0:  # whole state, loaded as it is: no conversion
+        print("RESULTS", json.dumps(results))
+        sys.exit(0)
     # the universal conversion unpickles fully: a planted pickle, its record forged, must be refused first
-    planted, marker = root / "planted", pathlib.Path(sys.argv[2])
-    shutil.copytree(root / "stage2" / "two" / "ckpt", planted)
+    planted = root / "planted"
+    shutil.copytree(root / "two" / "ckpt", planted)
     record = json.loads((planted / COMPLETE.format(rank=0)).read_text())
     rel = next(f for f in record["files"] if f.endswith("optim_states.pt"))  # rank 0's optimizer shard
 
@@ -314,7 +321,8 @@ if __name__ == "__main__":
 """
 
 
-def test_a_checkpoint_resumes_at_another_group_size_on_the_same_loss_curve(tmp_path):
+@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), 2])
+def test_a_checkpoint_resumes_at_another_group_size_on_the_same_loss_curve(tmp_path, stage):
     """What an elastic run rests on, without ZeRO and under ZeRO-2: a checkpoint written by 2 workers resumes
     on 1 (ZeRO-2: DeepSpeed's universal checkpoint, converted on load; without ZeRO the state is whole and
     loads as it is), then the 1-worker checkpoint resumes on 2 again. The global batch stays 8 rows (1 worker
@@ -332,17 +340,18 @@ def test_a_checkpoint_resumes_at_another_group_size_on_the_same_loss_curve(tmp_p
     script.write_text(RESIZE)
     env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     marker = tmp_path / "marker"
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), str(marker)], env=env,
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), str(marker), str(stage)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.split("RESULTS", 1)[1])
-    for stage in ("0", "2"):
-        r = results[stage]
-        print(f"stage {stage}: uninterrupted", r["reference"], "\n2 -> 1 at 3  ", r["shrunk"], "\n1 -> 2 at 5  ",
-              r["grown"])
-        assert max(abs(a - b) for a, b in zip(r["reference"][3:], r["shrunk"])) < 1e-5
-        assert max(abs(a - b) for a, b in zip(r["reference"][5:], r["grown"])) < 1e-5
-        assert r["reference"][-1] < r["reference"][0] - 0.1  # it learned: the curve compared is not flat
+    r = results
+    print(f"stage {stage}: uninterrupted", r["reference"], "\n2 -> 1 at 3  ", r["shrunk"], "\n1 -> 2 at 5  ",
+          r["grown"])
+    assert max(abs(a - b) for a, b in zip(r["reference"][3:], r["shrunk"])) < 1e-5
+    assert max(abs(a - b) for a, b in zip(r["reference"][5:], r["grown"])) < 1e-5
+    assert r["reference"][-1] < r["reference"][0] - 0.1  # it learned: the curve compared is not flat
+    if stage == 0:
+        return
     assert "is not tensors and plain data" in results["planted"] and "pathlib.Path" in results["planted"], \
         results["planted"]
     assert not marker.exists()

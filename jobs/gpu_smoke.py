@@ -18,7 +18,10 @@ where they can):
 5. serve: the finetuned Llama on a replica with `num_gpus: 1`: a sampled completion, a chat request
    (answered through the SFT model's chat template; a model without one gets the documented 400,
    which counts as an answer) and the gRPC health check;
-6. vLLM as the generation engine: not wired in yet (a row that says so).
+6. vLLM as the generation engine: not wired in yet (a row that says so);
+7. DeepSpeed ops built at run time: none expected (Helio trains with torch's AdamW and torch.distributed's
+   collectives; the GPU node installs DeepSpeed without building ops and has no compiler step at run
+   time). Every stage runs with TORCH_EXTENSIONS_DIR in the smoke's folder, whose contents are the row.
 
 Without CUDA it says so in one line and exits 2. `--cpu` runs the same stages with tiny models, fp32,
 on CPU, to check the wiring on a machine without a GPU; its numbers mean nothing. Exit 0 when every
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -189,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="helio-gpu-smoke-") as tmp:
         smoke = Smoke(args.storage or tmp, args.steps, args.cpu)
+        # where DeepSpeed would build an op just in time; read by every worker of the embedded Ray started below
+        extensions = Path(tmp) / "torch_extensions"
+        extensions.mkdir()
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(extensions)
         device = "CPU (--cpu: tiny models, numbers mean nothing)" if args.cpu else torch.cuda.get_device_name(0)
         if smoke.stage("prepare", smoke.prepare):
             for arch, model in (("gpt", GPT_124M), ("llama", LLAMA)):
@@ -203,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
                 smoke.stage("serve refuses int8 on a GPU replica", smoke.refuse_quantized_on_gpu)
                 smoke.stage(f"serve llama, num_gpus {0 if args.cpu else 1}", smoke.serve)
         smoke.rows.append(("serve through vLLM", "n/a", 0.0, "not wired in yet (engine: vllm)"))
+        built = sorted(p.name for p in extensions.iterdir())
+        smoke.rows.append(("DeepSpeed ops built at run time", "FAILED" if built else "ok", 0.0,
+                           ", ".join(built) if built else "none"))
         print(f"\ngpu-smoke on {device}, torch {torch.__version__}\n{smoke.table()}", flush=True)
         return 0 if all(ok != "FAILED" for _, ok, _, _ in smoke.rows) else 1
 

@@ -37,8 +37,11 @@ def test_every_node_starts_ray_with_token_auth_and_installs_helio_like_the_readm
     assert any("ray start --head" in c and "--dashboard-host=127.0.0.1" in c for c in starts)
     assert raw["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
     assert any("make install" in c for c in raw["setup_commands"])
-    gpu_setup = raw["available_node_types"]["gpu_worker"]["worker_setup_commands"]
-    assert any("make install TORCH_SPEC=" in c and "cu1" in c for c in gpu_setup)
+    gpu = raw["available_node_types"]["gpu_worker"]
+    assert any("make install TORCH_SPEC=" in c and "cu1" in c for c in gpu["worker_setup_commands"])
+    # the driver and CUDA come with the image (a driver installed by a setup command needs a reboot first)
+    assert gpu["node_config"]["ImageId"].startswith("resolve:ssm:/aws/service/deeplearning/ami/x86_64/")
+    assert not any("nvidia-driver" in c or "cuda" in c.split("TORCH_SPEC")[0] for c in gpu["worker_setup_commands"])
 
 
 def test_only_ssh_is_open_and_never_to_the_whole_internet(cluster):

@@ -372,9 +372,9 @@ class Worker:
 
     def run(self) -> None:
         t = self.cfg.train
-        dist.barrier()  # every rank probes at once, before data or DeepSpeed compete for the cores
+        dist.barrier()  # the peak is read (on a new node, measured by one rank) before data or DeepSpeed start
         peak, peak_source = peak_flops(self.device)
-        if peak:  # every rank has the same hardware: the best reading, as one that shared its cores reads low
+        if peak:  # one number for the group, whichever nodes its ranks read theirs on
             peak = max_across_ranks(peak, self.device)
         ckpt = ray.train.get_checkpoint()
         with ckpt.as_directory() if ckpt else contextlib.nullcontext() as folder:

@@ -131,16 +131,14 @@ def import_deepspeed():
     """
     import sys
 
-    if "deepspeed" not in sys.modules:
-        blocked = "mlflow" not in sys.modules
+    blocked = "deepspeed" not in sys.modules and "mlflow" not in sys.modules
+    if blocked:
+        sys.modules["mlflow"] = None  # type: ignore[assignment]
+    try:
+        import deepspeed
+    finally:
         if blocked:
-            sys.modules["mlflow"] = None  # type: ignore[assignment]
-        try:
-            import deepspeed
-        finally:
-            if blocked:
-                del sys.modules["mlflow"]
-    import deepspeed
+            del sys.modules["mlflow"]
     import deepspeed.ops
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 

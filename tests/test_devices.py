@@ -164,3 +164,44 @@ def test_gpu_smoke_refuses_in_one_line_without_cuda():
     done = subprocess.run([sys.executable, "-m", "jobs.gpu_smoke"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("gpu-smoke: no CUDA device here")
+
+
+PEAK = """
+import torch
+torch.set_num_threads(1)
+from cluster.devices import cpu_peak
+peak, source = cpu_peak()
+print("PEAK", repr(peak), "measured now" in source)
+"""
+
+
+def test_the_cpu_peak_is_measured_once_per_node_and_then_read_by_every_process(tmp_path, monkeypatch):
+    """MFU divides by the node's cached peak: two workers starting at once, one measures while the other
+    waits and reads the same number; later processes read it too; an unreadable cache is measured again."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from cluster.devices import CACHE_ENV, cpu_peak
+
+    env = {**os.environ, CACHE_ENV: str(tmp_path), "PYTHONPATH": os.getcwd()}
+    workers = [subprocess.Popen([sys.executable, "-c", PEAK], env=env, stdout=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    outs = [w.communicate(timeout=120)[0].split("PEAK ", 1)[1].split() for w in workers]
+    assert sorted(measured for _, measured in outs) == ["False", "True"], outs  # one measured, one read
+    assert outs[0][0] == outs[1][0] and float(outs[0][0]) > 0
+    (key,) = json.loads((tmp_path / "cpu_peak.json").read_text())
+    assert key.endswith("| 1 threads")
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # this process, on the workers' thread count
+    try:
+        peak, source = cpu_peak()
+        assert peak == float(outs[0][0]) and "read from" in source
+        (tmp_path / "cpu_peak.json").write_text("{not json")
+        peak, source = cpu_peak()
+        assert "measured now" in source and peak > 0 and json.loads((tmp_path / "cpu_peak.json").read_text())
+    finally:
+        torch.set_num_threads(threads)

@@ -32,7 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 MODELS = {  # the same parameters per layer (786,432 weights, biases aside) and the same tied embeddings
-    "gpt": ["model.arch=gpt", "model.n_layer=4", "model.n_head=4", "model.n_embd=256"],
+    # pretrain_demo.yaml is a Llama: its Llama-only keys back to their defaults (GPT-2 ties its head anyway)
+    "gpt": ["model.arch=gpt", "model.n_layer=4", "model.n_head=4", "model.n_embd=256", "model.n_kv_head=0",
+            "model.tie_embeddings=false"],
     "llama": ["model.arch=llama", "model.n_layer=4", "model.n_head=4", "model.n_kv_head=2", "model.n_embd=256",
               "model.intermediate_size=768", "model.tie_embeddings=true"],
 }

@@ -84,9 +84,13 @@ def cpu_peak() -> tuple[float, str]:
     threads = torch.get_num_threads()
     key = f"{cpu_name()} | {torch.backends.cpu.get_cpu_capability()} | torch {torch.__version__} | {threads} threads"
     folder = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "helio")
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "cpu_peak.json"
-    with open(folder / "cpu_peak.lock", "a") as lock:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / "cpu_peak.lock", "a")
+    except OSError as e:  # no writable cache on this node: a measurement of this process's own, as before
+        return cpu_matmul_peak(seconds=1.0), f"{key}: fp32 matmul peak measured now, not cached ({e})"
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             table = json.loads(path.read_text())

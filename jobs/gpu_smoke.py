@@ -212,8 +212,12 @@ def main(argv: list[str] | None = None) -> int:
                 smoke.stage(f"serve llama, num_gpus {0 if args.cpu else 1}", smoke.serve)
         smoke.rows.append(("serve through vLLM", "n/a", 0.0, "not wired in yet (engine: vllm)"))
         built = sorted(p.name for p in extensions.iterdir())
-        smoke.rows.append(("DeepSpeed ops built at run time", "FAILED" if built else "ok", 0.0,
-                           ", ".join(built) if built else "none"))
+        if os.environ.get("RAY_ADDRESS"):  # workers of a running cluster never read this process's environment
+            smoke.rows.append(("DeepSpeed ops built at run time", "n/a", 0.0, "not watched on a running cluster "
+                               "(RAY_ADDRESS is set): make gpu-smoke on the node, an embedded Ray, checks it"))
+        else:
+            smoke.rows.append(("DeepSpeed ops built at run time", "FAILED" if built else "ok", 0.0,
+                               ", ".join(built) if built else "none"))
         print(f"\ngpu-smoke on {device}, torch {torch.__version__}\n{smoke.table()}", flush=True)
         return 0 if all(ok != "FAILED" for _, ok, _, _ in smoke.rows) else 1
 

@@ -185,7 +185,9 @@ def test_the_cpu_peak_is_measured_once_per_node_and_then_read_by_every_process(t
 
     from cluster.devices import CACHE_ENV, cpu_peak
 
-    env = {**os.environ, CACHE_ENV: str(tmp_path), "PYTHONPATH": os.getcwd()}
+    from pathlib import Path
+
+    env = {**os.environ, CACHE_ENV: str(tmp_path), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     workers = [subprocess.Popen([sys.executable, "-c", PEAK], env=env, stdout=subprocess.PIPE, text=True)
                for _ in range(2)]
     outs = [w.communicate(timeout=120)[0].split("PEAK ", 1)[1].split() for w in workers]
@@ -203,5 +205,8 @@ def test_the_cpu_peak_is_measured_once_per_node_and_then_read_by_every_process(t
         (tmp_path / "cpu_peak.json").write_text("{not json")
         peak, source = cpu_peak()
         assert "measured now" in source and peak > 0 and json.loads((tmp_path / "cpu_peak.json").read_text())
+        monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cpu_peak.json" / "x"))  # a cache that cannot be made
+        peak, source = cpu_peak()
+        assert peak > 0 and "not cached" in source
     finally:
         torch.set_num_threads(threads)

@@ -182,10 +182,9 @@ def test_the_cpu_peak_is_measured_once_per_node_and_then_read_by_every_process(t
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
     from cluster.devices import CACHE_ENV, cpu_peak
-
-    from pathlib import Path
 
     env = {**os.environ, CACHE_ENV: str(tmp_path), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     workers = [subprocess.Popen([sys.executable, "-c", PEAK], env=env, stdout=subprocess.PIPE, text=True)

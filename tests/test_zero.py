@@ -343,8 +343,7 @@ def test_a_checkpoint_resumes_at_another_group_size_on_the_same_loss_curve(tmp_p
     done = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), str(marker), str(stage)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.split("RESULTS", 1)[1])
-    r = results
+    r = json.loads(done.stdout.split("RESULTS", 1)[1])
     print(f"stage {stage}: uninterrupted", r["reference"], "\n2 -> 1 at 3  ", r["shrunk"], "\n1 -> 2 at 5  ",
           r["grown"])
     assert max(abs(a - b) for a, b in zip(r["reference"][3:], r["shrunk"])) < 1e-5
@@ -352,6 +351,6 @@ def test_a_checkpoint_resumes_at_another_group_size_on_the_same_loss_curve(tmp_p
     assert r["reference"][-1] < r["reference"][0] - 0.1  # it learned: the curve compared is not flat
     if stage == 0:
         return
-    assert "is not tensors and plain data" in results["planted"] and "pathlib.Path" in results["planted"], \
-        results["planted"]
+    assert "is not tensors and plain data" in r["planted"] and "pathlib.Path" in r["planted"], \
+        r["planted"]
     assert not marker.exists()

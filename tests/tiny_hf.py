@@ -46,11 +46,13 @@ def tokenizer(texts: list[str], vocab_size: int = 320) -> Tokenizer:
 
 
 def save_family(name: str, folder: Path, max_shard_size: str = "40KB", seed: int = 0,
-                texts: list[str] | None = None):
-    """A `transformers` model of family `name` saved (sharded) into `folder` with its tokenizer files;
-    returns the model."""
+                texts: list[str] | None = None, **overrides):
+    """A `transformers` model of family `name` (its config's keys `overrides` changed) saved (sharded)
+    into `folder` with its tokenizer files; returns the model."""
     torch.manual_seed(seed)
-    hf = AutoModelForCausalLM.from_config(FAMILIES[name]()).eval()
+    config = FAMILIES[name]()
+    config.update(overrides)
+    hf = AutoModelForCausalLM.from_config(config).eval()
     hf.save_pretrained(folder, max_shard_size=max_shard_size)
     texts = texts or ["def read(path):\n    return open(path).read()\n", "hello world, hello tokens"] * 20
     tokenizer(texts, hf.config.vocab_size).save(str(Path(folder) / "tokenizer.json"))

@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from cluster.config import from_dict, to_dict
 from cluster.devices import peak_flops, peak_memory_mb
+from cluster.profile import StepProfile
 from cluster.storage import blocks, columns, fetch_folder, resolve
 from cluster.zero import OptimConfig, ZeroConfig, ZeroStrategy, saved_client_state
 from models.arch import ModelConfig, build_model, build_vision_model
@@ -392,8 +393,9 @@ class Worker:
         entropy = pool.submit(unigram_entropy, self.cfg.val_files, self.cfg.vocab_size) if text else None
         pool.shutdown(wait=False)
         loss_sum, loss_n, local_tokens, t_last = 0.0, 0, 0, time.perf_counter()
-        t_attempt = t_last
+        t_attempt, profile = t_last, StepProfile(self.rank, start_step)  # HELIO_PROFILE_DIR: rank 0's op table
         while self.step < t.steps:
+            profile.tick(self.step)
             loss, n_tokens = self.train_step(next(batches))
             loss_sum, loss_n, local_tokens = loss_sum + loss, loss_n + 1, local_tokens + n_tokens
             if self.cfg.fault.mode in ("raise", "exit") and self._fault_due():
@@ -437,6 +439,7 @@ class Worker:
             else:
                 ray.train.report(metrics)
             loss_sum, loss_n, local_tokens, t_last = 0.0, 0, 0, time.perf_counter()
+        profile.close(self.step)
 
 
 def export_model(cfg: LoopConfig, state: dict[str, torch.Tensor], folder: Path) -> None:

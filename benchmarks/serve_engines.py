@@ -1,12 +1,16 @@
-"""Benchmark: Helio's generation engine against vLLM's, each behind Helio's same served front.
+"""Benchmark: Helio's served generation against vLLM's, on the same weights.
 
     make vllm-env
     .venv-vllm/bin/python benchmarks/serve_engines.py [--storage ./runs] [--model pretrain_demo] [--tokens 64]
 
-One local Ray cluster and one Serve application (jobs.serve) serve the same artifact twice: with
-`engine: helio` (actors/generation_engine.py) and with `engine: vllm` (vLLM's CPU build on Ray Serve's
-LLM support, actors/serve_vllm.py). Each replica has one CPU and one thread, room for 32 sequences, and
-the same ingress in front. Clients (benchmarks/serve.py's `load`: aiohttp, keep-alive, SSE timed as it
+Three servers of one artifact:
+- `helio`: Helio's application (jobs.serve on a local Ray cluster) with `engine: helio`
+  (actors/generation_engine.py);
+- `vllm`: the same application's second model, `engine: vllm` (vLLM's CPU build on Ray Serve's LLM
+  support, actors/serve_vllm.py), behind the same ingress: the engines alone differ;
+- `vllm-server`: vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`, its HTTP
+  front and tokenizer, no Ray), the peer a vLLM user would run.
+Each engine has one thread (one CPU in Ray), room for 32 sequences, fp32 weights. Clients (benchmarks/serve.py's `load`: aiohttp, keep-alive, SSE timed as it
 arrives) open 1, 8 and 32 concurrent streams of seeded sampled completions, `--tokens` tokens each,
 three requests per stream. The engines take turns at each level, `--rounds` times, so that a drift of
 the machine falls on both. Reported per engine and level: tokens/s, time to first token and
@@ -23,6 +27,7 @@ import argparse
 import asyncio
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.quantize import MAKE, job  # noqa: E402  (the demo recipes for a missing model)
 from benchmarks.serve import free_port, load  # noqa: E402
 
-ENGINES = ("helio", "vllm")
+ENGINES = ("helio", "vllm", "vllm-server")
 LEVELS = (1, 8, 32)
 
 
@@ -44,6 +49,45 @@ def deploy(storage: str, model: str):
         f"storage={storage}", "name=engines", f"http.port={free_port()}", "grpc.port=0",
         f"models=[{{id: helio, artifact: {model}, {each}}}, {{id: vllm, artifact: {model}, engine: vllm, {each}}}]"])
     return serve_job.deploy(cfg)
+
+
+def vllm_server(storage: str, model: str, folder: Path):
+    """vLLM's OpenAI server on the artifact's weights and tokenizer, one thread, on a loopback port;
+    returns (process, completions URL) once it answers /health. It reads a tokenizer_config.json, which
+    Helio's artifacts do not carry: one naming the tokenizer's end-of-text is written beside a copy."""
+    import os
+    import subprocess
+    import urllib.request
+
+    from actors.serve_vllm import kv_cache_bytes
+    from cluster.storage import Storage
+
+    art = Storage(storage).open("model", model)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (folder / name).write_bytes(art.read_bytes(name))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                              "eos_token": "<|endoftext|>"}))
+    hf = json.loads((folder / "config.json").read_text())
+    context = hf.get("max_position_embeddings") or hf["n_positions"]
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--served-model-name",
+         "vllm-server", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+         "--max-model-len", str(context), "--max-num-seqs", "32", "--generation-config", "vllm",
+         "--kv-cache-memory-bytes", str(kv_cache_bytes(hf, 32, context)), "--uvicorn-log-level", "warning"],
+        env={**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "w"))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vLLM's server exited ({proc.returncode}); see {folder / 'server.log'}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return proc, f"http://127.0.0.1:{port}/v1/completions"
+        except OSError:
+            time.sleep(1)
+    proc.kill()
+    raise RuntimeError("vLLM's server did not answer /health within 300 s")
 
 
 def main() -> int:
@@ -69,27 +113,38 @@ def main() -> int:
     started = time.perf_counter()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # 2 replicas, ingress, proxy
     runs: dict[str, dict[int, list[dict]]] = {e: {n: [] for n in LEVELS} for e in ENGINES}
-    try:
-        url = deploy(args.storage, args.model) + "/v1/completions"
-        body = {"prompt": "def read(path):\n    ", "max_tokens": args.tokens, "temperature": 0.8, "top_k": 50,
-                "stream": True}
-        for engine in ENGINES:  # warm up: first requests pay for allocation
-            asyncio.run(load(url, [body | {"model": engine, "seed": i} for i in range(4)], 4, stream=True))
-        for _ in range(args.rounds):
-            for n in LEVELS:
-                for engine in ENGINES:
-                    bodies = [body | {"model": engine, "seed": i} for i in range(3 * n)]
-                    runs[engine][n].append(asyncio.run(load(url, bodies, n, stream=True)))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    body = {"prompt": "def read(path):\n    ", "max_tokens": args.tokens, "temperature": 0.8, "top_k": 50,
+            "stream": True}
+    peer = {"stream_options": {"include_usage": True}}  # vLLM's server sends the usage chunk only when asked
+    with tempfile.TemporaryDirectory(prefix="helio-vllm-server-") as folder:
+        server = None
+        try:
+            helio = deploy(args.storage, args.model) + "/v1/completions"
+            server, own = vllm_server(args.storage, args.model, Path(folder))
+            urls = {"helio": helio, "vllm": helio, "vllm-server": own}
+            extra = {"helio": {}, "vllm": {}, "vllm-server": peer}
+            for engine in ENGINES:  # warm up: first requests pay for allocation
+                asyncio.run(load(urls[engine], [body | extra[engine] | {"model": engine, "seed": i}
+                                                for i in range(4)], 4, stream=True))
+            for _ in range(args.rounds):
+                for n in LEVELS:
+                    for engine in ENGINES:
+                        bodies = [body | extra[engine] | {"model": engine, "seed": i} for i in range(3 * n)]
+                        runs[engine][n].append(asyncio.run(load(urls[engine], bodies, n, stream=True)))
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait(timeout=60)
+            serve.shutdown()
+            ray.shutdown()
     result = {"model": args.model, "tokens": args.tokens, "rounds": args.rounds,
               "levels": {str(n): {e: {"median": median(runs[e][n]), "rounds": runs[e][n]} for e in ENGINES}
                          for n in LEVELS},
               "seconds": time.perf_counter() - started}
     for n in LEVELS:
-        level = result["levels"][str(n)]
-        level["helio_over_vllm"] = level["helio"]["median"]["tokens_per_s"] / level["vllm"]["median"]["tokens_per_s"]
+        level, helio = result["levels"][str(n)], result["levels"][str(n)]["helio"]["median"]["tokens_per_s"]
+        level["helio_over_vllm"] = helio / level["vllm"]["median"]["tokens_per_s"]
+        level["helio_over_vllm_server"] = helio / level["vllm-server"]["median"]["tokens_per_s"]
     print_table(result)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -105,16 +160,17 @@ def median(rounds: list[dict]) -> dict:
 
 def print_table(r: dict) -> None:
     print(f"\n{r['model']}, {r['tokens']} sampled tokens per request, {r['rounds']} alternating rounds")
-    print("streams  engine  tok/s median (each round)     TTFT p50/p99 ms   ITL p50/p99 ms   errors")
+    print("streams  engine       tok/s median (each round)     TTFT p50/p99 ms   ITL p50/p99 ms   errors")
     for n in LEVELS:
         level = r["levels"][str(n)]
         for e in ENGINES:
             rounds, mid = level[e]["rounds"], level[e]["median"]
             each = ", ".join(f"{x['tokens_per_s']:.0f}" for x in rounds)
-            print(f"{n:7}  {e:6}  {mid['tokens_per_s']:7.0f} ({each:18})  "
+            print(f"{n:7}  {e:11}  {mid['tokens_per_s']:7.0f} ({each:18})  "
                   f"{mid['ttft_p50_ms']:6.0f} / {mid['ttft_p99_ms']:6.0f}   "
                   f"{mid['itl_p50_ms']:5.1f} / {mid['itl_p99_ms']:5.1f}   {sum(x['errors'] for x in rounds)}")
-        print(f"         helio / vllm (medians): {level['helio_over_vllm']:.2f}")
+        print(f"         helio / vllm (medians): {level['helio_over_vllm']:.2f}; "
+              f"helio / vllm-server: {level['helio_over_vllm_server']:.2f}")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,7 @@ from transformers import AutoTokenizer
 
 from actors.model_import import import_model
 from models.hf_llama import load_llama, save_llama
-from cluster.config import load_config
-from jobs import serve as serve_job
+from served import deployed
 from test_serve import AUTH, KEY, _grpc, call
 from tiny_hf import save_family
 
@@ -43,16 +42,10 @@ def llama(serve_ports, tiny_store, tmp_path_factory):
     import_model(tiny_store, str(folder), "serve_llama")
     import_model(tiny_store, str(plain), "serve_llama_plain")
     import_model(tiny_store, str(embedder), "serve_llama_embed")
-    cfg = load_config(serve_job.ServeConfig, None, [
-        f"storage={tiny_store.root}", "name=llama_app", f"http.port={serve_ports['http']}",
-        f"grpc.port={serve_ports['grpc']}", f"api_keys=[{KEY}]",
-        "models=[{id: llama, artifact: serve_llama, num_cpus: 0.2}, {id: llama-plain, artifact: serve_llama_plain, "
-        "num_cpus: 0.2, max_context: 48}, {id: llama-embed, artifact: serve_llama_embed, task: embed, num_cpus: 0.2}]"])
-    url = serve_job.deploy(cfg)
-    yield url, cfg, hf, folder, embedder
-    from ray import serve
-
-    serve.delete(cfg.name)
+    with deployed(tiny_store.root, "llama_app", serve_ports, KEY, "[{id: llama, artifact: serve_llama, num_cpus: 0.2}, "
+                  "{id: llama-plain, artifact: serve_llama_plain, num_cpus: 0.2, max_context: 48}, "
+                  "{id: llama-embed, artifact: serve_llama_embed, task: embed, num_cpus: 0.2}]") as (url, cfg):
+        yield url, cfg, hf, folder, embedder
 
 
 def _expected(hf, folder, ids: list[int], n: int) -> tuple[list[int], str]:

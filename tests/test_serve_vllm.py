@@ -16,6 +16,7 @@ from cluster.config import load_config
 from cluster.storage import Storage
 from jobs import serve as serve_job
 from test_serve import AUTH, KEY, _grpc, call
+from served import deployed
 from test_serve_llama import MESSAGES, _decode
 from tiny_hf import save_family
 
@@ -30,16 +31,10 @@ def served(serve_ports, tmp_path_factory):
     hf = save_family("llama", folder, hidden_size=128, head_dim=32)  # vLLM's CPU kernels start at head_dim 32
     store = Storage(str(tmp_path_factory.mktemp("vllm-store")))
     import_model(store, str(folder), "llama")
-    cfg = load_config(serve_job.ServeConfig, None, [
-        f"storage={store.root}", "name=vllm_app", f"http.port={serve_ports['http']}",
-        f"grpc.port={serve_ports['grpc']}", f"api_keys=[{KEY}]",
-        "models=[{id: helio, artifact: llama, num_cpus: 0.2}, "
-        "{id: vllm, artifact: llama, engine: vllm, num_cpus: 1, max_batch_size: 4, max_ongoing_requests: 8}]"])
-    url = serve_job.deploy(cfg)
-    yield url, cfg, hf, folder
-    from ray import serve
-
-    serve.delete(cfg.name)
+    with deployed(store.root, "vllm_app", serve_ports, KEY, "[{id: helio, artifact: llama, num_cpus: 0.2}, "
+                  "{id: vllm, artifact: llama, engine: vllm, num_cpus: 1, max_batch_size: 4, max_ongoing_requests: 8}]"
+                  ) as (url, cfg):
+        yield url, cfg, hf, folder
 
 
 def _greedy(hf, ids: list[int], n: int) -> tuple[list[int], list[float]]:

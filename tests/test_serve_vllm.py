@@ -1,14 +1,15 @@
 """`engine: vllm` served by jobs.serve over real HTTP and gRPC, with vLLM's CPU build (make test-vllm runs
 this module in its own environment, .venv-vllm; in Helio's own it is deselected, since vLLM is not
 installed there). A Llama-family checkpoint with Llama 3.1's rope scaling and grouped-query attention is
-served twice, by Helio's engine and by vLLM, behind the same front: both answer what `transformers`
-computes (greedy tokens, log-probabilities), stream what they answer whole, and pass Serve's health
-checks; a checkpoint whose head size vLLM's CPU kernels lack is refused when the config is read."""
+served twice, by Helio's engine and by vLLM, behind the same front, and a GPT-2 checkpoint by vLLM:
+each answers what `transformers` computes (greedy tokens, log-probabilities), streams what it answers
+whole, and passes Serve's health checks; a checkpoint whose head size vLLM's CPU kernels lack is refused when the config is read."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
 from actors.model_import import import_model
@@ -18,23 +19,39 @@ from jobs import serve as serve_job
 from test_serve import AUTH, KEY, _grpc, call
 from served import deployed
 from test_serve_llama import MESSAGES, _decode
-from tiny_hf import save_family
+from tiny_hf import save_family, tokenizer
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 MODELS = ("helio", "vllm")
+VLLM = "engine: vllm, num_cpus: 0.5, max_batch_size: 4, max_ongoing_requests: 8"
+
+
+def save_gpt2(folder):
+    """A tiny GPT-2 built by `transformers` (head_dim 32), with tiny_hf's tokenizer; returns the model."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=320, n_positions=96, n_embd=128, n_layer=2, n_head=4, bos_token_id=0,
+                                    eos_token_id=2, initializer_range=0.1)).eval()
+    hf.save_pretrained(folder)
+    tokenizer(["def read(path):\n    return open(path).read()\n", "hello world, hello tokens"] * 20).save(
+        str(folder / "tokenizer.json"))
+    return hf
 
 
 @pytest.fixture(scope="module")
 def served(serve_ports, tmp_path_factory):
-    """(base URL, config, the transformers model, its folder): one checkpoint, one model per engine."""
-    folder = tmp_path_factory.mktemp("vllm-llama")
-    hf = save_family("llama", folder, hidden_size=128, head_dim=32)  # vLLM's CPU kernels start at head_dim 32
+    """(base URL, config, {"llama": (transformers model, folder), "gpt": ...}): the Llama served by each
+    engine (`helio`, `vllm`), the GPT-2 by vLLM (`vllm-gpt`)."""
+    llama, gpt = tmp_path_factory.mktemp("vllm-llama"), tmp_path_factory.mktemp("vllm-gpt")
+    models = {"llama": (save_family("llama", llama, hidden_size=128, head_dim=32), llama),  # vLLM's CPU
+              "gpt": (save_gpt2(gpt), gpt)}  # kernels start at head_dim 32
     store = Storage(str(tmp_path_factory.mktemp("vllm-store")))
-    import_model(store, str(folder), "llama")
-    with deployed(store.root, "vllm_app", serve_ports, KEY, "[{id: helio, artifact: llama, num_cpus: 0.2}, "
-                  "{id: vllm, artifact: llama, engine: vllm, num_cpus: 1, max_batch_size: 4, max_ongoing_requests: 8}]"
-                  ) as (url, cfg):
-        yield url, cfg, hf, folder
+    import_model(store, str(llama), "llama")
+    import_model(store, str(gpt), "gpt")
+    with deployed(store.root, "vllm_app", serve_ports, KEY, f"[{{id: helio, artifact: llama, num_cpus: 0.2}}, "
+                  f"{{id: vllm, artifact: llama, {VLLM}}}, {{id: vllm-gpt, artifact: gpt, {VLLM}}}]") as (url, cfg):
+        yield url, cfg, models
 
 
 def _greedy(hf, ids: list[int], n: int) -> tuple[list[int], list[float]]:
@@ -53,10 +70,11 @@ def _sure(want: list[int], gaps: list[float], tol: float = 1e-4) -> int:
     return next((i for i, (t, g) in enumerate(zip(want, gaps)) if g < tol or t in (1, 2)), len(want))
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_completions_answer_what_transformers_generates(served, model):
-    url, _, hf, folder = served
-    ids = AutoTokenizer.from_pretrained(folder)("def read(path):", add_special_tokens=False)["input_ids"]
+@pytest.mark.parametrize("model, checkpoint", [("helio", "llama"), ("vllm", "llama"), ("vllm-gpt", "gpt")])
+def test_completions_answer_what_transformers_generates(served, model, checkpoint):
+    url, _, models = served
+    hf, folder = models[checkpoint]
+    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode("def read(path):", add_special_tokens=False).ids
     want, gaps = _greedy(hf, ids, 16)
     status, body = call(url, "/v1/completions", {"model": model, "prompt": ids, "max_tokens": 16, "temperature": 0})
     assert status == 200, body
@@ -69,7 +87,8 @@ def test_completions_answer_what_transformers_generates(served, model):
 def test_both_engines_score_a_prompt_as_transformers_does(served):
     """echo + logprobs + max_tokens 0 (how lm-evaluation-harness scores): each prompt token's log-probability
     and its top alternatives, from vLLM's prompt_logprobs as from Helio's engine."""
-    url, _, hf, folder = served
+    url, _, models = served
+    hf, folder = models["llama"]
     ids = AutoTokenizer.from_pretrained(folder)("hello world, hello tokens", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         want = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1)
@@ -88,7 +107,7 @@ def test_both_engines_score_a_prompt_as_transformers_does(served):
 def test_chat_streams_over_http_and_grpc_what_it_answers_whole(served):
     from actors.proto import helio_pb2 as pb
 
-    url, cfg, _, _ = served
+    url, cfg, _ = served
     whole = call(url, "/v1/chat/completions", {"model": "vllm", "messages": MESSAGES, "max_tokens": 12,
                                                "temperature": 0})[1]
     channel, stub = _grpc(cfg)

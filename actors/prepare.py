@@ -1,8 +1,9 @@
 """Ray Data UDFs of the prepare job. Thin: the text maths lives in models/.
 
 Stages, each a `map_batches` or `map_groups` over plain column batches:
-  read_records    raw file bytes -> one row per record (decoded, cleaned,
-                  filtered, hashed, MinHash-signed); dropped rows keep their reason
+  read_records    pieces of files (whole files, or line-aligned byte ranges of
+                  large ones: `read_piece`) -> one row per record (decoded,
+                  cleaned, filtered, hashed, MinHash-signed); dropped rows keep their reason
   count_reasons   per batch: records and bytes by drop reason
   band_rows / duplicate_edges   LSH bands, grouped by bucket: exact and
                   near-duplicate pairs (the driver resolves their components)
@@ -91,24 +92,60 @@ def _records(path: str, raw: bytes, text_field: str) -> Iterator[tuple[Any, str 
         yield (value, None) if isinstance(value, str) else (None, "missing_text_field")
 
 
-def _read_file(uri: str) -> bytes | None:
-    """A file's raw bytes (never decompressed here), or None if it cannot be read."""
+def splittable(path: str) -> bool:
+    """Whether a file's records are lines that a byte range can be cut between: plain text
+    and JSON Lines, uncompressed. (gzip has no random access; a Parquet or JSON-array file
+    is one unit.)"""
+    name = path.lower()
+    return not name.endswith((".gz", ".json", ".parquet"))
+
+
+_SCAN = 1 << 16  # bytes read at a time while looking for a line end
+
+
+def _after_line_end(f, pos: int, size: int) -> int:
+    """The offset just past the first newline at or after `pos` (the file size if none)."""
+    while pos < size:
+        chunk = f.read_at(min(_SCAN, size - pos), pos)
+        cut = chunk.find(b"\n")
+        if cut >= 0:
+            return pos + cut + 1
+        pos += len(chunk)
+    return size
+
+
+def read_piece(uri: str, start: int, end: int) -> bytes | None:
+    """Raw bytes (never decompressed here) of the lines that start in [start, end) of a file,
+    or None if it cannot be read. (0, size) is the whole file.
+
+    A line starts at 0 or just after a newline, so consecutive ranges covering a
+    file give every line to exactly one piece, however the cuts fall; a piece
+    reads its own range plus the end of its last line, never the whole file.
+    """
     try:
         fs, path = resolve(uri)
-        with fs.open_input_stream(path, compression=None) as f:
-            return f.readall()
+        with fs.open_input_file(path) as f:
+            size = f.size()
+            if start == 0 and end >= size:
+                return f.read_at(size, 0)
+            lo = _after_line_end(f, start - 1, size) if start > 0 else 0
+            hi = max(lo, _after_line_end(f, end - 1, size) if end < size else size)
+            return f.read_at(hi - lo, lo)
     except OSError:
         return None
 
 
 def read_records(batch: dict[str, np.ndarray], text_field: str, quality: dict, minhash: dict) -> dict[str, Any]:
-    """Groups of file paths -> one row per record: reason ('' when kept), text, hash, signature."""
+    """Read blocks (a row's `paths`, `starts`, `ends`: its pieces) -> one row per record: reason
+    ('' when kept), text, hash, signature. A piece of a plain-text file is one document."""
     qcfg, hasher = QualityConfig(**quality), MinHasher(MinHashConfig(**minhash))
     ids, reasons, texts, hashes, sigs, sizes = [], [], [], [], [], []
     empty_sig = np.zeros(hasher.cfg.num_perm, dtype=np.uint32)
-    for path in (str(p) for paths in batch["paths"] for p in paths):
-        raw = _read_file(path)
+    pieces = ((str(p), int(s), int(e)) for row in zip(batch["paths"], batch["starts"], batch["ends"]) for p, s, e in zip(*row))
+    for path, start, end in pieces:
+        raw = read_piece(path, start, end)
         records = _records(path, raw, text_field) if raw is not None else iter([(None, "unreadable_file")])
+        where = path if start == 0 else f"{path}@{start}"  # a whole file's ids do not depend on the cut
         for index, (value, reason) in enumerate(records):
             text = ""
             size = len(value.encode("utf-8")) if isinstance(value, str) else len(value or b"")
@@ -118,7 +155,7 @@ def read_records(batch: dict[str, np.ndarray], text_field: str, quality: dict, m
                 text, removed = normalize(value)
                 reason = quality_reason(text, removed, qcfg)
             kept = reason is None
-            ids.append(record_id(path, index))
+            ids.append(record_id(where, index))
             reasons.append("" if kept else reason)
             texts.append(text if kept else "")
             hashes.append(content_hash(text) if kept else b"")

@@ -16,7 +16,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -94,16 +94,21 @@ def build_dataset(cfg: PrepareConfig, store: Storage, files: dict[str, int], reu
     from models.tokenizer import iter_bounded, train_bpe
 
     t0 = time.time()  # job time, not counting the start of an embedded cluster
+    stage_seconds: dict[str, float] = {}
+
+    def lap(stage: str) -> None:  # the time since the previous lap, under `stage`
+        stage_seconds[stage] = round(time.time() - t0 - sum(stage_seconds.values()), 2)
     cpus = cluster_cpus()
     quality, minhash = to_dict(cfg.quality), to_dict(cfg.dedup)
 
     # Read blocks are sized from the input alone (never from the cluster), so a
     # block -- and the shard it becomes -- holds the same documents on any cluster.
-    groups = group_by_size(list(files), list(files.values()), int(cfg.pack.shard_mb * 1e6))
+    groups = plan_reads(files, int(cfg.pack.shard_mb * 1e6), udf.splittable)
     log.info("[1/5] read, clean, filter, hash, sign %d files in %d blocks of about %.1f MB",
              len(files), len(groups), cfg.pack.shard_mb)
     docs = (
-        ray.data.from_items([{"paths": g} for g in groups], override_num_blocks=len(groups))
+        ray.data.from_items([{"paths": [p for p, _, _ in g], "starts": [s for _, s, _ in g], "ends": [e for _, _, e in g]}
+                             for g in groups], override_num_blocks=len(groups))
         .map_batches(udf.read_records, batch_size=1,
                      fn_kwargs={"text_field": cfg.source.text_field, "quality": quality, "minhash": minhash})
         .materialize()
@@ -119,6 +124,7 @@ def build_dataset(cfg: PrepareConfig, store: Storage, files: dict[str, int], reu
     dropped = {reason: count for reason, (count, _) in sorted(by_reason.items())}
     if kept_count == 0:
         raise UserError(f"no record of the {read_records} read passed cleaning and quality filters: {dropped}")
+    lap("read_clean_sign")
 
     log.info("[2/5] exact and near-duplicate detection on %d documents (MinHash LSH, %d bands x %d rows, Jaccard >= %.2f)",
              kept_count, cfg.dedup.bands, cfg.dedup.rows, cfg.dedup.threshold)
@@ -135,6 +141,7 @@ def build_dataset(cfg: PrepareConfig, store: Storage, files: dict[str, int], reu
     dropped["exact_duplicate"] = len(exact)
     dropped["near_duplicate"] = len(duplicates) - len(exact)
     drop_ref = [ray.put(np.fromiter(duplicates, dtype=np.int64, count=len(duplicates)))]
+    lap("dedup")
 
     with store.create("dataset", cfg.name, config=to_dict(cfg)) as art:
         if reused_tokenizer is not None:
@@ -149,6 +156,7 @@ def build_dataset(cfg: PrepareConfig, store: Storage, files: dict[str, int], reu
             tok = train_bpe(iter_bounded(texts, int(cfg.tokenizer.sample_mb * 1e6)), cfg.tokenizer.vocab_size)
         tokenizer_json = tok.to_str()
         art.write_bytes("tokenizer.json", tokenizer_json.encode())
+        lap("tokenizer")
 
         log.info("[4/5] tokenize and pack into %d-token blocks", cfg.pack.block_size + 1)
         stats = (
@@ -159,6 +167,7 @@ def build_dataset(cfg: PrepareConfig, store: Storage, files: dict[str, int], reu
                                                 "val_fraction": cfg.pack.val_fraction})
             .take_all()
         )
+        lap("tokenize_pack_write")
         log.info("[5/5] commit the artifact")
         art.add_files({s["file"]: {"sha256": s["sha256"], "bytes": int(s["bytes"])} for s in stats})
         final_docs = sum(int(s["docs"]) for s in stats)
@@ -182,6 +191,7 @@ def build_dataset(cfg: PrepareConfig, store: Storage, files: dict[str, int], reu
             "val_tokens": splits["val"]["tokens"],
             "seconds": round(elapsed, 2),
             "mb_per_s": round(read_bytes / 1e6 / elapsed, 2),
+            "stage_seconds": stage_seconds,  # the commit is the rest of `seconds`
         }
         art.extra = {
             "dataset": {
@@ -216,19 +226,28 @@ def load_tokenizer(path: str) -> Any:
     return tok
 
 
-def group_by_size(files: list[str], sizes: list[int], target: int) -> list[list[str]]:
-    """Consecutive files cut into groups of about `target` bytes: the read blocks.
+def plan_reads(files: dict[str, int], target: int, splittable: Callable[[str], bool]) -> list[list[tuple[str, int, int]]]:
+    """The read blocks: consecutive (file, start, end) pieces of about `target` bytes each.
 
-    Depends on the input alone, so a block (and the shard it becomes) holds the
-    same documents on any cluster, and blocks are even enough to balance CPUs.
+    A `splittable` file (records are lines) larger than `target` is cut into equal
+    byte ranges, read by different tasks (`actors.prepare.read_piece` moves each
+    cut to a line end), so no worker ever holds a large file whole; other files
+    are one piece. Depends on the input alone, so a block (and the shard it
+    becomes) holds the same documents on any cluster, and blocks are even enough
+    to balance CPUs.
     """
-    groups: list[list[str]] = [[]]
+    pieces: list[tuple[str, int, int]] = []
+    for f, size in files.items():
+        n = max(1, math.ceil(size / target)) if splittable(f) else 1
+        pieces.extend((f, size * i // n, size * (i + 1) // n) for i in range(n))
+    groups: list[list[tuple[str, int, int]]] = [[]]
     filled = 0
-    for f, size in zip(files, sizes):
+    for piece in pieces:
+        size = piece[2] - piece[1]
         if groups[-1] and filled + size > target:
             groups.append([])
             filled = 0
-        groups[-1].append(f)
+        groups[-1].append(piece)
         filled += size
     return groups
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import random
 from pathlib import Path
 
@@ -52,10 +53,17 @@ def corpus(tmp_path_factory) -> dict:
     (root / "records.jsonl").write_text("\n".join(lines) + "\n")
     (root / "records2.jsonl.gz").write_bytes(gzip.compress((json.dumps({"text": extra["rec2"]}) + "\n").encode()))
     pq.write_table(pa.table({"text": [extra["rec3"], extra["rec4"], None, extra["rec5"]]}), root / "table.parquet")
+    # Larger than a read block (pack.shard_mb, 5 kB): read in line-aligned pieces by separate tasks.
+    big = {f"big{i}": " ".join([f"big{i}"] + words(rng, 120)) for i in range(30)}
+    (root / "big.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in big.values()))
+    long = {f"long{i}": " ".join([f"long{i}"] + words(rng, 25)) for i in range(80)}
+    (root / "long.txt").write_text("".join(t + "\n" for t in long.values()))
+    long_pieces = math.ceil((root / "long.txt").stat().st_size / 5000)  # each piece of a text file is a document
+    assert (root / "big.jsonl").stat().st_size > 3 * 5000 and long_pieces >= 3
     return {
         "root": root,
-        "markers": sorted(docs) + sorted(extra),
-        "read": 40 + 4 + 4 + 4 + 1 + 4 + 1 + 4,
+        "markers": sorted(docs) + sorted(extra) + sorted(big) + sorted(long),
+        "read": 40 + 4 + 4 + 4 + 1 + 4 + 1 + 4 + len(big) + long_pieces,
         "dropped": {"binary": 1, "empty": 2, "invalid_utf8": 1, "unreadable_file": 1, "invalid_json": 1,
                     "missing_text_field": 2, "exact_duplicate": 4, "near_duplicate": 4},
     }

@@ -102,7 +102,7 @@ class MemoryWatch:
     def __init__(self, pid: int):
         import psutil
 
-        self.proc, self.driver, self.workers = psutil.Process(pid), 0.0, {}
+        self.proc, self.driver, self.workers, self.titles = psutil.Process(pid), 0.0, {}, {}
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -114,17 +114,21 @@ class MemoryWatch:
             try:
                 self.driver = max(self.driver, peak_rss_mb(self.proc.pid))
                 for child in self.proc.children(recursive=True):
-                    if child.cmdline()[:1] and child.cmdline()[0].startswith("ray::"):
+                    title = child.cmdline()[:1]
+                    if title and title[0].startswith("ray::"):
                         self.workers[child.pid] = max(self.workers.get(child.pid, 0.0), peak_rss_mb(child.pid))
+                        if title[0] != "ray::IDLE":  # what the process is (a worker idles between tasks)
+                            self.titles[child.pid] = title[0].split(".")[0]
             except psutil.Error:
                 continue
 
     def stop(self) -> dict:
         self.done.set()
         self.thread.join()
+        top = max(self.workers, key=self.workers.get, default=None)
         return {"driver_peak_rss_mb": round(self.driver, 1),
-                "worker_peak_rss_mb": round(max(self.workers.values(), default=0.0), 1),
-                "workers_seen": len(self.workers)}
+                "worker_peak_rss_mb": round(self.workers.get(top, 0.0), 1),
+                "worker_peak_is": self.titles.get(top, "ray::IDLE"), "workers_seen": len(self.workers)}
 
 
 def run_job(storage: str, name: str, cpus: int, corpus: Path) -> dict:
@@ -189,6 +193,7 @@ def report(rows: list[dict], cpus: int) -> None:
         stages = "  ".join(f"{k} {v:.1f}" for k, v in c["stage_seconds"].items())
         print(f"{r['corpus_mb']:15.1f} MB  {stages}  commit {c['seconds'] - sum(c['stage_seconds'].values()):.1f}"
               f"  = {c['seconds']:.1f} / {c['wall_seconds']:.1f}")
+    print("largest worker: " + ", ".join(f"{r['corpus_mb']:.0f} MB: {r['helio_all_cpus']['worker_peak_is']}" for r in rows))
     print("target: (c)/((a) x CPUs) >= 0.70, and peak memory flat across corpus sizes")
 
 

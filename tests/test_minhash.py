@@ -26,6 +26,15 @@ def true_jaccard(h: MinHasher, a: str, b: str) -> float:
     return len(sa & sb) / len(sa | sb)
 
 
+def test_a_signature_slot_is_the_minimum_of_its_multiply_shift_hash():
+    h = MinHasher(MinHashConfig(num_perm=16, bands=4))
+    text = " ".join(doc(random.Random(3), 6000))  # more shingles than one chunk of the vectorised loop
+    x = [int(v) for v in h.shingles(text)]
+    assert len(x) > 4096
+    want = [min(((int(a) * v + int(b)) % 2**64) >> 32 for v in x) for a, b in zip(h.a, h.b)]  # the definition
+    assert h.signature(text).tolist() == want
+
+
 def test_estimate_is_within_0_1_of_true_jaccard():
     h = MinHasher(MinHashConfig(num_perm=256, bands=32, shingle_size=3))
     rng = random.Random(0)

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
-from models.text import QualityConfig, content_hash, decode, normalize, quality_reason, repeated_line_fraction
+import random
+import re
+
+from models.text import (QualityConfig, content_hash, decode, normalize, quality_reason, repeated_line_fraction,
+                         symbol_count)
 
 GOOD = "def add(a, b):\n    return a + b\n\nprint(add(1, 2))  # three\n" * 3 + "x = 1\n"
 
@@ -26,6 +30,14 @@ def test_quality_reasons():
     assert quality_reason(GOOD, 50, cfg) == "non_printable"
     assert quality_reason("!@#$%^&*()" * 5, 0, cfg) == "non_alphanumeric"
     assert quality_reason("same line\n" * 10 + "other\n", 0, cfg) == "repeated_lines"
+
+
+def test_symbol_count_is_the_regex_count_on_ascii_and_unicode():
+    rng = random.Random(0)
+    samples = ["".join(chr(rng.randrange(128)) for _ in range(400)) for _ in range(20)]  # every ASCII class
+    samples += ["héllo, wörld! ✓ — 東京 x_1\u00a0y", "", "a_b c-d\t(e)"]
+    for text in samples:
+        assert symbol_count(text) == len(re.findall(r"[^\w\s]", text))
 
 
 def test_repeated_line_fraction():
